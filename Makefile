@@ -13,15 +13,23 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup data run core-run test lint bench serve mlflow-ui repro clean help
+.PHONY: setup data run core-run test test-fast lint bench serve trigger serve-model mlflow-ui repro clean help
 
 help:
-	@echo "make run        set up, materialise the embedded data, run the pipeline flow (a few minutes on CPU)"
-	@echo "make test       set up and run the test suite"
-	@echo "make serve      local Prefect server on 127.0.0.1:4200 + the scheduled deployment"
-	@echo "make mlflow-ui  MLflow UI on 127.0.0.1:5000 over ./mlflow.db"
-	@echo "make repro      reproduce with DVC (dvc repro)"
-	@echo "make bench      per-method training/inference time relative to SoftMax"
+	@echo "make run          set up .venv, write the embedded data, run the pipeline flow once (minutes on CPU)"
+	@echo "make test         set up and run the whole test suite (what CI runs, with make lint)"
+	@echo "make test-fast    the day-to-day selection: every test not marked slow"
+	@echo "make lint         ruff check + ruff format --check"
+	@echo "make serve        Prefect server on 127.0.0.1:4200 + the scheduled deployment (Ctrl-C stops both)"
+	@echo "make trigger      start a run of the served deployment now; prints its Prefect UI address"
+	@echo "make serve-model  serve the registered champion over REST on 127.0.0.1:5001 (mlflow models serve)"
+	@echo "make mlflow-ui    MLflow UI on 127.0.0.1:5000 over ./mlflow.db"
+	@echo "make repro        reproduce with DVC (dvc repro), then dvc metrics show"
+	@echo "make core-run     the core library alone (no Prefect, no MLflow): train, evaluate, print the table"
+	@echo "make bench        per-method training/inference time relative to SoftMax"
+	@echo "make setup        only create .venv and install the pinned stack"
+	@echo "make data         only write the embedded data into data/ (skipped if data/ exists)"
+	@echo "make clean        remove artifacts/ and logs/"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +55,9 @@ core-run: data
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -55,7 +66,15 @@ lint: $(STAMP)
 serve: data
 	$(PY) -m flows.deploy --host 127.0.0.1 --port 4200
 
-# MLflow UI over the local tracking database (2 processes instead of 9).
+# Start a run of the served deployment now (against PREFECT_API_URL, default the server of `make serve`).
+trigger: $(STAMP)
+	$(PY) -m flows.trigger $(ARGS)
+
+# The champion over REST (mlflow models serve, this .venv's packages, 127.0.0.1:5001).
+serve-model: $(STAMP)
+	$(PY) -m tasks.champion serve $(ARGS)
+
+# MLflow UI over the local tracking database (job execution off: fewer processes).
 mlflow-ui: $(STAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts

@@ -22,6 +22,7 @@ from pathlib import Path
 from flows.pipeline import PROJECT_ROOT, TELEMETRY_OFF
 
 DEPLOYMENT_NAME = "scheduled"
+FULL_NAME = f"oodgate-pipeline/{DEPLOYMENT_NAME}"
 
 
 def wait_healthy(api_url: str, timeout: float = 60.0) -> None:
@@ -43,20 +44,37 @@ def start_server(host: str, port: int, log_path: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=os.environ.copy())
 
 
-def serve(params_path: str) -> None:
+def trigger_hint(api_url: str) -> str:
+    """The commands that trigger a run of this deployment against the server at ``api_url``."""
+    return (
+        "Trigger a run now:  make trigger\n"
+        f"            or:  PREFECT_API_URL={api_url} python -m flows.trigger\n"
+        f"            or:  PREFECT_API_URL={api_url} prefect deployment run '{FULL_NAME}'"
+    )
+
+
+def serve(params_path: str, root: str | None = None, api_url: str = "") -> None:
     from prefect.schedules import Cron
 
     from flows.pipeline import pipeline
     from oodgate.config import load_config
 
-    cfg = load_config(PROJECT_ROOT / params_path)  # a bad params.yaml fails here, before registering
+    project = Path(root).resolve() if root else PROJECT_ROOT
+    cfg = load_config(project / params_path)  # a bad params.yaml fails here, before registering
+    print(
+        f"Serving deployment '{FULL_NAME}' (cron '{cfg.schedule.cron}' {cfg.schedule.timezone}, "
+        f"params {project / params_path}); Ctrl-C stops it.\n{trigger_hint(api_url)}",
+        flush=True,
+    )
     pipeline.serve(
         name=DEPLOYMENT_NAME,
         schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)],
-        parameters={"params_path": params_path},
+        parameters={"params_path": params_path, "root": str(project)},
         description="Train, calibrate, evaluate, gate and register on the params.yaml schedule.",
         tags=["oodgate"],
         pause_on_shutdown=False,
+        limit=1,  # one run at a time: a cron run due while another runs waits, then reuses its results
+        print_starting_message=False,  # its hint omits PREFECT_API_URL, and fails without it
     )
 
 
@@ -68,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in TELEMETRY_OFF.items():
         os.environ.setdefault(k, v)
     p = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.splitlines()[0])
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help="relative to --root, or absolute")
+    p.add_argument("--root", default=None, help="the project directory (default: this repository)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=4200)
     args = p.parse_args(argv)
@@ -96,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             # seen in this process: without this, serve() would register with a temporary server of its own.
             api_settings = temporary_settings(updates={PREFECT_API_URL: api})
         with api_settings:
-            serve(args.params)
+            serve(args.params, args.root, os.environ["PREFECT_API_URL"])
     except KeyboardInterrupt:
         pass
     finally:

@@ -1,21 +1,26 @@
-"""The main flow: versioned data -> baseline + candidate losses (concurrently) -> calibration ->
-evaluation -> gate -> registration, every step tracked in MLflow.
+"""The main flow: versioned data -> baseline + candidate losses -> calibration -> evaluation ->
+gate -> registration, every step tracked in MLflow.
 
-Run it: ``python -m flows.pipeline`` (ephemeral Prefect, SQLite MLflow at the project root).
+Run it once: ``python -m flows.pipeline`` (a temporary Prefect server, SQLite MLflow at the project
+root). Run it on a schedule: ``python -m flows.deploy`` (``make serve``), then ``make trigger``.
+
+This module deliberately has no ``from __future__ import annotations``: a served deployment ships
+the flow function to its run process by value (cloudpickle), with only the globals its body uses,
+so string annotations would name types that never arrive there, and Prefect's validation of the
+flow parameters would fail before the first task. The flow's parameters are plain JSON types.
 """
-
-from __future__ import annotations
 
 import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.futures import wait
+from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -37,37 +42,70 @@ TELEMETRY_OFF = {
 }
 
 
-def _digest(*parts: Any) -> str:
-    return steps.digest(list(parts))
+@dataclass
+class Context:
+    """What every step of one flow run needs: the config, where things go, and the lineage."""
+
+    cfg: Config
+    project: Path
+    workdir: Path
+    experiment_id: str
+    parent_run_id: str
+    lineage: dict[str, str]
+    data_version: str
+    code: str
+    prepared_dir: str = ""
+
+    @property
+    def cache(self) -> Path:
+        return self.workdir / "cache"
 
 
+@dataclass
 class LossRun:
-    """The futures and directories of one loss, all seeds."""
+    """The futures of one loss, all seeds, in seed order."""
 
-    def __init__(self, loss_id: str, run_id: str | None) -> None:
-        self.loss_id, self.run_id = loss_id, run_id
-        self.trained: list[Any] = []
-        self.calibrated: list[Any] = []
-        self.evaluated: list[Any] = []
+    loss_id: str
+    fingerprint: str
+    trained: list[PrefectFuture] = field(default_factory=list)
+    calibrated: list[PrefectFuture] = field(default_factory=list)
+    evaluated: list[PrefectFuture] = field(default_factory=list)
+
+    def futures(self) -> list[PrefectFuture]:
+        return [*self.trained, *self.calibrated, *self.evaluated]
 
 
-@flow(name="oodgate-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+def loss_fingerprint(ctx: Context, loss_id: str) -> str:
+    """Everything one loss's child run depends on: data, code, its training, calibration and
+    evaluation params, and the seeds. A finished child run with this fingerprint is reused."""
+    cfg = ctx.cfg
+    return steps.digest(
+        {
+            "train": [
+                steps.train_fingerprint(cfg, loss_id, s, ctx.data_version, ctx.code) for s in cfg.seeds
+            ],
+            "calibration": cfg.calibration.model_dump(),
+            "data": cfg.data.model_dump(mode="json"),
+            "eval_batch_size": cfg.train.eval_batch_size,
+        }
+    )
+
+
+@flow(name="oodgate-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
 def pipeline(
-    params: Config | None = None, params_path: str = "params.yaml", root: str | None = None
+    params_path: str = "params.yaml",
+    root: str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train the SoftMax baseline and every candidate loss, gate them, register the winners.
 
-    ``params`` (a validated config) wins over ``params_path``; either way an invalid config fails
-    the run before any work starts. ``root`` is the project directory holding ``data.dvc``, the
-    data and the work directory (default: this repository).
+    ``params_path`` is relative to ``root``, the project directory holding ``data.dvc``, the data and
+    the work directory (default: this repository). ``overrides`` are dotted keys
+    (``{"train.epochs": 2}``). An invalid config fails the run before any work starts.
     """
-    log = get_run_logger()
-    t_start = time.perf_counter()
     project = Path(root).resolve() if root else PROJECT_ROOT
-    cfg = params if params is not None else load_config(project / params_path)
-    workdir = (project / cfg.workdir).resolve()
-    cache = workdir / "cache"
-
+    cfg = load_config(project / params_path, overrides)
+    t_start = time.perf_counter()
     data_version = check_data(str(project), cfg.data.root)
     code = steps.code_version()
     tracking.connect(root=project)
@@ -78,153 +116,227 @@ def pipeline(
         "oodgate.data_version": data_version,
         "oodgate.prefect_flow_run_id": flow_run.get_id() or "none",
     }
-    parent = tracking.start_run(exp_id, f"pipeline-{flow_run.get_name() or 'local'}", lineage)
+    parent = tracking.start_run(
+        exp_id, f"pipeline-{flow_run.get_name() or 'local'}", {**lineage, "oodgate.role": "pipeline"}
+    )
     tracking.log_params(parent, cfg.model_dump(mode="json"))
+    ctx = Context(
+        cfg, project, (project / cfg.workdir).resolve(), exp_id, parent, lineage, data_version, code
+    )
     try:
-        result = _run(cfg, log, exp_id, parent, lineage, data_version, code, cache, workdir, project)
+        result = _run(ctx)
     except BaseException as e:
         tracking.set_tags(parent, {"oodgate.failure": f"{type(e).__name__}: {e}"[:4000]})
         tracking.end_run(parent, "FAILED")
         raise
     result["seconds"] = round(time.perf_counter() - t_start, 1)
-    tracking.log_metrics(parent, {"pipeline/seconds": result["seconds"]})
+    tracking.log_metrics(parent, {"time/pipeline_seconds": result["seconds"]})
     tracking.end_run(parent, "FINISHED")
     return result
 
 
-def _baseline_tags(cfg: Config, data_version: str, code: str) -> dict[str, str]:
-    base = cfg.gate.baseline
+def _run(ctx: Context) -> dict[str, Any]:
+    log = get_run_logger()
+    cfg = ctx.cfg
+    prep_key = steps.digest([ctx.data_version, ctx.code, cfg.data.model_dump(mode="json")])
+    ctx.prepared_dir = str(ctx.cache / f"prepared-{prep_key}")
+    prepare_data.submit(cfg, ctx.prepared_dir, prep_key, str(ctx.project)).result()
+
+    logged: dict[str, dict] = {}
+    pending: list[LossRun] = []
+    for loss_id in cfg.losses:
+        fp = loss_fingerprint(ctx, loss_id)
+        reused = tracking.find_finished_run(
+            ctx.experiment_id, {"oodgate.loss": loss_id, "oodgate.fingerprint": fp}
+        )
+        if reused is not None:
+            log.info(f"{loss_id}: reusing run {reused.info.run_id} (same data, code and params)")
+            logged[loss_id] = _reused_entry(reused)
+        else:
+            pending.append(_submit(ctx, loss_id, fp, prep_key))
+
+    wait([f for lr in pending for f in lr.futures()])
+    failed: dict[str, str] = {}
+    for lr in pending:
+        entry = _log(ctx, lr)
+        if "failure" in entry:
+            failed[lr.loss_id] = entry["failure"]
+            log.error(f"{lr.loss_id} failed: {entry['failure']}")
+        else:
+            logged[lr.loss_id] = entry
+    base_id = cfg.gate.baseline
+    if base_id not in logged:
+        raise RuntimeError(f"the baseline {base_id!r} failed ({failed.get(base_id)}); nothing can be gated")
+    reused_ids = {k: v["run_id"] for k, v in logged.items() if v.get("reused")}
+    tracking.set_tags(
+        ctx.parent_run_id,
+        {"oodgate.reused_runs": ",".join(f"{k}={v}" for k, v in reused_ids.items()) or "none"},
+    )
+
+    report = gate_losses(cfg, logged, ctx.experiment_id, ctx.workdir)
+    registered = [
+        register_model(
+            cfg,
+            loss_id,
+            logged[loss_id],
+            report["decisions"][loss_id]["reasons"],
+            str(ctx.workdir / ".registry.lock"),
+        )
+        for loss_id in report["promoted"]
+    ]
+    _record(ctx, report, registered, failed, logged)
     return {
-        "oodgate.role": "baseline",
-        "oodgate.data_version": data_version,
-        "oodgate.code_version": code,
-        "oodgate.train_params": _digest(steps.train_params(cfg, base), list(cfg.seeds)),
-        "oodgate.eval_params": _digest(cfg.calibration.model_dump(), cfg.data.model_dump(mode="json")),
+        "report": report,
+        "registered": registered,
+        "failed": failed,
+        "reused": sorted(reused_ids),
+        "parent_run_id": ctx.parent_run_id,
     }
 
 
-def _run(cfg, log, exp_id, parent, lineage, data_version, code, cache, workdir, root) -> dict[str, Any]:
-    prep_key = _digest(data_version, code, cfg.data.model_dump(mode="json"))
-    prepared_dir = str(cache / f"prepared-{prep_key}")
-    prepare_data.submit(cfg, prepared_dir, prep_key, str(root)).result()
-
-    # Reuse the baseline when a finished run exists for the same data, code and params.
-    base_id = cfg.gate.baseline
-    base_tags = _baseline_tags(cfg, data_version, code)
-    reused = tracking.find_finished_run(exp_id, base_tags)
-    losses: dict[str, LossRun] = {}
-    for loss_id, loss in cfg.losses.items():
-        if loss_id == base_id and reused is not None:
-            log.info(f"reusing baseline run {reused.info.run_id} (same data, code and params)")
-            continue
-        tags = {
-            **lineage,
-            "oodgate.loss": loss_id,
-            "oodgate.method": loss.method,
-            **(base_tags if loss_id == base_id else {"oodgate.role": "candidate"}),
-        }
-        run_id = tracking.start_run(exp_id, loss_id, tags, parent_id=parent)
-        tracking.log_params(
-            run_id,
-            {
-                "loss_id": loss_id,
-                **steps.train_params(cfg, loss_id),
-                "calibration": cfg.calibration.model_dump(),
-                "seeds": list(cfg.seeds),
-            },
+def _submit(ctx: Context, loss_id: str, fp: str, prep_key: str) -> LossRun:
+    """Train, calibrate and evaluate every seed of one loss (Prefect caches each task by its key)."""
+    cfg, cache, prepared = ctx.cfg, ctx.cache, ctx.prepared_dir
+    lr = LossRun(loss_id, fp)
+    for seed in cfg.seeds:
+        train_fp = steps.train_fingerprint(cfg, loss_id, seed, ctx.data_version, ctx.code)
+        cal_key = steps.digest([train_fp, cfg.calibration.model_dump(), cfg.train.eval_batch_size])
+        ev_key = steps.digest([cal_key, prep_key, cfg.losses[loss_id].model_dump()])
+        t = train_model.submit(cfg, loss_id, seed, prepared, str(cache / f"train-{train_fp}"), train_fp)
+        c = calibrate_model.submit(
+            cfg, loss_id, seed, t, prepared, str(cache / f"calibrate-{cal_key}"), cal_key
         )
-        lr = losses[loss_id] = LossRun(loss_id, run_id)
-        for seed in cfg.seeds:
-            fp = steps.train_fingerprint(cfg, loss_id, seed, data_version, code)
-            cal_key = _digest(fp, cfg.calibration.model_dump(), cfg.train.eval_batch_size)
-            ev_key = _digest(cal_key, prep_key, loss.model_dump())
-            t = train_model.submit(cfg, loss_id, seed, prepared_dir, str(cache / f"train-{fp}"), fp)
-            c = calibrate_model.submit(cfg, t, prepared_dir, str(cache / f"calibrate-{cal_key}"), cal_key)
-            e = evaluate_model.submit(cfg, c, prepared_dir, str(cache / f"evaluate-{ev_key}"), ev_key)
-            lr.trained.append(t)
-            lr.calibrated.append(c)
-            lr.evaluated.append(e)
+        e = evaluate_model.submit(cfg, loss_id, seed, c, prepared, str(cache / f"evaluate-{ev_key}"), ev_key)
+        lr.trained.append(t)
+        lr.calibrated.append(c)
+        lr.evaluated.append(e)
+    return lr
 
-    wait([f for lr in losses.values() for f in lr.evaluated])
-    logged: dict[str, dict] = {}
-    failed: dict[str, str] = {}
-    for loss_id, lr in losses.items():
-        try:
-            trained = [f.result() for f in lr.trained]
-            calibrated = [f.result() for f in lr.calibrated]
-            evaluated = [f.result() for f in lr.evaluated]
-        except Exception as e:  # NaN loss, crash after retries: this loss fails, the others go on
-            reason = f"{type(e).__name__}: {e}"
-            failed[loss_id] = reason
-            log.error(f"{loss_id} failed: {reason}")
-            tracking.set_tags(lr.run_id, {"oodgate.failure": reason[:4000]})
-            tracking.end_run(lr.run_id, "FAILED")
-            continue
-        logged[loss_id] = log_loss_run.submit(
-            lr.run_id, cfg, loss_id, trained, calibrated, evaluated
-        ).result()
-        logged[loss_id]["score"] = evaluated[0]["score"]
-        logged[loss_id]["train_seconds"] = sum(t["train_seconds"] for t in trained)
-        logged[loss_id]["metrics_by_seed"] = [e["metrics"] for e in evaluated]
-        logged[loss_id]["sample_dirs"] = [e["dir"] for e in evaluated]
 
-    if reused is not None:
-        logged[base_id] = {
-            "loss": base_id,
-            "run_id": reused.info.run_id,
-            "score": reused.data.tags.get("oodgate.score", ""),
-            "metrics_by_seed": tracking.download_json(reused.info.run_id, "metrics_by_seed.json"),
-            "sample_dirs": None,
-            "reused": True,
-            "train_seconds": 0.0,
-        }
-        tracking.set_tags(
-            parent, {"oodgate.baseline_run_id": reused.info.run_id, "oodgate.baseline_reused": "true"}
+def _task_window_ms(futures: list[PrefectFuture]) -> tuple[int | None, int | None]:
+    """When the first of these task runs started and the last one ended (Prefect's own records)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=[f.task_run_id for f in futures]))
         )
-    if base_id not in logged:
-        raise RuntimeError(f"the baseline {base_id!r} failed ({failed.get(base_id)}); nothing can be gated")
+    starts = [r.start_time or r.expected_start_time for r in runs]
+    ends = [r.end_time for r in runs]
+    start = min((t for t in starts if t is not None), default=None)
+    end = max((t for t in ends if t is not None), default=None)
+    return (
+        int(start.timestamp() * 1000) if start else None,
+        int(end.timestamp() * 1000) if end else None,
+    )
 
-    report = gate_losses(cfg, logged, exp_id, workdir)
-    registered = []
-    for loss_id in report["promoted"]:
-        reasons = report["decisions"][loss_id]["reasons"]
-        registered.append(
-            register_model(cfg, loss_id, logged[loss_id], reasons, str(workdir / ".registry.lock"))
-        )
+
+def _log(ctx: Context, lr: LossRun) -> dict[str, Any]:
+    """One child run for the loss, spanning exactly its own tasks; a failure is recorded, not raised."""
+    cfg, loss = ctx.cfg, ctx.cfg.losses[lr.loss_id]
+    role = "baseline" if lr.loss_id == cfg.gate.baseline else "candidate"
+    tags = {
+        **ctx.lineage,
+        "oodgate.loss": lr.loss_id,
+        "oodgate.method": loss.method,
+        "oodgate.role": role,
+        "oodgate.fingerprint": lr.fingerprint,
+    }
+    start_ms, end_ms = _task_window_ms(lr.futures())
+    run_id = tracking.start_run(
+        ctx.experiment_id, lr.loss_id, tags, parent_id=ctx.parent_run_id, start_time_ms=start_ms
+    )
+    tracking.log_params(
+        run_id,
+        {
+            "loss_id": lr.loss_id,
+            **steps.train_params(cfg, lr.loss_id),
+            "calibration": cfg.calibration.model_dump(),
+            "seeds": list(cfg.seeds),
+        },
+    )
+    try:
+        trained = [f.result() for f in lr.trained]
+        calibrated = [f.result() for f in lr.calibrated]
+        evaluated = [f.result() for f in lr.evaluated]
+    except Exception as e:  # NaN loss, crash after retries: this loss fails, the others go on
+        reason = f"{type(e).__name__}: {e}"
+        tracking.set_tags(run_id, {"oodgate.failure": reason[:4000]})
+        tracking.end_run(run_id, "FAILED", end_ms)
+        return {"failure": reason}
+    entry = log_loss_run(run_id, cfg, lr.loss_id, trained, calibrated, evaluated)
+    tracking.end_run(run_id, "FINISHED", end_ms)  # the run's duration is its tasks', not the logging's
+    return {
+        **entry,
+        "score": evaluated[0]["score"],
+        "train_seconds": sum(t.get("train_seconds", 0.0) for t in trained),
+        "metrics_by_seed": [e["metrics"] for e in evaluated],
+        "sample_dirs": [e["dir"] for e in evaluated],
+        "reused": False,
+    }
+
+
+def _reused_entry(run: Any) -> dict[str, Any]:
+    tags = run.data.tags
+    return {
+        "loss": tags["oodgate.loss"],
+        "run_id": run.info.run_id,
+        "model_uri": tags.get("oodgate.model_uri", ""),
+        "model_fingerprint": tags.get("oodgate.model_fingerprint"),
+        "mean": {k: v for k, v in run.data.metrics.items() if k.startswith(("test/", "ood/"))},
+        "score": tags.get("oodgate.score", ""),
+        "metrics_by_seed": tracking.download_json(run.info.run_id, "metrics_by_seed.json"),
+        "sample_dirs": None,  # the gate's bootstrap downloads the run's samples/ artifacts
+        "train_seconds": 0.0,
+        "reused": True,
+    }
+
+
+def _record(
+    ctx: Context, report: dict, registered: list[dict], failed: dict[str, str], logged: dict[str, dict]
+) -> None:
+    """The decisions into MLflow (parent and fresh child runs) and a Prefect markdown artifact."""
+    parent = ctx.parent_run_id
     for loss_id, d in report["decisions"].items():
-        tracking.set_tags(
-            logged[loss_id]["run_id"],
-            {
-                "oodgate.gate": "promote" if d["promote"] else "reject",
-                "oodgate.gate_reasons": "; ".join(d["reasons"]),
-            },
-        )
-    text = _report_markdown(report, registered, failed)
+        decision = {
+            "oodgate.gate": "promote" if d["promote"] else "reject",
+            "oodgate.gate_reasons": "; ".join(d["reasons"]),
+        }
+        if not logged[loss_id].get("reused"):
+            tracking.set_tags(logged[loss_id]["run_id"], decision)
+        tracking.set_tags(parent, {f"oodgate.gate.{loss_id}": decision["oodgate.gate"]})
+    text = report_markdown(report, registered, failed)
     tracking.log_text(parent, text, "comparison.md")
     tracking.log_text(parent, report["table"], "comparison_table.md")
     tracking.set_tags(
         parent,
         {
             "oodgate.promoted": ",".join(report["promoted"]) or "none",
-            "oodgate.champion": ",".join(r["loss"] for r in registered if r["champion"]) or "unchanged",
+            "oodgate.champion": ",".join(
+                r["loss"] for r in registered if r["champion"] and not r.get("unchanged")
+            )
+            or "unchanged",
+            "oodgate.registry": "; ".join(f"{r['loss']}: {' '.join(r['reasons'])}" for r in registered)
+            or "nothing registered",
         },
     )
     create_markdown_artifact(
         text, key="gate-decision", description="loss x metrics table and the gate decision"
     )
     print(text)
-    return {"report": report, "registered": registered, "failed": failed, "parent_run_id": parent}
 
 
-def _report_markdown(report: dict, registered: list[dict], failed: dict[str, str]) -> str:
+def report_markdown(report: dict, registered: list[dict], failed: dict[str, str]) -> str:
     lines = ["# oodgate pipeline", "", report["table"], "", steps.gate_markdown(report), "## Registry", ""]
     if not registered:
         lines.append("Nothing registered: no candidate beat the baseline on all gate metrics.")
     for r in registered:
-        lines.append(
-            f"- {r['loss']}: version {r['version']}, "
-            + ("now **champion**" if r["champion"] else "registered, champion unchanged")
-        )
+        if r.get("unchanged"):
+            state = "already registered, nothing added"
+        else:
+            state = "now **champion**" if r["champion"] else "registered, champion unchanged"
+        lines.append(f"- {r['loss']}: version {r['version']}, {state}")
         lines += [f"    - {x}" for x in r["reasons"]]
     for loss_id, reason in failed.items():
         lines.append(f"- {loss_id}: FAILED, not gated ({reason})")
@@ -236,13 +348,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(k, v)
     p = argparse.ArgumentParser(prog="python -m flows.pipeline", description="Run the pipeline flow once.")
     p.add_argument("--params", default="params.yaml")
+    p.add_argument("--root", default=None, help="the project directory (default: this repository)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a params key")
     args = p.parse_args(argv)
     from oodgate.cli import parse_overrides
     from oodgate.config import ConfigError
 
+    root = Path(args.root).resolve() if args.root else None
+    params = ((root or Path.cwd()) / args.params).resolve()  # --params is relative to --root, else to cwd
     try:
-        cfg = load_config(args.params, parse_overrides(args.set))
+        overrides = parse_overrides(args.set)
+        load_config(params, overrides)  # a bad config fails here, before Prefect starts
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -250,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_determinism()
     try:
-        pipeline(params=cfg)
+        pipeline(params_path=str(params), root=str(root) if root else None, overrides=overrides or None)
     except Exception as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -168,8 +168,7 @@ def cmd_gate(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
         metrics,
         samples or None,
         scores={k: t[0]["score"] for k, t in trained.items()},
-        seconds={k: sum(x["train_seconds"] for x in t) for k, t in trained.items()},
-    )
+    )  # no training seconds: report.md is versioned, and a re-run must write the same bytes
     gate_json = {
         "promoted": len(report["promoted"]),
         "best": report["best"],

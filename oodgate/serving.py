@@ -9,6 +9,8 @@ One output tensor keeps the model exportable with ``torch.export`` (MLflow's def
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,3 +34,15 @@ class ServingModel(nn.Module):
 def split_output(out: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{"probabilities": (B, K), "score": (B,), "in_distribution": (B,) bool}`` from a ServingModel output."""
     return {"probabilities": out[:, :-2], "score": out[:, -2], "in_distribution": out[:, -1] > 0.5}
+
+
+def fingerprint(module: nn.Module) -> str:
+    """SHA-256 over a module's state (names, dtypes, shapes and bytes, buffers included), so two
+    models share a fingerprint exactly when they compute the same function with the same weights,
+    temperature and threshold. The registry uses it to never register the same model twice."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

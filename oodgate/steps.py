@@ -185,7 +185,7 @@ def train(
     out_dir = Path(out_dir)
     done = out_dir / "train.json"
     if done.is_file():  # finished before: training is a pure function of its inputs
-        return read_json(done)
+        return {**read_json(done), "train_seconds": 0.0, "epoch_seconds": []}
     bundle = load_prepared(prepared_dir, with_ood=False)
     spec = model_spec(cfg, loss_id, bundle)
     result = engine.train(
@@ -199,7 +199,9 @@ def train(
         on_epoch=on_epoch,
         max_epochs=max_epochs,
     )
-    write_json(out_dir / "history.json", result.history)
+    # Wall-clock times go into the returned summary only, never into the files: the same inputs
+    # write the same bytes (a re-run under `dvc repro` leaves dvc.lock unchanged).
+    write_json(out_dir / "history.json", [engine.without_timing(h) for h in result.history])
     summary = {
         "loss": loss_id,
         "method": spec.method,
@@ -210,12 +212,15 @@ def train(
         "epochs": len(result.history),
         "device": result.device,
         "resumed_from_epoch": result.resumed_from_epoch,
-        "train_seconds": round(sum(h["seconds"] for h in result.history), 3),
+    }
+    timing = {
+        "train_seconds": round(sum(h.get("seconds", 0.0) for h in result.history), 3),
+        "epoch_seconds": [round(h.get("seconds", 0.0), 3) for h in result.history],
     }
     if len(result.history) < cfg.train.epochs:
-        return summary  # interrupted on purpose (max_epochs): not finished, no train.json
+        return {**summary, **timing}  # interrupted on purpose (max_epochs): not finished, no train.json
     write_json(done, summary)
-    return summary
+    return {**summary, **timing}
 
 
 # ---------------------------------------------------------------- calibrate
@@ -229,9 +234,9 @@ def calibrate(
     t0 = time.perf_counter()
     cal = evaluation.calibrate(model, bundle, cfg.calibration.objective, cfg.train.eval_batch_size)
     save_classifier(model, out_dir / "calibrated.pt")
-    result = {"objective": cal.objective, "seconds": round(time.perf_counter() - t0, 3), **cal.metrics()}
-    write_json(out_dir / "calibration.json", result)
-    return result
+    result = {"objective": cal.objective, **cal.metrics()}
+    write_json(out_dir / "calibration.json", result)  # no wall-clock time in a versioned file
+    return {**result, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 # ---------------------------------------------------------------- evaluate

@@ -13,13 +13,21 @@ from oodgate.config import Config
 _CACHE = (INPUTS - "cfg" - "upstream") + TASK_SOURCE
 
 
-@task(name="calibrate", cache_policy=_CACHE, persist_result=True)
-def calibrate_model(cfg: Config, upstream: dict, prepared_dir: str, out_dir: str, key: str) -> dict:
+@task(
+    name="calibrate", task_run_name="calibrate-{loss_id}-seed{seed}", cache_policy=_CACHE, persist_result=True
+)
+def calibrate_model(
+    cfg: Config, loss_id: str, seed: int, upstream: dict, prepared_dir: str, out_dir: str, key: str
+) -> dict:
     """``upstream`` is the train task's result (its ``dir`` holds best.pt)."""
     return {**steps.calibrate(cfg, upstream["dir"], prepared_dir, out_dir), "dir": out_dir}
 
 
-@task(name="evaluate", cache_policy=_CACHE, persist_result=True)
-def evaluate_model(cfg: Config, upstream: dict, prepared_dir: str, out_dir: str, key: str) -> dict:
+@task(
+    name="evaluate", task_run_name="evaluate-{loss_id}-seed{seed}", cache_policy=_CACHE, persist_result=True
+)
+def evaluate_model(
+    cfg: Config, loss_id: str, seed: int, upstream: dict, prepared_dir: str, out_dir: str, key: str
+) -> dict:
     """``upstream`` is the calibrate task's result (its ``dir`` holds calibrated.pt)."""
     return {**steps.evaluate(cfg, upstream["dir"], prepared_dir, out_dir), "dir": out_dir}

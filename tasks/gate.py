@@ -23,7 +23,7 @@ def _samples(cfg: Config, entry: dict) -> list:
         return out
 
 
-@task(name="gate")
+@task(name="gate", task_run_name="gate")
 def gate_losses(cfg: Config, logged: dict[str, dict], experiment_id: str, workdir: Path) -> dict:
     metrics = {k: v["metrics_by_seed"] for k, v in logged.items()}
     samples = {k: _samples(cfg, v) for k, v in logged.items()} if cfg.gate.bootstrap.enabled else None

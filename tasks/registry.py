@@ -2,7 +2,8 @@
 
 The read-compare-move of the alias runs under an exclusive file lock, so two flows gating at
 once on this machine serialise: the registry ends with exactly one champion, chosen by the same
-rule, and both decisions are recorded (run tags and model-version descriptions).
+rule, and both decisions are recorded (run tags and model-version descriptions). Registering the
+same weights again (a re-run with unchanged data, code and params) adds no version.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from oodgate.gate import decide
 from tasks import tracking
 
 CHAMPION = "champion"
+FINGERPRINT_TAG = "oodgate.model_fingerprint"
 
 
 @contextlib.contextmanager
@@ -40,6 +42,18 @@ def current_champion(name: str) -> Any | None:
         return None
 
 
+def version_with_fingerprint(name: str, model_fingerprint: str) -> Any | None:
+    """The oldest registered version of ``name`` whose weights have this fingerprint, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = tracking.client().search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    same = [v for v in versions if (v.tags or {}).get(FINGERPRINT_TAG) == model_fingerprint]
+    return min(same, key=lambda v: int(v.version)) if same else None
+
+
 def register(
     name: str,
     model_uri: str,
@@ -49,13 +63,33 @@ def register(
     baseline_reasons: list[str],
     gate: GateConfig,
     lock_path: Path,
+    model_fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """Register a candidate that beat the baseline; it takes the alias only if it also beats the champion."""
+    """Register a candidate that beat the baseline; it takes the alias only if it also beats the champion.
+
+    Idempotent: a model whose fingerprint (:func:`oodgate.serving.fingerprint`) is already registered
+    adds no version; the decision is returned as ``unchanged`` with the existing version's number.
+    """
     import mlflow
 
     c = tracking.client()
     with exclusive(lock_path):
-        mv = mlflow.register_model(model_uri, name, tags={"oodgate.loss": loss_id})
+        existing = version_with_fingerprint(name, model_fingerprint) if model_fingerprint else None
+        if existing is not None:
+            champ = current_champion(name)
+            is_champion = champ is not None and str(champ.version) == str(existing.version)
+            reason = f"unchanged: same fingerprint as version {existing.version}"
+            return {
+                "loss": loss_id,
+                "version": int(existing.version),
+                "champion": is_champion,
+                "unchanged": True,
+                "reasons": [reason + (" (the champion)" if is_champion else "")],
+            }
+        tags = {"oodgate.loss": loss_id}
+        if model_fingerprint:
+            tags[FINGERPRINT_TAG] = model_fingerprint
+        mv = mlflow.register_model(model_uri, name, tags=tags)
         champ = current_champion(name)
         if champ is None:
             take, champ_reasons = True, ["no current champion"]
@@ -85,4 +119,10 @@ def register(
             "oodgate.champion_reasons": "; ".join(champ_reasons),
         },
     )
-    return {"loss": loss_id, "version": int(mv.version), "champion": take, "reasons": champ_reasons}
+    return {
+        "loss": loss_id,
+        "version": int(mv.version),
+        "champion": take,
+        "unchanged": False,
+        "reasons": champ_reasons,
+    }

@@ -112,11 +112,17 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def start_run(experiment_id: str, name: str, tags: Mapping[str, str], parent_id: str | None = None) -> str:
+def start_run(
+    experiment_id: str,
+    name: str,
+    tags: Mapping[str, str],
+    parent_id: str | None = None,
+    start_time_ms: int | None = None,
+) -> str:
     t = dict(tags)
     if parent_id:
         t["mlflow.parentRunId"] = parent_id
-    return client().create_run(experiment_id, run_name=name, tags=t).info.run_id
+    return client().create_run(experiment_id, start_time=start_time_ms, run_name=name, tags=t).info.run_id
 
 
 def log_params(run_id: str, params: Mapping[str, Any]) -> None:
@@ -168,8 +174,8 @@ def log_text(run_id: str, text: str, file_name: str) -> None:
     client().log_text(run_id, text, file_name)
 
 
-def end_run(run_id: str, status: str = "FINISHED") -> None:
-    client().set_terminated(run_id, status=status)
+def end_run(run_id: str, status: str = "FINISHED", end_time_ms: int | None = None) -> None:
+    client().set_terminated(run_id, status=status, end_time=end_time_ms)
 
 
 def _now_ms() -> int:

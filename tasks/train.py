@@ -1,13 +1,13 @@
-"""Train one (loss, seed). A retry resumes from the run's last checkpoint."""
+"""Train one (loss, seed). A retry resumes from the run's last checkpoint; every epoch is logged."""
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from oodgate import steps
 from oodgate.config import Config
-from oodgate.engine import NonFiniteLossError
+from oodgate.engine import EpochStats, NonFiniteLossError
 
 
 def _retry_helps(task, task_run, state) -> bool:
@@ -23,6 +23,7 @@ def _retry_helps(task, task_run, state) -> bool:
 
 @task(
     name="train",
+    task_run_name="train-{loss_id}-seed{seed}",
     retries=1,
     retry_condition_fn=_retry_helps,
     cache_policy=(INPUTS - "cfg") + TASK_SOURCE,
@@ -31,5 +32,14 @@ def _retry_helps(task, task_run, state) -> bool:
 def train_model(
     cfg: Config, loss_id: str, seed: int, prepared_dir: str, out_dir: str, fingerprint: str
 ) -> dict:
-    summary = steps.train(cfg, loss_id, seed, prepared_dir, out_dir)
+    log = get_run_logger()
+    epochs = cfg.train.epochs
+
+    def progress(s: EpochStats) -> None:
+        log.info(
+            f"epoch {s.epoch}/{epochs}: train loss {s.train_loss:.4f}, train accuracy "
+            f"{s.train_accuracy:.4f}, val accuracy {s.val_accuracy:.4f} ({s.seconds:.1f} s)"
+        )
+
+    summary = steps.train(cfg, loss_id, seed, prepared_dir, out_dir, on_epoch=progress)
     return {**summary, "dir": out_dir, "fingerprint": fingerprint}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -176,10 +174,8 @@ def test_transform_rejects_non_matrix_logits(fitted):
         scaler.transform(torch.zeros(3))
 
 
-def test_fit_is_fast_on_10k_by_100():
+def test_fit_recovers_the_temperature_on_10k_by_100():
+    # Its speed is measured by benchmarks, never asserted here (shared machines are noisy).
     logits, labels = overconfident(n=10_000, k=100, seed=2)
-    fit_temperature(logits[:10], labels[:10])  # first call pays torch.optim's one-off lazy imports
-    start = time.perf_counter()
     t = fit_temperature(logits.float(), labels)
-    assert time.perf_counter() - start < 2.0
     assert t == pytest.approx(TRUE_T, rel=0.05)

@@ -1,0 +1,100 @@
+"""Trigger one run of the served deployment now and print where to watch it.
+
+``python -m flows.trigger`` (``make trigger``) talks to ``PREFECT_API_URL``, by default the server
+that ``make serve`` starts (http://127.0.0.1:4200/api). It prints the run's name, id and UI address;
+``--wait`` follows it to its final state (exit 0 only if it Completed). ``--set KEY=VALUE`` passes
+params overrides to this run only (``--set train.epochs=2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from flows.deploy import FULL_NAME, wait_healthy
+from flows.pipeline import TELEMETRY_OFF
+
+DEFAULT_API_URL = "http://127.0.0.1:4200/api"
+
+
+def ui_url(api_url: str, flow_run_id: object) -> str:
+    return f"{api_url.rstrip('/').removesuffix('/api')}/runs/flow-run/{flow_run_id}"
+
+
+def trigger(api_url: str, overrides: dict | None = None):
+    """Create a run of the deployment now; returns the flow run (state SCHEDULED, due now)."""
+    from prefect.deployments import run_deployment
+
+    parameters = {"overrides": overrides} if overrides else None
+    return run_deployment(FULL_NAME, parameters=parameters, timeout=0, poll_interval=1)
+
+
+def follow(flow_run_id: object, poll: float = 2.0):
+    """Poll until the run reaches a final state; print each new state; return the final one."""
+    from prefect.client.orchestration import get_client
+
+    seen = None
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(flow_run_id).state
+            if state is not None and state.name != seen:
+                seen = state.name
+                print(f"  {time.strftime('%H:%M:%S')} {state.name}", flush=True)
+            if state is not None and state.is_final():
+                return state
+            time.sleep(poll)
+
+
+def main(argv: list[str] | None = None) -> int:
+    for k, v in TELEMETRY_OFF.items():
+        os.environ.setdefault(k, v)
+    p = argparse.ArgumentParser(prog="python -m flows.trigger", description=__doc__.splitlines()[0])
+    p.add_argument("--api-url", default=os.environ.get("PREFECT_API_URL") or DEFAULT_API_URL)
+    p.add_argument("--wait", action="store_true", help="follow the run until it ends")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a params key")
+    args = p.parse_args(argv)
+    from oodgate.cli import parse_overrides
+    from oodgate.config import ConfigError
+
+    try:
+        overrides = parse_overrides(args.set)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    api = args.api_url.rstrip("/")
+    try:
+        wait_healthy(api, timeout=5)
+    except TimeoutError:
+        print(
+            f"error: no Prefect server answers at {api}; start it with `make serve` "
+            "(or point PREFECT_API_URL / --api-url at yours)",
+            file=sys.stderr,
+        )
+        return 1
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # Prefect read its settings at import; without this a client would start a temporary server.
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        try:
+            run = trigger(api, overrides)
+        except ObjectNotFound:
+            print(
+                f"error: the Prefect server at {api} has no deployment '{FULL_NAME}'; "
+                "start it with `make serve` (it registers the deployment)",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"Triggered flow run '{run.name}' ({run.id}) of '{FULL_NAME}'")
+        print(f"Watch it: {ui_url(api, run.id)}", flush=True)
+        if not args.wait:
+            return 0
+        final = follow(run.id)
+    print(f"Flow run '{run.name}' ended {final.name}: {final.message or ''}".rstrip(": "))
+    return 0 if final.is_completed() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The registered champion from any directory: load it in Python, or serve it over REST.
+
+In Python (any working directory; the project's ``mlflow.db`` unless ``MLFLOW_TRACKING_URI`` is set)::
+
+    from tasks.champion import load_champion
+    model, version = load_champion()            # torch module: images (B, C, H, W) -> (B, K + 2)
+
+Over REST: ``python -m tasks.champion serve`` (``make serve-model``) runs ``mlflow models serve`` for
+the champion's exact version on 127.0.0.1 with this interpreter's environment (no new virtualenv).
+
+Nothing here creates a tracking database: a missing one, a model that was never registered or a
+missing alias is a :class:`ChampionNotFoundError` naming the tracking URI and the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tasks import tracking
+
+MODEL_NAME = "oodgate-classifier"
+ALIAS = "champion"
+
+
+class ChampionNotFoundError(LookupError):
+    """No champion to load: no tracking database, no registered model, or no version with the alias."""
+
+
+def _check_store(uri: str) -> None:
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise ChampionNotFoundError(
+                f"no MLflow tracking database at {path} (tracking URI {uri}): run `make run` in "
+                f"{tracking.PROJECT_ROOT} first, or set MLFLOW_TRACKING_URI to the store that holds the model"
+            )
+
+
+def resolve(name: str = MODEL_NAME, alias: str = ALIAS, uri: str | None = None) -> Any:
+    """The model version that holds ``alias``; errors name the tracking URI, the model and the fix."""
+    from mlflow.exceptions import MlflowException
+
+    uri = uri or tracking.default_tracking_uri()
+    _check_store(uri)
+    tracking.connect(uri)  # a server that does not answer fails here, with its URI
+    client = tracking.client()
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException as e:
+        raise ChampionNotFoundError(f"cannot read model {name!r} at {uri}: {e}") from None
+    if not versions:
+        raise ChampionNotFoundError(
+            f"no registered model {name!r} at {uri}: no candidate has passed the gate yet "
+            "(the last pipeline run's gate-decision artifact says why)"
+        )
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        listed = ", ".join(sorted((str(v.version) for v in versions), key=int))
+        raise ChampionNotFoundError(
+            f"model {name!r} at {uri} has no version with alias {alias!r} (versions: {listed}); "
+            f"set it with MlflowClient().set_registered_model_alias({name!r}, {alias!r}, <version>)"
+        ) from None
+
+
+def load_champion(name: str = MODEL_NAME, alias: str = ALIAS, uri: str | None = None) -> tuple[Any, int]:
+    """``(model, version)``: the champion as a torch module (float32 images in [0, 1], (B, C, H, W)
+    -> (B, K + 2): K calibrated probabilities, the OOD score, 1.0 if accepted as in-distribution)."""
+    import mlflow
+
+    version = resolve(name, alias, uri)
+    # The registered model is a torch.export program: it loads without unpickling anything.
+    previous = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+    try:
+        model = mlflow.pytorch.load_model(f"models:/{name}/{version.version}")
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
+        else:
+            os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = previous
+    return model, int(version.version)
+
+
+def serve_command(version: Any, name: str, host: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "--model-uri",
+        f"models:/{name}/{version.version}",
+        "--env-manager",
+        "local",  # this interpreter's packages: no virtualenv built, nothing downloaded
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tasks.champion", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve the champion over REST with `mlflow models serve`")
+    s.add_argument("--name", default=MODEL_NAME)
+    s.add_argument("--alias", default=ALIAS)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=5001)
+    args = p.parse_args(argv)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = tracking.default_tracking_uri()
+    try:
+        version = resolve(args.name, args.alias, uri)
+    except (ChampionNotFoundError, tracking.TrackingUnavailableError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    loss = (version.tags or {}).get("oodgate.loss", "?")
+    print(
+        f"Serving {args.name} version {version.version} ({args.alias}, loss {loss}) from {uri}\n"
+        f"  POST http://{args.host}:{args.port}/invocations   (Ctrl-C stops it)",
+        flush=True,
+    )
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
+    # `mlflow models serve` starts uvicorn by name: this interpreter's scripts come first on PATH.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    cmd = serve_command(version, args.name, args.host, args.port)
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""A real Prefect server and the serve process of ``flows.deploy``, as subprocesses (test helper).
+
+Each process gets its own session (cleaned up as a group) and a log file; ``stop`` stops serve
+before the server (a runner whose server is gone hangs while it shuts down).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TELEMETRY_OFF = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, n: int = 40) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(lines[-n:])
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float) -> bool:
+    """SIGTERM, wait, SIGKILL the process group if needed; True if it exited on its own."""
+    if proc is None:
+        return True
+    graceful = True
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            graceful = False
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+    try:  # anything the process left behind in its own group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return graceful
+
+
+def isolated_env(home: Path) -> dict[str, str]:
+    """The environment of a user's shell with a private PREFECT_HOME and no tracking URI set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    env.update(TELEMETRY_OFF)
+    env.update(
+        PYTHONPATH=str(REPO),
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1",
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+        PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+    )
+    return env
+
+
+@dataclass
+class Stack:
+    home: Path
+    port: int
+    env: dict[str, str]
+    server: subprocess.Popen | None = None
+    serve: subprocess.Popen | None = None
+    logs: dict[str, Path] = field(default_factory=dict)
+    graceful: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _popen(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = self.home / f"{name}.log"
+        self.logs[name] = log
+        with log.open("w") as fh:
+            return subprocess.Popen(
+                [sys.executable, *args],
+                cwd=REPO,
+                env=env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: cleaned up as a whole, no stray Ctrl-C
+            )
+
+    def start_server(self) -> None:
+        self.server = self._popen(
+            "server",
+            ["-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            dict(self.env),
+        )
+
+    def start_serve(self, params: Path | str, root: Path | None = None) -> None:
+        env = dict(self.env, PREFECT_API_URL=self.api_url)
+        args = ["-m", "flows.deploy", "--params", str(params)]
+        if root is not None:
+            args += ["--root", str(root)]
+        self.serve = self._popen("serve", args, env)
+
+    def diagnostics(self) -> str:
+        return "\n".join(f"--- {name} log (tail) ---\n{tail(path)}" for name, path in self.logs.items())
+
+    def stop(self) -> dict[str, bool]:
+        if "serve" not in self.graceful:
+            self.graceful["serve"] = stop_process(self.serve, timeout=20)
+        if "server" not in self.graceful:
+            self.graceful["server"] = stop_process(self.server, timeout=20)
+        return self.graceful

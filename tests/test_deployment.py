@@ -1,0 +1,317 @@
+"""The scheduled deployment the way a user runs it: real parts only, nothing mocked.
+
+A real Prefect server (its own PREFECT_HOME), ``python -m flows.deploy`` serving the deployment
+with a cron due every minute, a project directory as ``make data`` leaves it (data/, data.dvc, a
+small params.yaml), and the SQLite MLflow store the flow creates in that project. Then:
+
+1. ``python -m flows.trigger --wait`` (what ``make trigger`` runs) starts a run that must end
+   Completed, with the gate's markdown artifact, the MLflow parent/child runs and the registry
+   exactly as ``python -m flows.pipeline`` (what ``make run`` runs) leaves them in a copy of the project;
+2. the cron itself fires a run that completes;
+3. of those two runs, the later one (same data, code and params) trains nothing, reuses both
+   child runs and adds no model version.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from stack import REPO, Stack, free_port, isolated_env
+
+pytestmark = pytest.mark.slow
+
+FULL_NAME = "oodgate-pipeline/scheduled"
+MODEL = "oodgate-classifier"
+LOSSES = {"softmax", "isomax_plus"}
+
+
+def deployment_params(template: Path) -> dict:
+    """Two epochs of SoftMax and IsoMax+ on three digits: seconds, and IsoMax+ passes the gate
+    (accuracy 0.947 vs 0.920, ECE 0.040 vs 0.085, mean FPR95 0.805 vs 0.873 on CPU), so the
+    registry path runs too."""
+    raw = yaml.safe_load((template / "params.yaml").read_text())
+    raw["train"]["epochs"] = 2
+    raw["losses"] = {"softmax": {"method": "softmax"}, "isomax_plus": {"method": "isomax_plus"}}
+    raw["schedule"] = {"cron": "* * * * *", "timezone": "UTC"}
+    return raw
+
+
+def _copy_project(template: Path, dst: Path, params: dict) -> Path:
+    shutil.copytree(template, dst, symlinks=True)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dst
+
+
+@dataclass
+class Served:
+    stack: Stack
+    project: Path
+    reference: Path
+    trigger: subprocess.CompletedProcess
+    trigger_seconds: float
+    flow_run_id: str
+
+    @property
+    def mlflow(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=f"sqlite:///{self.project / 'mlflow.db'}")
+
+    def client(self):
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: self.stack.api_url}):
+            return get_client(sync_client=True)
+
+
+def _wait_for_deployment(stack: Stack, timeout: float = 120) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deadline = time.monotonic() + timeout
+    with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            for name, proc in (("serve", stack.serve), ("server", stack.server)):
+                if proc.poll() is not None:
+                    pytest.fail(f"{name} exited early (rc={proc.returncode})\n{stack.diagnostics()}")
+            try:
+                client.read_deployment_by_name(FULL_NAME)
+                return
+            except ObjectNotFound:
+                time.sleep(0.5)
+    pytest.fail(f"deployment {FULL_NAME!r} never appeared\n{stack.diagnostics()}")
+
+
+@pytest.fixture(scope="module")
+def served(project_template, tmp_path_factory):
+    from flows.deploy import wait_healthy
+
+    base = tmp_path_factory.mktemp("deployment")
+    params = deployment_params(project_template)
+    project = _copy_project(project_template, base / "project", params)
+    reference = _copy_project(project_template, base / "reference", params)
+    home = base / "prefect-home"
+    home.mkdir()
+    stack = Stack(home=home, port=free_port(), env=isolated_env(home))
+    try:
+        stack.start_server()
+        try:
+            wait_healthy(stack.api_url, timeout=120)
+        except TimeoutError:
+            pytest.fail(f"Prefect server never became healthy\n{stack.diagnostics()}")
+        stack.start_serve("params.yaml", root=project)
+        _wait_for_deployment(stack)
+
+        t0 = time.perf_counter()
+        trigger = subprocess.run(
+            [sys.executable, "-m", "flows.trigger", "--wait"],
+            cwd=REPO,
+            env=dict(stack.env, PREFECT_API_URL=stack.api_url),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        seconds = time.perf_counter() - t0
+        match = re.search(r"/runs/flow-run/([0-9a-f-]{36})", trigger.stdout)
+        assert match, f"{trigger.stdout}\n{trigger.stderr}\n{stack.diagnostics()}"
+        yield Served(stack, project, reference, trigger, seconds, match.group(1))
+    finally:
+        stack.stop()
+
+
+def _flow_runs(s: Served) -> list:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with s.client() as client:
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["scheduled"])),
+            sort=FlowRunSort.START_TIME_ASC,
+        )
+
+
+def _task_names(s: Served, flow_run_id) -> list[str]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with s.client() as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return sorted(r.name for r in runs)
+
+
+def _parent(client: MlflowClient, flow_run_id: str):
+    exp = client.get_experiment_by_name("oodgate")
+    (run,) = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`oodgate.prefect_flow_run_id` = '{flow_run_id}' and tags.`oodgate.role` = 'pipeline'",
+    )
+    return run
+
+
+def _trained(client: MlflowClient) -> dict:
+    """The child runs that trained, one per loss: whichever of the triggered and the cron run came
+    first made them; the later one reuses them (the cron may fire before the trigger)."""
+    exp = client.get_experiment_by_name("oodgate")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`oodgate.role` != 'pipeline'")
+    by_loss = {r.info.run_name: r for r in runs}
+    assert len(by_loss) == len(runs), [r.info.run_name for r in runs]  # nothing trained twice
+    return by_loss
+
+
+def _children(client: MlflowClient, parent_id: str) -> dict:
+    exp = client.get_experiment_by_name("oodgate")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return {r.info.run_name: r for r in runs}
+
+
+# ------------------------------------------------------------------ 1. a triggered run
+def test_trigger_prints_the_run_address_and_its_completion(served):
+    out, err = served.trigger.stdout, served.trigger.stderr
+    assert served.trigger.returncode == 0, f"{out}\n{err}\n{served.stack.diagnostics()}"
+    assert f"http://127.0.0.1:{served.stack.port}/runs/flow-run/{served.flow_run_id}" in out
+    assert "ended Completed" in out
+    assert "Traceback" not in out + err
+    print(f"triggered deployment run, trigger to Completed: {served.trigger_seconds:.1f} s")
+
+
+def test_triggered_run_leaves_what_make_run_leaves(served):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.objects import StateType
+
+    with served.client() as client:
+        run = client.read_flow_run(served.flow_run_id)
+        assert run.state.type == StateType.COMPLETED
+        assert run.parameters == {"params_path": "params.yaml", "root": str(served.project)}
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["gate-decision"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]),
+            )
+        )
+    assert "## Gate (baseline: softmax)" in artifact.data and "**isomax_plus**: PROMOTE" in artifact.data
+
+    # `make run` on a copy of the same project: the flow in its own process, temporary Prefect server.
+    ref_env = {k: v for k, v in served.stack.env.items() if k != "PREFECT_API_URL"}
+    ref_env["PREFECT_HOME"] = str(served.reference / ".prefect-home")
+    ref = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", "--root", str(served.reference)],
+        cwd=REPO,
+        env=ref_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+
+    got, want = served.mlflow, MlflowClient(tracking_uri=f"sqlite:///{served.reference / 'mlflow.db'}")
+    parent = _parent(got, served.flow_run_id)
+    exp = want.get_experiment_by_name("oodgate")
+    (ref_parent,) = want.search_runs([exp.experiment_id], filter_string="tags.`oodgate.role` = 'pipeline'")
+    assert parent.info.status == ref_parent.info.status == "FINISHED"
+    assert {k: v for k, v in parent.data.tags.items() if k.startswith("oodgate.gate")} == {
+        k: v for k, v in ref_parent.data.tags.items() if k.startswith("oodgate.gate")
+    }
+    children, ref_children = _trained(got), _children(want, ref_parent.info.run_id)
+    assert set(children) == set(ref_children) == LOSSES
+    for loss in LOSSES:
+        a, b = children[loss], ref_children[loss]
+        assert a.info.status == b.info.status == "FINISHED"
+        finals = {k: v for k, v in a.data.metrics.items() if not k.startswith("time/")}
+        assert finals == {k: v for k, v in b.data.metrics.items() if not k.startswith("time/")}  # bit-equal
+        assert a.data.tags["oodgate.model_fingerprint"] == b.data.tags["oodgate.model_fingerprint"]
+
+    def registry(client: MlflowClient) -> tuple:
+        versions = client.search_model_versions(f"name='{MODEL}'")
+        champ = client.get_model_version_by_alias(MODEL, "champion")
+        return (
+            len(versions),
+            str(champ.version),
+            champ.tags["oodgate.loss"],
+            champ.tags["oodgate.model_fingerprint"],
+        )
+
+    assert registry(got) == registry(want) == (1, "1", "isomax_plus", registry(want)[3])
+
+
+def test_runs_are_readable_while_they_happen(served):
+    children = _trained(served.mlflow)
+    parent = served.mlflow.get_run(children["softmax"].data.tags["mlflow.parentRunId"])
+    flow_run_id = parent.data.tags["oodgate.prefect_flow_run_id"]  # the run that trained
+    names = _task_names(served, flow_run_id)
+    for loss in LOSSES:
+        for step in ("train", "calibrate", "evaluate"):
+            assert f"{step}-{loss}-seed0" in names, names
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with served.client() as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    epochs = [entry.message for entry in logs if re.match(r"epoch \d+/2: train loss [\d.]+", entry.message)]
+    assert len(epochs) == 2 * len(LOSSES), [entry.message for entry in logs]
+    assert all("val accuracy" in m for m in epochs)
+
+    first, second = sorted(children.values(), key=lambda r: r.info.start_time)
+    for child in children.values():  # a child spans its own tasks, inside the pipeline's run
+        assert parent.info.start_time <= child.info.start_time < child.info.end_time <= parent.info.end_time
+    assert first.info.end_time <= second.info.start_time  # one (loss, seed) at a time: no overlap
+
+    # One naming scheme: no two metric names that differ only in '/' versus '_'.
+    keys = list(children["isomax_plus"].data.metrics)
+    assert len({k.replace("/", "_") for k in keys}) == len(keys)
+    assert {"test/accuracy", "seed0/test/accuracy", "seed0/val/ece", "history/seed0/val_accuracy"} <= set(
+        keys
+    )
+    history = served.mlflow.get_metric_history(
+        children["isomax_plus"].info.run_id, "history/seed0/val_accuracy"
+    )
+    assert [h.step for h in history] == [1, 2]
+
+
+# ------------------------------------------------------------------ 2. the cron fires a run; 3. it is cached
+def test_the_cron_fires_a_run_and_a_rerun_trains_nothing(served):
+    from prefect.client.schemas.objects import StateType
+
+    deadline = time.monotonic() + 150  # the next minute boundary, then the run itself
+    runs = []
+    while time.monotonic() < deadline:
+        runs = _flow_runs(served)
+        cron_runs = [r for r in runs if r.auto_scheduled and r.state.type == StateType.COMPLETED]
+        if cron_runs:
+            break
+        failed = [r for r in runs if r.state.type in (StateType.FAILED, StateType.CRASHED)]
+        assert not failed, f"{[(r.name, r.state.message) for r in failed]}\n{served.stack.diagnostics()}"
+        time.sleep(2)
+    else:
+        pytest.fail(f"no cron-fired run completed: {[(r.name, r.state.name) for r in runs]}")
+    cron_run = cron_runs[0]
+    assert cron_run.parameters == {"params_path": "params.yaml", "root": str(served.project)}
+    start = cron_run.expected_start_time
+    assert (start.second, start.microsecond) == (0, 0)  # on the cron's minute
+
+    completed = [r for r in runs if r.state.type == StateType.COMPLETED]
+    first, later = completed[0], completed[1]  # the triggered and the cron run, in start order
+    assert {str(first.id), str(later.id)} == {served.flow_run_id, str(cron_run.id)}
+    assert any(n.startswith("train-") for n in _task_names(served, first.id))
+    later_tasks = _task_names(served, later.id)
+    assert not [n for n in later_tasks if n.startswith(("train-", "calibrate-", "evaluate-"))], later_tasks
+
+    parent = _parent(served.mlflow, str(later.id))
+    assert parent.info.status == "FINISHED"
+    assert _children(served.mlflow, parent.info.run_id) == {}  # both losses reused, nothing re-logged
+    reused = dict(item.split("=") for item in parent.data.tags["oodgate.reused_runs"].split(","))
+    assert set(reused) == LOSSES
+    assert parent.data.tags["oodgate.gate.isomax_plus"] == "promote"
+    assert "unchanged: same fingerprint as version 1" in parent.data.tags["oodgate.registry"]
+    assert len(served.mlflow.search_model_versions(f"name='{MODEL}'")) == 1  # no v2 of the same weights
+    seconds = (later.end_time - later.start_time).total_seconds()
+    print(f"cached re-run of the deployment: {seconds:.1f} s (Running to Completed)")
+
+    graceful = served.stack.stop()  # the documented order, and both stop without being killed
+    assert graceful == {"serve": True, "server": True}, f"{graceful}\n{served.stack.diagnostics()}"
