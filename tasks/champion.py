@@ -3,7 +3,7 @@
 In Python (any working directory; the project's ``mlflow.db`` unless ``MLFLOW_TRACKING_URI`` is set)::
 
     from tasks.champion import load_champion
-    model, version = load_champion()            # torch module: images (B, C, H, W) -> (B, K + 2)
+    model, version = load_champion()        # model.predict(images (B, C, H, W)) -> one row per image
 
 Over REST: ``python -m tasks.champion serve`` (``make serve-model``) runs ``mlflow models serve`` for
 the champion's exact version on 127.0.0.1 with this interpreter's environment (no new virtualenv).
@@ -68,21 +68,14 @@ def resolve(name: str = MODEL_NAME, alias: str = ALIAS, uri: str | None = None) 
 
 
 def load_champion(name: str = MODEL_NAME, alias: str = ALIAS, uri: str | None = None) -> tuple[Any, int]:
-    """``(model, version)``: the champion as a torch module (float32 images in [0, 1], (B, C, H, W)
-    -> (B, K + 2): K calibrated probabilities, the OOD score, 1.0 if accepted as in-distribution)."""
+    """``(model, version)``: the champion as an MLflow pyfunc whose ``predict(images)`` takes
+    ``(B, C, H, W)`` float images in [0, 1] (or uint8) and returns one row per image: ``p_<class>``,
+    ``predicted``, ``score``, ``in_distribution`` (see ``tasks/pyfunc_model.py``)."""
     import mlflow
 
     version = resolve(name, alias, uri)
-    # The registered model is a torch.export program: it loads without unpickling anything.
-    previous = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
-    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
-    try:
-        model = mlflow.pytorch.load_model(f"models:/{name}/{version.version}")
-    finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
-        else:
-            os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = previous
+    with tracking.no_pickle():  # nothing in the registered model is pickled
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
     return model, int(version.version)
 
 

@@ -75,7 +75,7 @@ def log_loss_run(
     )
     size = (2, model.spec.in_channels, model.spec.image_size, model.spec.image_size)
     example = torch.rand(size, generator=torch.Generator().manual_seed(0))  # not the global RNG
-    model_uri = tracking.log_model(run_id, serving, example)
+    model_uri = tracking.log_model(run_id, serving, example, list(model.spec.class_names))
     tracking.set_tags(run_id, {"oodgate.model_uri": model_uri})
     return {
         "loss": loss_id,

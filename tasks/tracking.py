@@ -7,6 +7,7 @@ tracking store is SQLite at the project root; ``MLFLOW_TRACKING_URI`` points at 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -211,31 +212,74 @@ def download_dir(run_id: str, artifact: str, dst: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst)))
 
 
+@contextlib.contextmanager
+def no_pickle() -> Iterator[None]:
+    """MLflow refuses pickle deserialisation inside this block (its default allows it)."""
+    previous = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
+        else:
+            os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = previous
+
+
 def pip_requirements() -> list[str]:
-    """Explicit requirements (MLflow's inference takes seconds); the exported program needs torch only."""
+    """Explicit requirements (MLflow's inference takes seconds): the model needs torch and pandas."""
     from importlib.metadata import version
 
-    return [f"torch=={version('torch')}"]
+    return [f"torch=={version('torch')}", f"pandas=={version('pandas')}"]
 
 
-def log_model(run_id: str, serving_model: Any, example: Any, name: str = "model") -> str:
-    """Log the serving model (torch.export format) with signature, example and pip requirements.
+PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
 
-    Re-attaches to the run by id (this may run in a worker thread) and finishes it: call it last.
-    Returns the model URI to register.
-    """
+
+def output_schema(class_names: list[str]) -> Any:
+    from mlflow.types import ColSpec, Schema
+
+    return Schema(
+        [ColSpec("float", f"p_{c}") for c in class_names]
+        + [ColSpec("string", "predicted"), ColSpec("float", "score"), ColSpec("boolean", "in_distribution")]
+    )
+
+
+def log_model(
+    run_id: str, serving_model: Any, example: Any, class_names: list[str], name: str = "model"
+) -> str:
+    """Log the serving model: a pyfunc from code (``tasks/pyfunc_model.py``, no pickle) around the
+    ``torch.export`` program, with the named output columns as its signature and the input shape
+    in its metadata. Re-attaches to the run by id (this may run in a worker thread) and finishes it:
+    call it last. Returns the model URI to register."""
     import mlflow
     import numpy as np
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
 
     example_np = example.numpy()
-    with mlflow.start_run(run_id=run_id):
+    shape = list(example_np.shape[1:])
+    with tempfile.TemporaryDirectory() as tmp:
+        torch_dir, meta = Path(tmp) / "torch_model", Path(tmp) / "meta.json"
         out = serving_model(example).detach().numpy()
-        info = mlflow.pytorch.log_model(
+        mlflow.pytorch.save_model(
             serving_model,
-            name=name,
+            str(torch_dir),
+            serialization_format="pt2",
             signature=infer_signature(example_np, np.asarray(out)),
             input_example=example_np,
             pip_requirements=pip_requirements(),
         )
+        meta.write_text(json.dumps({"input_shape": shape, "class_names": list(class_names)}))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(PYFUNC_CODE),
+                artifacts={"torch_model": str(torch_dir), "meta": str(meta)},
+                signature=ModelSignature(outputs=output_schema(list(class_names))),
+                metadata={
+                    "input": f"images (batch, {shape[0]}, {shape[1]}, {shape[2]}): float in [0, 1] or uint8",
+                    "input_shape": [-1, *shape],
+                },
+                pip_requirements=pip_requirements(),
+            )
     return info.model_uri

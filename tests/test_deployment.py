@@ -315,3 +315,110 @@ def test_the_cron_fires_a_run_and_a_rerun_trains_nothing(served):
 
     graceful = served.stack.stop()  # the documented order, and both stop without being killed
     assert graceful == {"serve": True, "server": True}, f"{graceful}\n{served.stack.diagnostics()}"
+
+
+# ------------------------------------------------------------------ the champion, as the README uses it
+def _readme_block(heading: str, lang: str) -> str:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(heading) :]
+    return section[section.index(f"```{lang}\n") + len(lang) + 4 :].split("```", 1)[0]
+
+
+def _user_env(served: Served) -> dict[str, str]:
+    """A shell elsewhere: the package as installed (no PYTHONPATH), the project's store by URI."""
+    env = {k: v for k, v in served.stack.env.items() if k != "PYTHONPATH"}
+    return dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{served.project / 'mlflow.db'}")
+
+
+def test_readme_champion_snippet_works_from_another_directory(served, tmp_path):
+    snippet = _readme_block("## Use the champion", "python")
+    env = _user_env(served)
+    out = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "champion version 1" in out.stdout
+    for column in ("p_0", "p_2", "predicted", "score", "in_distribution"):
+        assert column in out.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing written where it ran (no stray mlflow.db)
+
+
+def _post(url: str, body: bytes) -> tuple[int, str]:
+    if shutil.which("curl"):
+        out = subprocess.run(
+            [
+                "curl",
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                url,
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                "@-",
+            ],
+            input=body,
+            capture_output=True,
+            timeout=60,
+        )
+        text, _, code = out.stdout.decode().rpartition("\n")
+        return int(code), text
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_serve_model_answers_invocations_with_named_columns(served, tmp_path):
+    import json
+    import urllib.request
+
+    port = free_port()
+    env = _user_env(served)
+    env["PATH"] = "/usr/bin:/bin"  # no virtualenv on PATH: the command must find uvicorn itself
+    log = tmp_path / "serve-model.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tasks.champion", "serve", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    from stack import stop_process
+
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"mlflow models serve never answered /ping\n{log.read_text()[-3000:]}")
+        assert "Serving oodgate-classifier version 1 (champion, loss isomax_plus)" in log.read_text()
+        url = f"http://127.0.0.1:{port}/invocations"
+        code, text = _post(url, json.dumps({"inputs": [[[[0.0] * 28] * 28]] * 2}).encode())
+        assert code == 200, text
+        rows = json.loads(text)["predictions"]
+        assert len(rows) == 2
+        assert set(rows[0]) == {"p_0", "p_1", "p_2", "predicted", "score", "in_distribution"}
+        assert abs(sum(rows[0][f"p_{c}"] for c in "012") - 1) < 1e-5
+        code, text = _post(url, json.dumps({"inputs": [[[0.0] * 28] * 28]}).encode())
+        assert code == 400
+        message = json.loads(text)["message"]
+        assert "expected images of shape (batch, 1, 28, 28)" in message and "got shape (1, 28, 28)" in message
+        assert len(message) < 200, message
+        code, text = _post(url, json.dumps({"inputs": [[[["x"] * 28] * 28]]}).encode())
+        assert code == 400 and "got dtype" in json.loads(text)["message"]
+    finally:
+        stop_process(proc, timeout=20)

@@ -235,7 +235,7 @@ def _logged_model(exp_id: str, name: str, metrics: dict, prepared_dir: Path) -> 
     run_id = tracking.start_run(exp_id, name, {"oodgate.loss": name})
     tracking.log_metrics(run_id, metrics)
     model_uri = tracking.log_model(
-        run_id, ServingModel(build_classifier(spec, 0), 0.5), torch.rand(2, 1, 28, 28)
+        run_id, ServingModel(build_classifier(spec, 0), 0.5), torch.rand(2, 1, 28, 28), bundle.class_names
     )
     return run_id, model_uri
 
@@ -262,13 +262,26 @@ def test_champion_moves_only_to_a_better_model_and_loads_from_the_registry(mlflo
     assert "did not beat the current champion" in v3.description
     assert MlflowClient().get_run(run_c).data.tags["oodgate.champion"] == "false"
 
-    model = mlflow.pytorch.load_model("models:/m@champion")
-    out = model(torch.rand(4, 1, 28, 28))
-    from oodgate.serving import split_output
+    model = mlflow.pyfunc.load_model("models:/m@champion")
+    images = np.random.default_rng(0).random((4, 1, 28, 28))  # float64: any float dtype is accepted
+    table = model.predict(images)
+    assert list(table.columns) == ["p_0", "p_1", "p_2", "predicted", "score", "in_distribution"]
+    np.testing.assert_allclose(table[["p_0", "p_1", "p_2"]].sum(axis=1), 1.0, rtol=1e-5)
+    assert table["in_distribution"].dtype == bool and set(table["predicted"]) <= {"0", "1", "2"}
+    as_uint8 = model.predict((images * 255).round().astype(np.uint8))
+    assert as_uint8.shape == table.shape
+    from mlflow.exceptions import MlflowException
 
-    parts = split_output(out)
-    torch.testing.assert_close(parts["probabilities"].sum(1), torch.ones(4))
-    assert parts["score"].shape == (4,) and parts["in_distribution"].dtype == torch.bool
+    for bad, got in (
+        (images[:, 0], r"got shape \(4, 28, 28\)"),
+        (images * 300, r"got values in \[[\d.]+, 299"),
+        (np.array([["a"]]), "got dtype <U1"),
+    ):
+        with pytest.raises(
+            MlflowException, match=r"expected images of shape \(batch, 1, 28, 28\).*" + got
+        ) as e:
+            model.predict(bad)
+        assert len(str(e.value)) < 200
 
 
 def test_two_flows_gating_at_once_leave_exactly_one_champion(mlflow_db, prepared_dir, tmp_path):
@@ -316,7 +329,16 @@ def test_logged_model_has_signature_example_and_explicit_requirements(mlflow_db,
     exp = tracking.ensure_experiment("oodgate", tmp_path)
     _, uri = _logged_model(exp, "m", GOOD, prepared_dir)
     info = mlflow.models.get_model_info(uri)
-    assert info.signature is not None and info.saved_input_example_info is not None
+    assert info.signature.inputs is None  # the model checks its input itself, with a short message
+    assert info.signature.outputs.input_names() == [
+        "p_0",
+        "p_1",
+        "p_2",
+        "predicted",
+        "score",
+        "in_distribution",
+    ]
+    assert info.metadata["input_shape"] == [-1, 1, 28, 28]
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "m")))
     requirements = (local / "requirements.txt").read_text().split()
     # exactly our explicit list (MLflow adds its own pin), nothing inferred

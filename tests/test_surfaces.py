@@ -1,0 +1,129 @@
+"""What a user touches, checked fast: the Makefile's help, the flow's parameter types when shipped by
+value, the trigger command's errors, and the champion loader's errors (no database is ever created)."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from stack import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_make_help_lists_every_target_the_readme_names():
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    readme = (REPO / "README.md").read_text()
+    named = set(re.findall(r"`make ([a-z][a-z-]*)", readme))
+    assert {"run", "test", "serve", "trigger", "serve-model", "mlflow-ui", "repro"} <= named
+    help_text = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True).stdout
+    listed = set(re.findall(r"^make ([a-z-]+)", help_text, re.M))
+    assert named <= listed, f"named in the README but not in `make help`: {sorted(named - listed)}"
+    makefile = (REPO / "Makefile").read_text()
+    defined = set(re.findall(r"^([a-z][a-z-]*):", makefile, re.M))
+    assert listed <= defined, sorted(listed - defined)
+
+
+def test_ci_runs_the_tests_and_the_linter():
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "make test" in ci and "make lint" in ci
+
+
+def test_flow_annotations_are_objects_not_strings():
+    """A served run receives the flow by value: a string annotation would name a type that never arrives."""
+    from prefect import Flow
+
+    import flows.pipeline
+
+    found = [v for v in vars(flows.pipeline).values() if isinstance(v, Flow)]
+    assert found
+    for f in found:
+        annotations = inspect.get_annotations(f.fn)
+        assert annotations and not [k for k, v in annotations.items() if isinstance(v, str)], annotations
+
+
+def test_flow_parameters_validate_after_pickling_by_value(tmp_path):
+    """What the runner does: the project's modules pickled by value, parameters validated in a new
+    process whose working directory is elsewhere."""
+    import cloudpickle
+
+    import flows.pipeline
+    import oodgate
+    import tasks
+
+    modules = [flows.pipeline, oodgate, tasks]
+    for m in modules:
+        cloudpickle.register_pickle_by_value(m)
+    try:
+        blob = cloudpickle.dumps(flows.pipeline.pipeline)
+    finally:
+        for m in modules:
+            cloudpickle.unregister_pickle_by_value(m)
+    (tmp_path / "flow.pkl").write_bytes(blob)
+    code = (
+        "import cloudpickle, json; f = cloudpickle.load(open('flow.pkl', 'rb')); "
+        "print(json.dumps(f.validate_parameters("
+        "{'params_path': 'p.yaml', 'root': '/x', 'overrides': {'train.epochs': 2}})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert '"overrides": {"train.epochs": 2}' in out.stdout
+
+
+def test_trigger_without_a_server_says_how_to_start_one():
+    url = f"http://127.0.0.1:{free_port()}/api"
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.trigger", "--api-url", url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert f"no Prefect server answers at {url}" in out.stderr and "make serve" in out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_serve_prints_how_to_trigger():
+    from flows.deploy import trigger_hint
+
+    hint = trigger_hint("http://127.0.0.1:4200/api")
+    assert "make trigger" in hint
+    assert (
+        "PREFECT_API_URL=http://127.0.0.1:4200/api prefect deployment run 'oodgate-pipeline/scheduled'"
+        in hint
+    )
+
+
+# ------------------------------------------------------------------ the champion loader
+def test_champion_without_a_database_names_it_and_creates_nothing(tmp_path, monkeypatch):
+    from tasks.champion import ChampionNotFoundError, resolve
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ChampionNotFoundError, match=rf"no MLflow tracking database at {re.escape(str(db))}"):
+        resolve(uri=f"sqlite:///{db}")
+    assert list(tmp_path.iterdir()) == []  # no empty mlflow.db left behind
+
+
+def test_champion_errors_name_the_model_and_the_uri(mlflow_db):
+    from mlflow.tracking import MlflowClient
+
+    from tasks.champion import ChampionNotFoundError, resolve
+
+    with pytest.raises(ChampionNotFoundError, match=rf"no registered model 'nope' at {re.escape(mlflow_db)}"):
+        resolve("nope", uri=mlflow_db)
+    c = MlflowClient(mlflow_db)
+    c.create_registered_model("m")
+    run = c.create_run(c.create_experiment("e"))
+    c.create_model_version("m", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    with pytest.raises(
+        ChampionNotFoundError, match=r"model 'm' at .* has no version with alias 'champion' \(versions: 1\)"
+    ):
+        resolve("m", uri=mlflow_db)
