@@ -228,6 +228,18 @@ def test_second_repro_is_a_noop(dvc_project):
 
 
 @pytest.mark.slow
+def test_rerunning_stages_writes_the_same_bytes(dvc_project):
+    """What `make repro` does on a fresh clone (outputs not there yet): every stage runs again, and
+    must write byte-identical outputs, so dvc.lock and the committed metrics and report stay as they
+    are. Wall-clock times in a versioned output would change them on every run."""
+    root = dvc_project.root
+    stages = ["train@softmax", "calibrate@softmax", "evaluate@softmax", "gate"]
+    out = logged(dvc(root, "repro", "--force", "--single-item", *stages))
+    assert set(ran(out)) == set(stages), out
+    assert git(root, "status", "--porcelain") == ""
+
+
+@pytest.mark.slow
 def test_materialized_data_has_the_hash_committed_in_data_dvc(dvc_project):
     root = dvc_project.root
     # before the first repro: not in the fresh clone's cache yet, but not modified either
