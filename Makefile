@@ -30,6 +30,7 @@ help:
 	@echo "make setup        only create .venv and install the pinned stack"
 	@echo "make data         only write the embedded data into data/ (skipped if data/ exists)"
 	@echo "make clean        remove artifacts/ and logs/"
+	@echo "make help         this list"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -5,9 +5,10 @@ Run it once: ``python -m flows.pipeline`` (a temporary Prefect server, SQLite ML
 root). Run it on a schedule: ``python -m flows.deploy`` (``make serve``), then ``make trigger``.
 
 This module deliberately has no ``from __future__ import annotations``: a served deployment ships
-the flow function to its run process by value (cloudpickle), with only the globals its body uses,
-so string annotations would name types that never arrive there, and Prefect's validation of the
-flow parameters would fail before the first task. The flow's parameters are plain JSON types.
+the Flow object to a spawned run process with cloudpickle, and since the module attribute
+``pipeline`` is the Flow, not the function, the function travels by value with only the globals its
+body uses. String annotations would name types that never arrive there, and Prefect's validation of
+the flow parameters would fail before the first task. The flow's parameters are plain JSON types.
 """
 
 import argparse

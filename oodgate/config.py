@@ -159,7 +159,38 @@ class Config(_Frozen):
     @model_validator(mode="after")
     def _check_registries(self) -> Config:
         # Imported here: the registries import torch, the schema itself does not need to.
-        from oodgate import methods, scores
+        from oodgate import methods, models, scores
+        from oodgate.data import ID_DATASETS, OOD_DATASETS
+
+        if self.model.backbone not in models.BACKBONES:
+            raise ValueError(
+                f"model.backbone={self.model.backbone!r} is not a known backbone; "
+                f"valid backbones: {', '.join(models.names())}"
+            )
+        try:
+            models.check_options(self.model.backbone, self.model.options)
+        except ValueError as e:
+            raise ValueError(f"model.options: {e}") from None
+        if self.data.dataset not in ID_DATASETS:
+            raise ValueError(
+                f"data.dataset={self.data.dataset!r} is not a known dataset; "
+                f"valid datasets: {', '.join(ID_DATASETS.names())}"
+            )
+        if not self.data.ood:
+            raise ValueError(
+                "data.ood is empty: the gate compares FPR95 on OOD sets, so nothing could ever be "
+                f"promoted; list at least one (e.g. {', '.join(OOD_DATASETS.names()[:3])})"
+            )
+        seen: set[str] = set()
+        for source in self.data.ood:
+            if source.name in seen:
+                raise ValueError(f"data.ood lists {source.name!r} twice; list each OOD set once")
+            seen.add(source.name)
+            if source.path is None and source.name not in OOD_DATASETS:
+                raise ValueError(
+                    f"data.ood: {source.name!r} is not a known OOD set; valid sets: "
+                    f"{', '.join(OOD_DATASETS.names())}, or {{name: <label>, path: <folder or .npz>}}"
+                )
 
         for key, loss in self.losses.items():
             if not key.replace("_", "").replace("-", "").isalnum():

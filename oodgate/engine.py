@@ -158,12 +158,15 @@ def train(
     progress: bool = True,
     on_epoch: Callable[[EpochStats], None] | None = None,
     max_epochs: int | None = None,
+    fingerprint: str = "",
 ) -> TrainResult:
     """Train with SGD (+Nesterov) and a multi-step schedule; select the epoch by validation accuracy.
 
     Writes ``last.pt`` (everything needed to resume) and ``best.pt`` (the selected weights) to
-    ``out_dir`` every epoch. If ``last.pt`` exists there, training resumes from it. ``max_epochs``
-    stops early after that many epochs in total (used to simulate an interruption).
+    ``out_dir`` every epoch. If ``last.pt`` exists there and carries the same ``fingerprint`` (of
+    everything training depends on), training resumes from it; a ``last.pt`` written under other
+    inputs is ignored and overwritten. ``max_epochs`` stops early after that many epochs in total
+    (used to simulate an interruption).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,8 +182,8 @@ def train(
     best_acc, best_epoch, start_epoch = -1.0, 0, 0
 
     last_path, best_path = out_dir / LAST, out_dir / BEST
-    if last_path.is_file():
-        state = read_checkpoint(last_path)
+    state = read_checkpoint(last_path) if last_path.is_file() else None
+    if state is not None and state.get("fingerprint", "") == fingerprint:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -248,6 +251,7 @@ def train(
             optimizer=opt.state_dict(),
             scheduler=sched.state_dict(),
             rng=gen.get_state(),
+            fingerprint=fingerprint,
             history=[without_timing(h) for h in history],
             best_val_accuracy=best_acc,
             best_epoch=best_epoch,

@@ -52,21 +52,29 @@ class Evaluation:
     ood_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _raw_logits(model: Classifier, x: torch.Tensor, batch_size: int, device: str) -> torch.Tensor:
+def _raw_logits(
+    model: Classifier, x: torch.Tensor, batch_size: int, device: str, amp: bool = False
+) -> torch.Tensor:
     """Logits at temperature 1, whatever the head's current temperature."""
     saved = model.head.temperature.clone()
     model.head.temperature.fill_(1.0)
     try:
-        return predict_logits(model, x, batch_size, device)
+        return predict_logits(model, x, batch_size, device, amp)
     finally:
         model.head.temperature.copy_(saved)
 
 
 def calibrate(
-    model: Classifier, data: DataBundle, objective: str = "nll", batch_size: int = 1024, device: str = "cpu"
+    model: Classifier,
+    data: DataBundle,
+    objective: str = "nll",
+    batch_size: int = 1024,
+    device: str = "cpu",
+    amp: bool = False,
 ) -> Calibration:
-    """Fit one temperature on the validation logits and store it in ``model.head.temperature``."""
-    z = _raw_logits(model, data.val.x, batch_size, device)
+    """Fit one temperature on the validation logits and store it in ``model.head.temperature``.
+    Inference runs on ``device`` (bf16 autocast there if ``amp`` and CUDA); the fit in float64."""
+    z = _raw_logits(model, data.val.x, batch_size, device, amp)
     scaler = TemperatureScaler(objective).fit(z, data.val.y)
     t = scaler.temperature
     model.head.set_temperature(t)
@@ -76,7 +84,12 @@ def calibrate(
 
 
 def evaluate(
-    model: Classifier, data: DataBundle, score: str | None = None, batch_size: int = 1024, device: str = "cpu"
+    model: Classifier,
+    data: DataBundle,
+    score: str | None = None,
+    batch_size: int = 1024,
+    device: str = "cpu",
+    amp: bool = False,
 ) -> Evaluation:
     """Test-split classification metrics (before/after calibration) and per-OOD-set detection metrics.
 
@@ -88,9 +101,9 @@ def evaluate(
     temp = model.head.temperature.detach().cpu()
 
     def calibrated(x: torch.Tensor) -> torch.Tensor:
-        return _raw_logits(model, x, batch_size, device) / temp
+        return _raw_logits(model, x, batch_size, device, amp) / temp
 
-    z = _raw_logits(model, data.test.x, batch_size, device)
+    z = _raw_logits(model, data.test.x, batch_size, device, amp)
     logits = z / temp
     out: dict[str, float] = {}
     for k, v in metrics.classification_report(logits, data.test.y).items():

@@ -45,6 +45,15 @@ def code_version() -> str:
     return h.hexdigest()[:16]
 
 
+def file_digest(path: Path) -> str:
+    """Short SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def digest(obj: Any) -> str:
     """Stable short hash of a JSON-able object (fingerprints and cache keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -178,14 +187,27 @@ def train(
     progress: bool = False,
     on_epoch: Callable[[engine.EpochStats], None] | None = None,
     max_epochs: int | None = None,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """Train one (loss, seed); resumes from ``out_dir/last.pt`` if present. Returns ``train.json``'s content."""
+    """Train one (loss, seed). Returns ``train.json``'s content (plus this call's timings).
+
+    ``fingerprint`` identifies the inputs (default: :func:`train_fingerprint` over the params, the
+    seed, the hash of the prepared ``id.pt`` and the code version). A finished result in
+    ``out_dir`` is returned only if it carries the same fingerprint, and ``last.pt`` is resumed only
+    if it does; anything written under other inputs is trained again, never returned."""
     if loss_id not in cfg.losses:
         raise ValueError(f"unknown loss id {loss_id!r}; losses in params.yaml: {', '.join(cfg.losses)}")
     out_dir = Path(out_dir)
+    if fingerprint is None:
+        fingerprint = train_fingerprint(
+            cfg, loss_id, seed, file_digest(Path(prepared_dir) / "id.pt"), code_version()
+        )
     done = out_dir / "train.json"
-    if done.is_file():  # finished before: training is a pure function of its inputs
-        return {**read_json(done), "train_seconds": 0.0, "epoch_seconds": []}
+    if done.is_file():
+        previous = read_json(done)
+        if previous.get("fingerprint") == fingerprint:  # training is a pure function of its inputs
+            return {**previous, "train_seconds": 0.0, "epoch_seconds": []}
+        done.unlink()  # trained under other inputs: stale, train again
     bundle = load_prepared(prepared_dir, with_ood=False)
     spec = model_spec(cfg, loss_id, bundle)
     result = engine.train(
@@ -198,6 +220,7 @@ def train(
         progress=progress,
         on_epoch=on_epoch,
         max_epochs=max_epochs,
+        fingerprint=fingerprint,
     )
     # Wall-clock times go into the returned summary only, never into the files: the same inputs
     # write the same bytes (a re-run under `dvc repro` leaves dvc.lock unchanged).
@@ -212,6 +235,7 @@ def train(
         "epochs": len(result.history),
         "device": result.device,
         "resumed_from_epoch": result.resumed_from_epoch,
+        "fingerprint": fingerprint,
     }
     timing = {
         "train_seconds": round(sum(h.get("seconds", 0.0) for h in result.history), 3),
@@ -224,6 +248,13 @@ def train(
 
 
 # ---------------------------------------------------------------- calibrate
+def inference_device(cfg: Config) -> tuple[str, bool]:
+    """Where calibration and evaluation run: the device training resolved (``train.device``), with
+    bf16 autocast exactly where training used it (``train.amp`` on CUDA)."""
+    device = engine.resolve_device(cfg.train.device)
+    return str(device), cfg.train.amp and device.type == "cuda"
+
+
 def calibrate(
     cfg: Config, train_dir: str | Path, prepared_dir: str | Path, out_dir: str | Path
 ) -> dict[str, Any]:
@@ -232,7 +263,10 @@ def calibrate(
     model = load_classifier(Path(train_dir) / engine.BEST)
     bundle = load_prepared(prepared_dir, with_ood=False)
     t0 = time.perf_counter()
-    cal = evaluation.calibrate(model, bundle, cfg.calibration.objective, cfg.train.eval_batch_size)
+    device, amp = inference_device(cfg)
+    cal = evaluation.calibrate(
+        model, bundle, cfg.calibration.objective, cfg.train.eval_batch_size, device=device, amp=amp
+    )
     save_classifier(model, out_dir / "calibrated.pt")
     result = {"objective": cal.objective, **cal.metrics()}
     write_json(out_dir / "calibration.json", result)  # no wall-clock time in a versioned file
@@ -247,7 +281,8 @@ def evaluate(
     out_dir = Path(out_dir)
     model = load_classifier(Path(calibrate_dir) / "calibrated.pt")
     bundle = load_prepared(prepared_dir)
-    ev = evaluation.evaluate(model, bundle, batch_size=cfg.train.eval_batch_size)
+    device, amp = inference_device(cfg)
+    ev = evaluation.evaluate(model, bundle, batch_size=cfg.train.eval_batch_size, device=device, amp=amp)
     write_json(out_dir / "metrics.json", ev.metrics)
     torch.save(
         {

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ def connect(uri: str | None = None, root: Path = PROJECT_ROOT, timeout: float = 
     import mlflow
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault(
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
+    )  # one bar per artifact floods the logs
     uri = uri or default_tracking_uri(root)
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -270,7 +274,9 @@ def log_model(
             pip_requirements=pip_requirements(),
         )
         meta.write_text(json.dumps({"input_shape": shape, "class_names": list(class_names)}))
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # MLflow suggests type hints and an input example; this model checks its input itself.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.pyfunc")
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=str(PYFUNC_CODE),

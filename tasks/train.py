@@ -41,5 +41,7 @@ def train_model(
             f"{s.train_accuracy:.4f}, val accuracy {s.val_accuracy:.4f} ({s.seconds:.1f} s)"
         )
 
-    summary = steps.train(cfg, loss_id, seed, prepared_dir, out_dir, on_epoch=progress)
+    summary = steps.train(
+        cfg, loss_id, seed, prepared_dir, out_dir, on_epoch=progress, fingerprint=fingerprint
+    )
     return {**summary, "dir": out_dir, "fingerprint": fingerprint}

@@ -14,13 +14,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.pipeline import TELEMETRY_OFF
+
 REPO = Path(__file__).resolve().parents[1]
-TELEMETRY_OFF = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "DVC_NO_ANALYTICS": "1",
-}
 
 
 def free_port() -> int:

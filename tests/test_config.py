@@ -112,3 +112,42 @@ def test_every_shipped_params_file_is_valid():
     assert files, "params/ holds the full-scale configurations"
     for f in files:
         load_config(f)
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "message"),
+    [
+        (
+            "model",
+            {"backbone": "resnet99"},
+            r"model\.backbone='resnet99' is not a known backbone; valid backbones: .*small_cnn",
+        ),
+        (
+            "model",
+            {"backbone": "small_cnn", "options": {"depth": 3}},
+            r"model\.options: unknown option\(s\) 'depth' .*valid options: width",
+        ),
+        (
+            "data",
+            {"dataset": "imagenet"},
+            r"data\.dataset='imagenet' is not a known dataset; valid datasets: .*embedded_mnist",
+        ),
+        (
+            "data",
+            {"ood": ["mnist_unseen", "nope"]},
+            r"data\.ood: 'nope' is not a known OOD set; valid sets: .*photo_patches",
+        ),
+        ("data", {"ood": ["gaussian_noise", "gaussian_noise"]}, r"data\.ood lists 'gaussian_noise' twice"),
+        ("data", {"ood": []}, r"data\.ood is empty: .*nothing could ever be promoted"),
+    ],
+    ids=["backbone", "backbone-option", "dataset", "ood-name", "ood-twice", "no-ood"],
+)
+def test_names_the_code_cannot_honour_fail_at_load(repo_params, section, value, message):
+    raw = {**repo_params, section: {**repo_params[section], **value}}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw)
+
+
+def test_an_ood_set_with_a_path_may_have_any_name(repo_params):
+    raw = {**repo_params, "data": {**repo_params["data"], "ood": [{"name": "letters", "path": "x.npz"}]}}
+    assert parse_config(raw).data.ood[0].name == "letters"

@@ -57,3 +57,59 @@ def test_train_params_hold_exactly_what_training_reads(repo_params):
     assert fp == steps.train_fingerprint(other, "dismax_fpr", 0, "d", "c")  # calibration/gate never retrain
     assert fp != steps.train_fingerprint(cfg, "dismax_fpr", 1, "d", "c")
     assert fp != steps.train_fingerprint(cfg, "dismax_fpr", 0, "d2", "c")
+
+
+def test_calibration_and_evaluation_run_on_the_device_training_resolved(
+    tiny_config, prepared_dir, tmp_path, monkeypatch
+):
+    """Every inference call of calibrate and evaluate receives the resolved device and AMP flag
+    (at full scale, ResNet-34 inference over every split on the CPU would cost hours)."""
+    import torch
+
+    from oodgate import engine, evaluation
+
+    steps.train(tiny_config, "softmax", 0, prepared_dir, tmp_path / "t")
+    resolved = torch.device("cuda", 0)  # what `auto` resolves to on a GPU machine (no GPU is used here)
+    monkeypatch.setattr(engine, "resolve_device", lambda requested="auto": resolved)
+    seen = []
+    real = evaluation.predict_logits
+
+    def recording(model, x, batch_size=1024, device="cpu", amp=False):
+        seen.append((str(device), amp))
+        return real(model, x, batch_size, "cpu", amp)
+
+    monkeypatch.setattr(evaluation, "predict_logits", recording)
+    steps.calibrate(tiny_config, tmp_path / "t", prepared_dir, tmp_path / "c")
+    steps.evaluate(tiny_config, tmp_path / "c", prepared_dir, tmp_path / "e", plots=False)
+    assert len(seen) >= 4  # validation, test, the validation scores and every OOD set
+    assert set(seen) == {("cuda:0", True)}  # the device and bf16 autocast that training used
+
+
+def test_a_result_trained_under_other_params_is_never_returned(embedded_root, prepared_dir, tmp_path):
+    """`python -m oodgate train` twice into the same directory with other params: the second call
+    trains again (it used to return the first result), and never resumes the other run's last.pt."""
+    from conftest import tiny_params
+
+    def cfg(**train):
+        return parse_config(tiny_params(embedded_root, tmp_path / "w", **train))
+
+    out = tmp_path / "train"
+    one = steps.train(cfg(epochs=1), "softmax", 0, prepared_dir, out)
+    assert one["epochs"] == 1 and one["fingerprint"]
+    again = steps.train(cfg(epochs=1), "softmax", 0, prepared_dir, out)
+    assert again["fingerprint"] == one["fingerprint"] and again["train_seconds"] == 0.0  # reused
+    three = steps.train(cfg(epochs=3, lr=0.01), "softmax", 0, prepared_dir, out)
+    assert three["epochs"] == 3 and three["resumed_from_epoch"] == 0
+    assert three["fingerprint"] != one["fingerprint"]
+    assert steps.read_json(out / "train.json")["epochs"] == 3
+
+    # an interrupted run under params A leaves last.pt; a run under params B starts from scratch
+    partial = tmp_path / "partial"
+    steps.train(cfg(epochs=2), "softmax", 0, prepared_dir, partial, max_epochs=1)
+    other = steps.train(cfg(epochs=2, lr=0.02), "softmax", 0, prepared_dir, partial)
+    assert other["resumed_from_epoch"] == 0 and other["epochs"] == 2
+    fresh = steps.train(cfg(epochs=2, lr=0.02), "softmax", 0, prepared_dir, tmp_path / "fresh")
+    assert fresh["best_val_accuracy"] == other["best_val_accuracy"]
+    same = tmp_path / "same"
+    steps.train(cfg(epochs=2), "softmax", 0, prepared_dir, same, max_epochs=1)
+    assert steps.train(cfg(epochs=2), "softmax", 0, prepared_dir, same)["resumed_from_epoch"] == 1
