@@ -392,3 +392,12 @@ def test_each_params_key_invalidates_exactly_the_stages_that_read_it(dvc_project
     finally:
         params.write_text(original)
     assert "Data and pipelines are up to date." in dvc(root, "status").stdout
+
+
+def test_dvc_train_stage_reads_exactly_the_data_keys_training_depends_on():
+    """dvc.yaml lists the data.* keys of the train stage by hand; they must be steps.ID_SECTIONS."""
+    from oodgate import steps
+
+    train = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["do"]["params"]
+    listed = {p.removeprefix("data.") for p in train if isinstance(p, str) and p.startswith("data.")}
+    assert listed == set(steps.ID_SECTIONS)
