@@ -6,10 +6,10 @@ from pathlib import Path
 
 import yaml
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from oodgate import steps
 from oodgate.config import Config
+from tasks.caching import by_inputs
 
 
 class DataVersionError(RuntimeError):
@@ -50,7 +50,12 @@ def check_data(project_root: str, data_dir: str = "data") -> str:
     return version
 
 
-@task(name="prepare-data", cache_policy=(INPUTS - "cfg") + TASK_SOURCE, persist_result=True)
+@task(
+    name="prepare-data",
+    task_run_name="prepare-data",
+    cache_policy=by_inputs("data.json", "id.pt", "ood.pt"),
+    persist_result=True,
+)
 def prepare_data(cfg: Config, out_dir: str, key: str, root: str) -> dict:
     """``key`` identifies the inputs (data version + data params + code); it is what the cache keys on.
     ``data.root`` in the config is relative to the project directory ``root``."""

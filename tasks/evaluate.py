@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from oodgate import steps
 from oodgate.config import Config
+from tasks.caching import by_inputs
 
 # ``key`` digests everything the result depends on; upstream results and the config object are
-# left out of the cache key (they are either encoded in ``key`` or carry timings).
-_CACHE = (INPUTS - "cfg" - "upstream") + TASK_SOURCE
+# left out of the cache key (they are either encoded in ``key`` or carry timings); the output files
+# are in it, so a deleted work directory is recomputed, never returned.
+_EXCLUDE = ("cfg", "upstream")
 
 
 @task(
-    name="calibrate", task_run_name="calibrate-{loss_id}-seed{seed}", cache_policy=_CACHE, persist_result=True
+    name="calibrate",
+    task_run_name="calibrate-{loss_id}-seed{seed}",
+    cache_policy=by_inputs("calibration.json", "calibrated.pt", exclude=_EXCLUDE),
+    persist_result=True,
 )
 def calibrate_model(
     cfg: Config, loss_id: str, seed: int, upstream: dict, prepared_dir: str, out_dir: str, key: str
@@ -24,7 +28,10 @@ def calibrate_model(
 
 
 @task(
-    name="evaluate", task_run_name="evaluate-{loss_id}-seed{seed}", cache_policy=_CACHE, persist_result=True
+    name="evaluate",
+    task_run_name="evaluate-{loss_id}-seed{seed}",
+    cache_policy=by_inputs("metrics.json", "samples.pt", exclude=_EXCLUDE),
+    persist_result=True,
 )
 def evaluate_model(
     cfg: Config, loss_id: str, seed: int, upstream: dict, prepared_dir: str, out_dir: str, key: str

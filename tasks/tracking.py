@@ -1,4 +1,5 @@
-"""MLflow at the edge: the only module that imports mlflow.
+"""MLflow at the edge: runs, metrics, artifacts and the logged model (registry.py, champion.py and
+pyfunc_model.py are the other modules that import mlflow).
 
 Runs are addressed by id through ``MlflowClient`` (thread-safe, and MLflow's active run is
 thread-local, so tasks submitted to the flow's thread pool must not rely on it). The default

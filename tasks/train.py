@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from oodgate import steps
 from oodgate.config import Config
 from oodgate.engine import EpochStats, NonFiniteLossError
+from tasks.caching import by_inputs
 
 
 def _retry_helps(task, task_run, state) -> bool:
@@ -26,7 +26,7 @@ def _retry_helps(task, task_run, state) -> bool:
     task_run_name="train-{loss_id}-seed{seed}",
     retries=1,
     retry_condition_fn=_retry_helps,
-    cache_policy=(INPUTS - "cfg") + TASK_SOURCE,
+    cache_policy=by_inputs("train.json", "best.pt"),
     persist_result=True,
 )
 def train_model(

@@ -127,6 +127,16 @@ def test_second_run_reuses_every_finished_child_run(first_run):
     assert third["reused"] == []
 
 
+def test_a_deleted_work_directory_is_recomputed_not_returned_from_cache(first_run):
+    """`make clean` (or a deleted artifacts/) after a run: Prefect's cache records still exist, but
+    the files they name do not; the next run must recompute them, not fail on a missing file."""
+    project, _, _ = first_run
+    shutil.rmtree(project / "artifacts")
+    third = _pipeline(project, **{"calibration.objective": "ece"})  # new child runs: no MLflow reuse
+    assert third["reused"] == [] and not third["failed"]
+    assert list((project / "artifacts" / "cache").glob("train-*/best.pt"))
+
+
 # ------------------------------------------------------------------ faults
 class _NaNHead(SoftMaxHead):
     """A head whose loss is NaN, to exercise the NaN path of the real flow."""
