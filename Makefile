@@ -29,7 +29,7 @@ help:
 	@echo "make bench        per-method training/inference time relative to SoftMax"
 	@echo "make setup        only create .venv and install the pinned stack"
 	@echo "make data         only write the embedded data into data/ (skipped if data/ exists)"
-	@echo "make clean        remove artifacts/ and logs/"
+	@echo "make clean        remove the pipeline's working files (not the committed results, not mlflow.db)"
 	@echo "make help         this list"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -88,5 +88,7 @@ repro: data
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro
 	$(VENV)/bin/dvc metrics show --md
 
+# Keeps the committed reference results (artifacts/metrics, gate.json, report.md) and mlflow.db.
 clean:
-	rm -rf artifacts logs
+	rm -rf artifacts/cache artifacts/prepared artifacts/train artifacts/calibrate artifacts/evaluate \
+		artifacts/curves logs

@@ -23,10 +23,29 @@ def ui_url(api_url: str, flow_run_id: object) -> str:
     return f"{api_url.rstrip('/').removesuffix('/api')}/runs/flow-run/{flow_run_id}"
 
 
+def check_overrides(overrides: dict) -> None:
+    """Validate ``overrides`` against the deployment's params file when this machine has it, so a
+    bad value fails here, with the key and the rule, before a run is created on the server."""
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import PROJECT_ROOT
+    from oodgate.config import load_config
+
+    with get_client(sync_client=True) as client:
+        params = client.read_deployment_by_name(FULL_NAME).parameters or {}
+    path = Path(params.get("root") or PROJECT_ROOT) / params.get("params_path", "params.yaml")
+    if path.is_file():
+        load_config(path, overrides)  # raises ConfigError
+
+
 def trigger(api_url: str, overrides: dict | None = None):
     """Create a run of the deployment now; returns the flow run (state SCHEDULED, due now)."""
     from prefect.deployments import run_deployment
 
+    if overrides:
+        check_overrides(overrides)
     parameters = {"overrides": overrides} if overrides else None
     return run_deployment(FULL_NAME, parameters=parameters, timeout=0, poll_interval=1)
 
@@ -80,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     with temporary_settings(updates={PREFECT_API_URL: api}):
         try:
             run = trigger(api, overrides)
+        except ConfigError as e:
+            print(f"error: {e}\nnothing was triggered", file=sys.stderr)
+            return 2
         except ObjectNotFound:
             print(
                 f"error: the Prefect server at {api} has no deployment '{FULL_NAME}'; "

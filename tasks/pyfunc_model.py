@@ -85,7 +85,8 @@ class OODGateModel(PythonModel):
             else:
                 os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = previous
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
+        # np.ndarray is a hint MLflow infers no schema from: the input reaches check_images as sent.
         import torch
 
         x = check_images(model_input, self.shape)

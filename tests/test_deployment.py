@@ -274,6 +274,25 @@ def test_runs_are_readable_while_they_happen(served):
     assert [h.step for h in history] == [1, 2]
 
 
+def test_trigger_refuses_a_bad_override_before_creating_a_run(served):
+    def manual() -> int:  # the cron may add runs meanwhile; a trigger's runs are not auto-scheduled
+        return len([r for r in _flow_runs(served) if not r.auto_scheduled])
+
+    before = manual()
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.trigger", "--set", "train.epochs=0"],
+        cwd=REPO,
+        env=dict(served.stack.env, PREFECT_API_URL=served.stack.api_url),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "train.epochs" in out.stderr and "nothing was triggered" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert manual() == before
+
+
 # ------------------------------------------------------------------ 2. the cron fires a run; 3. it is cached
 def test_the_cron_fires_a_run_and_a_rerun_trains_nothing(served):
     from prefect.client.schemas.objects import StateType
