@@ -396,3 +396,46 @@ def test_model_fingerprint_is_the_weights():
     c = torch.nn.Linear(3, 2).double()
     c.load_state_dict({k: v.double() for k, v in a.state_dict().items()})
     assert fingerprint(c) != fingerprint(a)  # same values, other dtype: another model
+
+
+class _Payload:
+    """A pickle that creates a file when it is unpickled (stands for `os.system(...)`)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_tampered_champion_is_refused_without_running_its_payload(mlflow_db, prepared_dir, tmp_path):
+    """The attack of a writable artifact store: the sample inputs inside the registered program
+    archive replaced by a pickle. `load_champion` refuses it and the payload never runs."""
+    import pickle
+    import zipfile
+
+    from mlflow.exceptions import MlflowException
+
+    from oodgate.config import GateConfig
+    from tasks.champion import load_champion
+
+    exp = tracking.ensure_experiment("oodgate", tmp_path)
+    run_id, uri = _logged_model(exp, "t", GOOD, prepared_dir)
+    registry.register("tampered", uri, run_id, "t", GOOD, ["beat"], GateConfig(), tmp_path / "lock")
+    model, version = load_champion("tampered", uri=mlflow_db)  # intact: loads
+    assert version == 1 and len(model.predict(np.zeros((1, 1, 28, 28), np.float32))) == 1
+
+    stored = [p for p in (tmp_path / "mlartifacts").rglob("model.pt2") if "torch_model" in p.parts]
+    assert stored
+    marker = tmp_path / "payload-ran"
+    for archive in stored:
+        with zipfile.ZipFile(archive) as z:
+            entries = {i.filename: z.read(i) for i in z.infolist()}
+        (name,) = [n for n in entries if n.endswith("sample_inputs/model.pt")]
+        entries[name] = pickle.dumps(_Payload(marker))
+        with zipfile.ZipFile(archive, "w") as z:
+            for n, data in entries.items():
+                z.writestr(n, data)
+    with pytest.raises(MlflowException, match="pickle"):
+        load_champion("tampered", uri=mlflow_db)
+    assert not marker.exists()
