@@ -19,7 +19,7 @@ import urllib.request
 from contextlib import nullcontext
 from pathlib import Path
 
-from flows.pipeline import PROJECT_ROOT, TELEMETRY_OFF
+from flows import PROJECT_ROOT, TELEMETRY_OFF
 
 DEPLOYMENT_NAME = "scheduled"
 FULL_NAME = f"oodgate-pipeline/{DEPLOYMENT_NAME}"
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"Prefect UI: http://{args.host}:{args.port}  (server log: logs/prefect-server.log)",
                 flush=True,
             )
-            # Prefect read its settings when flows.pipeline imported it, so the variable set above is not
+            # Prefect read its settings when it was imported (just above), so the variable set here is not
             # seen in this process: without this, serve() would register with a temporary server of its own.
             api_settings = temporary_settings(updates={PREFECT_API_URL: api})
         with api_settings:

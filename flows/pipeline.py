@@ -25,6 +25,7 @@ from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import PROJECT_ROOT, TELEMETRY_OFF
 from oodgate import steps
 from oodgate.config import Config, load_config
 from tasks import tracking
@@ -33,14 +34,6 @@ from tasks.evaluate import calibrate_model, evaluate_model
 from tasks.gate import gate_losses
 from tasks.track import log_loss_run, register_model
 from tasks.train import train_model
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-TELEMETRY_OFF = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "DVC_NO_ANALYTICS": "1",
-}
 
 
 @dataclass

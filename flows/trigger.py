@@ -13,8 +13,8 @@ import os
 import sys
 import time
 
+from flows import PROJECT_ROOT, TELEMETRY_OFF
 from flows.deploy import FULL_NAME, wait_healthy
-from flows.pipeline import TELEMETRY_OFF
 
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
 
@@ -30,7 +30,6 @@ def check_overrides(overrides: dict) -> None:
 
     from prefect.client.orchestration import get_client
 
-    from flows.pipeline import PROJECT_ROOT
     from oodgate.config import load_config
 
     with get_client(sync_client=True) as client:

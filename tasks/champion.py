@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from oodgate.config import RegistryConfig
 from tasks import tracking
 
-MODEL_NAME = "oodgate-classifier"
+MODEL_NAME = RegistryConfig().model_name  # the default of params.yaml's registry.model_name
 ALIAS = "champion"
 
 

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.pipeline import TELEMETRY_OFF
+from flows import TELEMETRY_OFF
 
 REPO = Path(__file__).resolve().parents[1]
 
