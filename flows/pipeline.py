@@ -26,13 +26,14 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import PROJECT_ROOT, TELEMETRY_OFF
-from oodgate import steps
 from oodgate.config import Config, load_config
+from oodgate.steps import inputs
 from tasks import tracking
+from tasks.caching import Job
 from tasks.data import check_data, prepare_data
 from tasks.evaluate import calibrate_model, evaluate_model
 from tasks.gate import gate_losses
-from tasks.track import log_loss_run, register_model
+from tasks.track import LossResult, log_loss_run, register_model, reused_result
 from tasks.train import train_model
 
 
@@ -46,18 +47,18 @@ class Context:
     experiment_id: str
     parent_run_id: str
     lineage: dict[str, str]
-    data_version: str
-    code: str
     prepared_dir: str = ""
 
-    @property
-    def cache(self) -> Path:
-        return self.workdir / "cache"
+    def job(self, step: str, fingerprint: str, loss_id: str = "", seed: int = 0) -> Job:
+        """A step's job: its output directory is named by its fingerprint, so runs with other inputs
+        never overwrite each other and a rerun with the same inputs resumes or reuses."""
+        out = self.workdir / "cache" / f"{step}-{fingerprint}"
+        return Job(fingerprint, str(out), loss_id, seed)
 
 
 @dataclass
 class LossRun:
-    """The futures of one loss, all seeds, in seed order."""
+    """One loss's pending futures, all seeds in seed order, and the fingerprint of its child run."""
 
     loss_id: str
     fingerprint: str
@@ -69,20 +70,16 @@ class LossRun:
         return [*self.trained, *self.calibrated, *self.evaluated]
 
 
-def loss_fingerprint(ctx: Context, loss_id: str) -> str:
-    """Everything one loss's child run depends on: data, code, its training, calibration and
-    evaluation params, and the seeds. A finished child run with this fingerprint is reused."""
-    cfg = ctx.cfg
-    return steps.digest(
-        {
-            "train": [
-                steps.train_fingerprint(cfg, loss_id, s, ctx.data_version, ctx.code) for s in cfg.seeds
-            ],
-            "calibration": cfg.calibration.model_dump(),
-            "data": cfg.data.model_dump(mode="json"),
-            "eval_batch_size": cfg.train.eval_batch_size,
-        }
-    )
+@dataclass
+class Outcome:
+    """What the flow run returns."""
+
+    report: dict[str, Any]
+    registered: list[dict[str, Any]]
+    failed: dict[str, str]
+    reused: list[str]
+    parent_run_id: str
+    seconds: float = 0.0
 
 
 @flow(name="oodgate-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
@@ -90,7 +87,7 @@ def pipeline(
     params_path: str = "params.yaml",
     root: str | None = None,
     overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> Outcome:
     """Train the SoftMax baseline and every candidate loss, gate them, register the winners.
 
     ``params_path`` is relative to ``root``, the project directory holding ``data.dvc``, the data and
@@ -101,12 +98,11 @@ def pipeline(
     cfg = load_config(project / params_path, overrides)
     t_start = time.perf_counter()
     data_version = check_data(str(project), cfg.data.root)
-    code = steps.code_version()
     tracking.connect(root=project)
     exp_id = tracking.ensure_experiment(cfg.registry.experiment, project)
     lineage = {
         "oodgate.git_commit": tracking.git_commit(),
-        "oodgate.code_version": code,
+        "oodgate.code_version": inputs.digest(inputs.code_versions()),
         "oodgate.data_version": data_version,
         "oodgate.prefect_flow_run_id": flow_run.get_id() or "none",
     }
@@ -114,96 +110,68 @@ def pipeline(
         exp_id, f"pipeline-{flow_run.get_name() or 'local'}", {**lineage, "oodgate.role": "pipeline"}
     )
     tracking.log_params(parent, cfg.model_dump(mode="json"))
-    ctx = Context(
-        cfg, project, (project / cfg.workdir).resolve(), exp_id, parent, lineage, data_version, code
-    )
+    ctx = Context(cfg, project, (project / cfg.workdir).resolve(), exp_id, parent, lineage)
     try:
-        result = _run(ctx)
+        ctx.prepared_dir = _prepare(ctx, data_version)
+        logged, failed = _train_and_log(ctx)
+        outcome = _gate_and_register(ctx, logged, failed)
     except BaseException as e:
         tracking.set_tags(parent, {"oodgate.failure": f"{type(e).__name__}: {e}"[:4000]})
         tracking.end_run(parent, "FAILED")
         raise
-    result["seconds"] = round(time.perf_counter() - t_start, 1)
-    tracking.log_metrics(parent, {"time/pipeline_seconds": result["seconds"]})
+    outcome.seconds = round(time.perf_counter() - t_start, 1)
+    tracking.log_metrics(parent, {"time/pipeline_seconds": outcome.seconds})
     tracking.end_run(parent, "FINISHED")
-    return result
+    return outcome
 
 
-def _run(ctx: Context) -> dict[str, Any]:
+def _prepare(ctx: Context, data_version: str) -> str:
+    job = ctx.job("prepared", inputs.prepare_fingerprint(ctx.cfg, data_version))
+    prepare_data.submit(ctx.cfg, job, str(ctx.project)).result()
+    return job.out_dir
+
+
+def _train_and_log(ctx: Context) -> tuple[dict[str, LossResult], dict[str, str]]:
+    """Every loss: reuse its finished child run with the same fingerprint, or train, calibrate and
+    evaluate all its seeds and log a new child run. A failed loss is reported, not raised."""
     log = get_run_logger()
-    cfg = ctx.cfg
-    prep_key = steps.digest([ctx.data_version, ctx.code, cfg.data.model_dump(mode="json")])
-    ctx.prepared_dir = str(ctx.cache / f"prepared-{prep_key}")
-    prepare_data.submit(cfg, ctx.prepared_dir, prep_key, str(ctx.project)).result()
-
-    logged: dict[str, dict] = {}
+    logged: dict[str, LossResult] = {}
     pending: list[LossRun] = []
-    for loss_id in cfg.losses:
-        fp = loss_fingerprint(ctx, loss_id)
+    for loss_id in ctx.cfg.losses:
+        expected = [inputs.expected(ctx.cfg, loss_id, s, ctx.prepared_dir) for s in ctx.cfg.seeds]
+        fp = inputs.digest([e.fingerprint["evaluate"] for e in expected])  # chains data, code, params
         reused = tracking.find_finished_run(
             ctx.experiment_id, {"oodgate.loss": loss_id, "oodgate.fingerprint": fp}
         )
         if reused is not None:
             log.info(f"{loss_id}: reusing run {reused.info.run_id} (same data, code and params)")
-            logged[loss_id] = _reused_entry(reused)
+            logged[loss_id] = reused_result(reused)
         else:
-            pending.append(_submit(ctx, loss_id, fp, prep_key))
-
+            pending.append(_submit(ctx, loss_id, fp, expected))
     wait([f for lr in pending for f in lr.futures()])
     failed: dict[str, str] = {}
     for lr in pending:
-        entry = _log(ctx, lr)
-        if "failure" in entry:
-            failed[lr.loss_id] = entry["failure"]
-            log.error(f"{lr.loss_id} failed: {entry['failure']}")
+        result = _log(ctx, lr)
+        if isinstance(result, str):
+            failed[lr.loss_id] = result
+            log.error(f"{lr.loss_id} failed: {result}")
         else:
-            logged[lr.loss_id] = entry
-    base_id = cfg.gate.baseline
-    if base_id not in logged:
-        raise RuntimeError(f"the baseline {base_id!r} failed ({failed.get(base_id)}); nothing can be gated")
-    reused_ids = {k: v["run_id"] for k, v in logged.items() if v.get("reused")}
-    tracking.set_tags(
-        ctx.parent_run_id,
-        {"oodgate.reused_runs": ",".join(f"{k}={v}" for k, v in reused_ids.items()) or "none"},
-    )
-
-    report = gate_losses(cfg, logged, ctx.experiment_id, ctx.workdir)
-    registered = [
-        register_model(
-            cfg,
-            loss_id,
-            logged[loss_id],
-            report["decisions"][loss_id]["reasons"],
-            str(ctx.workdir / ".registry.lock"),
-        )
-        for loss_id in report["promoted"]
-    ]
-    _record(ctx, report, registered, failed, logged)
-    return {
-        "report": report,
-        "registered": registered,
-        "failed": failed,
-        "reused": sorted(reused_ids),
-        "parent_run_id": ctx.parent_run_id,
-    }
+            logged[lr.loss_id] = result
+    return logged, failed
 
 
-def _submit(ctx: Context, loss_id: str, fp: str, prep_key: str) -> LossRun:
-    """Train, calibrate and evaluate every seed of one loss (Prefect caches each task by its key)."""
-    cfg, cache, prepared = ctx.cfg, ctx.cache, ctx.prepared_dir
+def _submit(ctx: Context, loss_id: str, fp: str, expected: list[inputs.Expected]) -> LossRun:
+    """Train, calibrate and evaluate every seed of one loss (Prefect caches each task by its job)."""
+    cfg, prepared = ctx.cfg, ctx.prepared_dir
     lr = LossRun(loss_id, fp)
-    for seed in cfg.seeds:
-        train_fp = steps.train_fingerprint(cfg, loss_id, seed, ctx.data_version, ctx.code)
-        cal_key = steps.digest([train_fp, cfg.calibration.model_dump(), cfg.train.eval_batch_size])
-        ev_key = steps.digest([cal_key, prep_key, cfg.losses[loss_id].model_dump()])
-        t = train_model.submit(cfg, loss_id, seed, prepared, str(cache / f"train-{train_fp}"), train_fp)
-        c = calibrate_model.submit(
-            cfg, loss_id, seed, t, prepared, str(cache / f"calibrate-{cal_key}"), cal_key
-        )
-        e = evaluate_model.submit(cfg, loss_id, seed, c, prepared, str(cache / f"evaluate-{ev_key}"), ev_key)
+    for seed, e in zip(cfg.seeds, expected):
+        t = train_model.submit(cfg, ctx.job("train", e.fingerprint["train"], loss_id, seed), prepared)
+        job = ctx.job("calibrate", e.fingerprint["calibrate"], loss_id, seed)
+        c = calibrate_model.submit(cfg, job, t, prepared)
+        job = ctx.job("evaluate", e.fingerprint["evaluate"], loss_id, seed)
         lr.trained.append(t)
         lr.calibrated.append(c)
-        lr.evaluated.append(e)
+        lr.evaluated.append(evaluate_model.submit(cfg, job, c, prepared))
     return lr
 
 
@@ -226,8 +194,9 @@ def _task_window_ms(futures: list[PrefectFuture]) -> tuple[int | None, int | Non
     )
 
 
-def _log(ctx: Context, lr: LossRun) -> dict[str, Any]:
-    """One child run for the loss, spanning exactly its own tasks; a failure is recorded, not raised."""
+def _log(ctx: Context, lr: LossRun) -> LossResult | str:
+    """One child run for the loss, spanning exactly its own tasks; a failure is recorded and its
+    reason returned, not raised."""
     cfg, loss = ctx.cfg, ctx.cfg.losses[lr.loss_id]
     role = "baseline" if lr.loss_id == cfg.gate.baseline else "candidate"
     tags = {
@@ -241,11 +210,17 @@ def _log(ctx: Context, lr: LossRun) -> dict[str, Any]:
     run_id = tracking.start_run(
         ctx.experiment_id, lr.loss_id, tags, parent_id=ctx.parent_run_id, start_time_ms=start_ms
     )
+    first = cfg.seeds[0]
     tracking.log_params(
         run_id,
         {
             "loss_id": lr.loss_id,
-            **steps.train_params(cfg, lr.loss_id),
+            **{
+                k: v
+                for k, v in inputs.train_inputs(cfg, lr.loss_id, first).items()
+                if k not in ("step", "seed")
+            },
+            "score": inputs.resolved_score(cfg, lr.loss_id),
             "calibration": cfg.calibration.model_dump(),
             "seeds": list(cfg.seeds),
         },
@@ -258,37 +233,37 @@ def _log(ctx: Context, lr: LossRun) -> dict[str, Any]:
         reason = f"{type(e).__name__}: {e}"
         tracking.set_tags(run_id, {"oodgate.failure": reason[:4000]})
         tracking.end_run(run_id, "FAILED", end_ms)
-        return {"failure": reason}
-    entry = log_loss_run(run_id, cfg, lr.loss_id, trained, calibrated, evaluated)
+        return reason
+    result = log_loss_run(run_id, cfg, lr.loss_id, trained, calibrated, evaluated)
     tracking.end_run(run_id, "FINISHED", end_ms)  # the run's duration is its tasks', not the logging's
-    return {
-        **entry,
-        "score": evaluated[0]["score"],
-        "train_seconds": sum(t.get("train_seconds", 0.0) for t in trained),
-        "metrics_by_seed": [e["metrics"] for e in evaluated],
-        "sample_dirs": [e["dir"] for e in evaluated],
-        "reused": False,
-    }
+    return result
 
 
-def _reused_entry(run: Any) -> dict[str, Any]:
-    tags = run.data.tags
-    return {
-        "loss": tags["oodgate.loss"],
-        "run_id": run.info.run_id,
-        "model_uri": tags.get("oodgate.model_uri", ""),
-        "model_fingerprint": tags.get("oodgate.model_fingerprint"),
-        "mean": {k: v for k, v in run.data.metrics.items() if k.startswith(("test/", "ood/"))},
-        "score": tags.get("oodgate.score", ""),
-        "metrics_by_seed": tracking.download_json(run.info.run_id, "metrics_by_seed.json"),
-        "sample_dirs": None,  # the gate's bootstrap downloads the run's samples/ artifacts
-        "train_seconds": 0.0,
-        "reused": True,
-    }
+def _gate_and_register(ctx: Context, logged: dict[str, LossResult], failed: dict[str, str]) -> Outcome:
+    cfg = ctx.cfg
+    base_id = cfg.gate.baseline
+    if base_id not in logged:
+        raise RuntimeError(f"the baseline {base_id!r} failed ({failed.get(base_id)}); nothing can be gated")
+    reused_ids = {k: v.run_id for k, v in logged.items() if v.reused}
+    tracking.set_tags(
+        ctx.parent_run_id,
+        {"oodgate.reused_runs": ",".join(f"{k}={v}" for k, v in reused_ids.items()) or "none"},
+    )
+    report = gate_losses(cfg, logged)
+    lock = str(ctx.workdir / ".registry.lock")
+    registered = [
+        register_model(cfg, k, logged[k], report["decisions"][k]["reasons"], lock) for k in report["promoted"]
+    ]
+    _record(ctx, report, registered, failed, logged)
+    return Outcome(report, registered, failed, sorted(reused_ids), ctx.parent_run_id)
 
 
 def _record(
-    ctx: Context, report: dict, registered: list[dict], failed: dict[str, str], logged: dict[str, dict]
+    ctx: Context,
+    report: dict,
+    registered: list[dict],
+    failed: dict[str, str],
+    logged: dict[str, LossResult],
 ) -> None:
     """The decisions into MLflow (parent and fresh child runs) and a Prefect markdown artifact."""
     parent = ctx.parent_run_id
@@ -297,8 +272,8 @@ def _record(
             "oodgate.gate": "promote" if d["promote"] else "reject",
             "oodgate.gate_reasons": "; ".join(d["reasons"]),
         }
-        if not logged[loss_id].get("reused"):
-            tracking.set_tags(logged[loss_id]["run_id"], decision)
+        if not logged[loss_id].reused:
+            tracking.set_tags(logged[loss_id].run_id, decision)
         tracking.set_tags(parent, {f"oodgate.gate.{loss_id}": decision["oodgate.gate"]})
     text = report_markdown(report, registered, failed)
     tracking.log_text(parent, text, "comparison.md")
@@ -322,7 +297,9 @@ def _record(
 
 
 def report_markdown(report: dict, registered: list[dict], failed: dict[str, str]) -> str:
-    lines = ["# oodgate pipeline", "", report["table"], "", steps.gate_markdown(report), "## Registry", ""]
+    from oodgate.steps import gate_markdown
+
+    lines = ["# oodgate pipeline", "", report["table"], "", gate_markdown(report), "## Registry", ""]
     if not registered:
         lines.append("Nothing registered: no candidate beat the baseline on all gate metrics.")
     for r in registered:

@@ -10,7 +10,7 @@ the architecture.
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,13 @@ class Classifier(nn.Module):
 def build_classifier(spec: ModelSpec, seed: int) -> Classifier:
     """A freshly initialised classifier whose weights depend only on ``spec`` and ``seed``."""
     return _construct(spec, seed)
+
+
+def with_score(model: Classifier, score: str) -> Classifier:
+    """The same model with another OOD score (the score is a function of the logits, not a weight)."""
+    scores.get(score)  # fail early on an unknown score name
+    model.spec = replace(model.spec, score=score)
+    return model
 
 
 def save_classifier(model: Classifier, path: str | Path, **extra: Any) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from oodgate.config import Config, ConfigError, load_config
 from oodgate.layout import Layout
+from oodgate.steps.results import StaleResultError
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -58,13 +59,19 @@ def _losses(cfg: Config, args: argparse.Namespace) -> list[str]:
     return [args.loss]
 
 
+def _seeds(cfg: Config, args: argparse.Namespace) -> list[int]:
+    if args.seed is None:
+        return list(cfg.seeds)
+    if args.seed not in cfg.seeds:
+        raise ConfigError(f"--seed {args.seed} is not in seeds in params.yaml: {list(cfg.seeds)}")
+    return [args.seed]
+
+
+def _runs(cfg: Config, args: argparse.Namespace) -> list[tuple[str, int]]:
+    return [(loss_id, seed) for loss_id in _losses(cfg, args) for seed in _seeds(cfg, args)]
+
+
 # ---------------------------------------------------------------- curve data for `dvc plots`
-def curves_dir(lay: Layout, kind: str, loss_id: str) -> Path:
-    """``<workdir>/curves/<kind>/<loss>/``: files of one shape per directory, so that ``dvc.yaml`` can give
-    each directory its axes (the step directories hold curves next to checkpoints and samples)."""
-    return lay.workdir / "curves" / kind / loss_id
-
-
 def _fresh_dir(path: Path) -> Path:
     import shutil
 
@@ -73,81 +80,85 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
-def write_training_curves(lay: Layout, loss_id: str, seeds: list[int]) -> None:
-    """``curves/training/<loss>/seed<k>.json``: a copy of each seed's ``history.json``."""
+def write_training_curve(lay: Layout, loss_id: str, seed: int) -> None:
+    """``curves/training/<loss>/seed<k>.json``: a copy of the run's ``history.json``."""
     import shutil
 
-    out = _fresh_dir(curves_dir(lay, "training", loss_id))
-    for seed in seeds:
-        shutil.copyfile(lay.train(loss_id, seed) / "history.json", out / f"seed{seed}.json")
+    out = lay.curves("training", loss_id, seed).with_suffix(".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(lay.train(loss_id, seed) / "history.json", out)
 
 
-def write_evaluation_curves(lay: Layout, loss_id: str, seeds: list[int]) -> None:
-    """``curves/roc/<loss>/seed<k>_<set>.csv`` (copies of ``roc_<set>.csv``: fpr, tpr) and
-    ``curves/reliability/<loss>/seed<k>_{calibrated,uncalibrated}.csv`` (the non-empty bins of
+def write_evaluation_curves(lay: Layout, loss_id: str, seed: int) -> None:
+    """``curves/roc/<loss>/seed<k>/<set>.csv`` (copies of ``roc_<set>.csv``: fpr, tpr) and
+    ``curves/reliability/<loss>/seed<k>/{calibrated,uncalibrated}.csv`` (the non-empty bins of
     ``reliability.csv``: confidence, accuracy, count)."""
     import csv
     import shutil
 
-    roc = _fresh_dir(curves_dir(lay, "roc", loss_id))
-    rel = _fresh_dir(curves_dir(lay, "reliability", loss_id))
-    for seed in seeds:
-        plots = lay.evaluate(loss_id, seed) / "plots"
-        for src in sorted(plots.glob("roc_*.csv")):
-            shutil.copyfile(src, roc / f"seed{seed}_{src.stem.removeprefix('roc_')}.csv")
-        with (plots / "reliability.csv").open(newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["count"]) > 0]
-        for flag, name in (("True", "calibrated"), ("False", "uncalibrated")):
-            with (rel / f"seed{seed}_{name}.csv").open("w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["confidence", "accuracy", "count"])
-                kept = [r for r in rows if r["calibrated"] == flag]
-                w.writerows((r["confidence"], r["accuracy"], r["count"]) for r in kept)
+    roc = _fresh_dir(lay.curves("roc", loss_id, seed))
+    rel = _fresh_dir(lay.curves("reliability", loss_id, seed))
+    plots = lay.evaluate(loss_id, seed) / "plots"
+    for src in sorted(plots.glob("roc_*.csv")):
+        shutil.copyfile(src, roc / f"{src.stem.removeprefix('roc_')}.csv")
+    with (plots / "reliability.csv").open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["count"]) > 0]
+    for flag, name in (("True", "calibrated"), ("False", "uncalibrated")):
+        with (rel / f"{name}.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["confidence", "accuracy", "count"])
+            kept = [r for r in rows if r["calibrated"] == flag]
+            w.writerows((r["confidence"], r["accuracy"], r["count"]) for r in kept)
+
+
+def cmd_inputs(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
+    from oodgate.steps.inputs import write_inputs
+
+    written = write_inputs(cfg, lay.inputs)
+    print(f"inputs: {len(written)} records -> {lay.inputs}")
+    return 0
 
 
 def cmd_train(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
     from oodgate import steps
 
-    for loss_id in _losses(cfg, args):
-        for seed in cfg.seeds:
-            out = steps.train(
-                cfg, loss_id, seed, lay.prepared, lay.train(loss_id, seed), progress=not args.quiet
-            )
-            print(
-                f"train {loss_id} seed {seed}: best epoch {out['best_epoch']}, "
-                f"val acc {out['best_val_accuracy']:.4f}, {out['train_seconds']:.1f} s on {out['device']}"
-            )
-        write_training_curves(lay, loss_id, cfg.seeds)
+    for loss_id, seed in _runs(cfg, args):
+        t = steps.train(cfg, loss_id, seed, lay.prepared, lay.train(loss_id, seed), progress=not args.quiet)
+        print(
+            f"train {loss_id} seed {seed}: best epoch {t.best_epoch}, "
+            f"val acc {t.best_val_accuracy:.4f}, {t.train_seconds:.1f} s on {t.device}"
+        )
+        write_training_curve(lay, loss_id, seed)
     return 0
 
 
 def cmd_calibrate(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
     from oodgate import steps
 
-    for loss_id in _losses(cfg, args):
-        for seed in cfg.seeds:
-            out = steps.calibrate(cfg, lay.train(loss_id, seed), lay.prepared, lay.calibrate(loss_id, seed))
-            print(
-                f"calibrate {loss_id} seed {seed}: T={out['calibration/temperature']:.4f} "
-                f"val ECE {out['val/ece_uncalibrated']:.4f} -> {out['val/ece']:.4f}"
-            )
+    for loss_id, seed in _runs(cfg, args):
+        c = steps.calibrate(
+            cfg, loss_id, seed, lay.train(loss_id, seed), lay.prepared, lay.calibrate(loss_id, seed)
+        )
+        print(
+            f"calibrate {loss_id} seed {seed}: T={c.temperature:.4f} "
+            f"val ECE {c.metrics['val/ece_uncalibrated']:.4f} -> {c.metrics['val/ece']:.4f}"
+        )
     return 0
 
 
 def cmd_evaluate(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
-    from oodgate import evaluation, steps
+    from oodgate import steps
 
-    for loss_id in _losses(cfg, args):
-        reports = []
-        for seed in cfg.seeds:
-            out = steps.evaluate(cfg, lay.calibrate(loss_id, seed), lay.prepared, lay.evaluate(loss_id, seed))
-            reports.append(out["metrics"])
-        mean, std = evaluation.aggregate(reports)
-        steps.write_json(lay.metrics(loss_id), {"mean": mean, "std": std, "seeds": list(cfg.seeds)})
-        write_evaluation_curves(lay, loss_id, cfg.seeds)
+    for loss_id, seed in _runs(cfg, args):
+        e = steps.evaluate(
+            cfg, loss_id, seed, lay.calibrate(loss_id, seed), lay.prepared, lay.evaluate(loss_id, seed)
+        )
+        steps.write_json(lay.metrics(loss_id, seed), e.metrics)
+        write_evaluation_curves(lay, loss_id, seed)
+        m = e.metrics
         print(
-            f"evaluate {loss_id}: acc {mean['test/accuracy']:.4f} ECE {mean['test/ece']:.4f} "
-            f"mean FPR95 {mean.get('ood/mean/fpr95', float('nan')):.4f}"
+            f"evaluate {loss_id} seed {seed}: acc {m['test/accuracy']:.4f} ECE {m['test/ece']:.4f} "
+            f"mean FPR95 {m.get('ood/mean/fpr95', float('nan')):.4f}"
         )
     return 0
 
@@ -155,24 +166,23 @@ def cmd_evaluate(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
 def cmd_gate(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
     from oodgate import steps
 
-    metrics, samples = {}, {}
-    for loss_id in cfg.loss_ids():
-        metrics[loss_id] = [steps.read_json(lay.evaluate(loss_id, s) / "metrics.json") for s in cfg.seeds]
-        if cfg.gate.bootstrap.enabled:
-            samples[loss_id] = [steps.load_samples(lay.evaluate(loss_id, s)) for s in cfg.seeds]
-    trained = {
-        k: [steps.read_json(lay.train(k, s) / "train.json") for s in cfg.seeds] for k in cfg.loss_ids()
-    }
-    report = steps.gate(
-        cfg,
-        metrics,
-        samples or None,
-        scores={k: t[0]["score"] for k, t in trained.items()},
-    )  # no training seconds: report.md is versioned, and a re-run must write the same bytes
+    evaluated = steps.collect(cfg, lay.evaluate, lay.prepared)  # refuses a stale evaluation
+    metrics: dict[str, list[dict]] = {k: [] for k in cfg.loss_ids()}
+    for e in evaluated:
+        metrics[e.loss].append(e.metrics)
+    samples = None
+    if cfg.gate.bootstrap.enabled:
+        samples = {k: [steps.load_samples(lay.evaluate(k, s)) for s in cfg.seeds] for k in cfg.loss_ids()}
+    scores = {e.loss: e.score for e in evaluated}
+    report = steps.gate(cfg, metrics, samples, scores=scores)
+    # no training seconds: report.md is versioned, and a re-run must write the same bytes
+    keys = [key for _, key in steps.TABLE_COLUMNS]
     gate_json = {
         "promoted": len(report["promoted"]),
         "best": report["best"],
         "decisions": report["decisions"],
+        "seeds": list(cfg.seeds),
+        "mean": {k: {key: m[key] for key in keys if key in m} for k, m in report["means"].items()},
     }
     steps.write_json(lay.gate, gate_json)
     text = f"{report['table']}\n\n{steps.gate_markdown(report)}\nBest promoted: {report['best'] or 'none'}\n"
@@ -190,6 +200,7 @@ def cmd_run(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "inputs": cmd_inputs,
     "prepare": cmd_prepare,
     "train": cmd_train,
     "calibrate": cmd_calibrate,
@@ -207,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--root", default="data")
     for name in COMMANDS:
-        s = sub.add_parser(name, help=f"the {name} step" if name != "run" else "all steps in one process")
+        helps = {"run": "all steps in one process", "inputs": "what each step depends on (for dvc.yaml)"}
+        s = sub.add_parser(name, help=helps.get(name, f"the {name} step"))
         s.add_argument("--params", default="params.yaml")
         s.add_argument(
             "--set", action="append", metavar="KEY=VALUE", help="override a params key, e.g. train.epochs=2"
@@ -215,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--quiet", action="store_true", help="no progress bars")
         if name in ("train", "calibrate", "evaluate", "run"):
             s.add_argument("--loss", default=None, help="one loss id from params.yaml (default: all)")
+            s.add_argument("--seed", type=int, default=None, help="one seed from params.yaml (default: all)")
     return p
 
 
@@ -228,6 +241,6 @@ def main(argv: list[str] | None = None) -> int:
 
         configure_determinism()
         return COMMANDS[args.command](cfg, Layout(Path(cfg.workdir)), args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, StaleResultError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

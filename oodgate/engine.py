@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from oodgate.classifier import Classifier, build_classifier, read_checkpoint, save_classifier
 from oodgate.config import TrainConfig
-from oodgate.data import ImageSet
+from oodgate.data.bundle import ImageSet
 
 LAST = "last.pt"  # full training state, rewritten every epoch (resume)
 BEST = "best.pt"  # weights of the epoch with the best validation accuracy (the model)
@@ -142,10 +142,104 @@ def _make_optimizer(model: Classifier, cfg: TrainConfig):
 def _validate(
     model: Classifier, val: ImageSet, cfg: TrainConfig, device: torch.device
 ) -> tuple[float, float]:
-    logits = predict_logits(model, val.x, cfg.eval_batch_size, device, cfg.amp)
+    # At the training batch size: ``eval_batch_size`` is an evaluation-only key, and selecting the
+    # epoch must not depend on it (or changing it would have to retrain).
+    logits = predict_logits(model, val.x, cfg.batch_size, device, cfg.amp)
     nll = F.cross_entropy(logits.double(), val.y).item()
     acc = (logits.argmax(1) == val.y).double().mean().item()
     return nll, acc
+
+
+@dataclass
+class _Run:
+    """The state of one training run: what ``last.pt`` saves and a resume restores."""
+
+    model: Classifier
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    gen: torch.Generator
+    device: torch.device
+    history: list[dict[str, float]]
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    start_epoch: int = 0
+
+    def restore(self, last_path: Path, fingerprint: str) -> None:
+        """Resume from ``last.pt`` if it was written under the same ``fingerprint``."""
+        state = read_checkpoint(last_path) if last_path.is_file() else None
+        if state is None or state.get("fingerprint", "") != fingerprint:
+            return
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.gen.set_state(state["rng"])
+        self.history, self.best_acc, self.best_epoch = (
+            state["history"],
+            state["best_val_accuracy"],
+            state["best_epoch"],
+        )
+        self.start_epoch = state["epoch"]
+
+    def save_last(self, path: Path, epoch: int, fingerprint: str) -> None:
+        save_classifier(
+            self.model,
+            path,
+            epoch=epoch,
+            optimizer=self.opt.state_dict(),
+            scheduler=self.sched.state_dict(),
+            rng=self.gen.get_state(),
+            fingerprint=fingerprint,
+            history=[without_timing(h) for h in self.history],
+            best_val_accuracy=self.best_acc,
+            best_epoch=self.best_epoch,
+        )
+
+
+def _start(model_factory: Callable[[], Classifier], cfg: TrainConfig, seed: int) -> _Run:
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = model_factory().to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt, sched = _make_optimizer(model, cfg)
+    return _Run(model, opt, sched, torch.Generator().manual_seed(seed), device, history=[])
+
+
+def _train_epoch(
+    run: _Run, x_all: torch.Tensor, y_all: torch.Tensor, cfg: TrainConfig, epoch: int
+) -> tuple[float, float]:
+    """One pass over the training split; returns (mean loss, accuracy on the hard targets)."""
+    model, device, gen, head = run.model, run.device, run.gen, run.model.head
+    model.train()
+    n, bs = x_all.shape[0], cfg.batch_size
+    perm = torch.randperm(n, generator=gen).to(x_all.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    for i in range(0, n, bs):
+        idx = perm[i : i + bs]
+        xb = to_float(x_all[idx], device)
+        yb = y_all[idx.to(device)]
+        xb = augment(xb, cfg.augment, gen)
+        xb, yb = head.transform_batch(xb, yb, generator=gen)
+        if cfg.channels_last and device.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, cfg.amp):
+            logits = model(xb)
+            loss = head.loss(logits.float(), yb)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss {loss.item()} at epoch {epoch}, batch {i // bs + 1} "
+                f"(method {model.spec.method!r}, lr {run.sched.get_last_lr()[0]}); lower train.lr or check the data"
+            )
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.opt.step()
+        loss_sum += loss.detach().double() * xb.shape[0]
+        correct += (logits.detach().argmax(1) == head.hard_targets(yb)).sum()
+        seen += xb.shape[0]
+    return (loss_sum / seen).item(), correct.item() / seen
 
 
 def train(
@@ -170,112 +264,46 @@ def train(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    model = model_factory().to(device)
-    if cfg.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt, sched = _make_optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(seed)
-    history: list[dict[str, float]] = []
-    best_acc, best_epoch, start_epoch = -1.0, 0, 0
-
     last_path, best_path = out_dir / LAST, out_dir / BEST
-    state = read_checkpoint(last_path) if last_path.is_file() else None
-    if state is not None and state.get("fingerprint", "") == fingerprint:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["rng"])
-        history, best_acc, best_epoch = state["history"], state["best_val_accuracy"], state["best_epoch"]
-        start_epoch = state["epoch"]
-
+    run = _start(model_factory, cfg, seed)
+    run.restore(last_path, fingerprint)
+    device = run.device
     on_device = fits_on_device(train_set.x.numel() + val_set.x.numel(), device)
     x_all = train_set.x.to(device) if on_device else train_set.x
     y_all = train_set.y.to(device)
-    n, bs = x_all.shape[0], cfg.batch_size
-    head = model.head
-    bar = _progress_bar(cfg.epochs, start_epoch, progress)
+    bar = _progress_bar(cfg.epochs, run.start_epoch, progress)
     t0 = time.perf_counter()
     last_epoch = cfg.epochs if max_epochs is None else min(cfg.epochs, max_epochs)
-    for epoch in range(start_epoch, last_epoch):
+    for epoch in range(run.start_epoch + 1, last_epoch + 1):
         te = time.perf_counter()
-        model.train()
-        perm = torch.randperm(n, generator=gen).to(device if on_device else "cpu")
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen = 0
-        for i in range(0, n, bs):
-            idx = perm[i : i + bs]
-            xb = to_float(x_all[idx], device)
-            yb = y_all[idx.to(device)]
-            xb = augment(xb, cfg.augment, gen)
-            xb, yb = head.transform_batch(xb, yb, generator=gen)
-            if cfg.channels_last and device.type == "cuda":
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, cfg.amp):
-                logits = model(xb)
-                loss = head.loss(logits.float(), yb)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"non-finite training loss {loss.item()} at epoch {epoch + 1}, batch {i // bs + 1} "
-                    f"(method {model.spec.method!r}, lr {sched.get_last_lr()[0]}); lower train.lr or check the data"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach().double() * xb.shape[0]
-            correct += (logits.detach().argmax(1) == head.hard_targets(yb)).sum()
-            seen += xb.shape[0]
-        lr = sched.get_last_lr()[0]
-        sched.step()
-        val_nll, val_acc = _validate(model, val_set, cfg, device)
-        stats = EpochStats(
-            epoch=epoch + 1,
-            lr=lr,
-            train_loss=(loss_sum / seen).item(),
-            train_accuracy=correct.item() / seen,
-            val_nll=val_nll,
-            val_accuracy=val_acc,
-            seconds=time.perf_counter() - te,
-        )
-        history.append(stats.as_dict())
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch + 1
-            save_classifier(model, best_path, epoch=epoch + 1)
-        save_classifier(
-            model,
-            last_path,
-            epoch=epoch + 1,
-            optimizer=opt.state_dict(),
-            scheduler=sched.state_dict(),
-            rng=gen.get_state(),
-            fingerprint=fingerprint,
-            history=[without_timing(h) for h in history],
-            best_val_accuracy=best_acc,
-            best_epoch=best_epoch,
-        )
+        lr = run.sched.get_last_lr()[0]
+        train_loss, train_acc = _train_epoch(run, x_all, y_all, cfg, epoch)
+        run.sched.step()
+        val_nll, val_acc = _validate(run.model, val_set, cfg, device)
+        stats = EpochStats(epoch, lr, train_loss, train_acc, val_nll, val_acc, time.perf_counter() - te)
+        run.history.append(stats.as_dict())
+        if val_acc > run.best_acc:
+            run.best_acc, run.best_epoch = val_acc, epoch
+            save_classifier(run.model, best_path, epoch=epoch)
+        run.save_last(last_path, epoch, fingerprint)
         if on_epoch is not None:
             on_epoch(stats)
         if bar is not None:
-            bar.set_postfix(
-                loss=f"{stats.train_loss:.4f}", acc=f"{stats.train_accuracy:.3f}", val_acc=f"{val_acc:.3f}"
-            )
+            bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_acc:.3f}", val_acc=f"{val_acc:.3f}")
             bar.update(1)
     if bar is not None:
         bar.close()
-    if not math.isfinite(best_acc) or best_acc < 0:
+    if not math.isfinite(run.best_acc) or run.best_acc < 0:
         raise RuntimeError(f"no epoch finished in {out_dir}; nothing to select")
     return TrainResult(
         best_checkpoint=best_path,
         last_checkpoint=last_path,
-        history=history,
-        best_epoch=best_epoch,
-        best_val_accuracy=best_acc,
+        history=run.history,
+        best_epoch=run.best_epoch,
+        best_val_accuracy=run.best_acc,
         device=str(device),
         seconds=time.perf_counter() - t0,
-        resumed_from_epoch=start_epoch,
+        resumed_from_epoch=run.start_epoch,
     )
 
 

@@ -17,7 +17,7 @@ import torch
 from oodgate import metrics, scores
 from oodgate.calibration import TemperatureScaler
 from oodgate.classifier import Classifier
-from oodgate.data import DataBundle
+from oodgate.data.bundle import DataBundle
 from oodgate.engine import predict_logits
 
 OOD_KEYS = ("auroc", "aupr_in", "aupr_out", "fpr95", "detection_accuracy")
@@ -136,14 +136,3 @@ def evaluate(
         id_scores=id_scores,
         ood_scores=ood_scores,
     )
-
-
-def aggregate(reports: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Mean and sample standard deviation (0 for one seed) of each metric over seeds."""
-    if not reports:
-        raise ValueError("aggregate() needs at least one report")
-    keys = [k for k in reports[0] if all(k in r for r in reports)]
-    mean = {k: float(np.mean([r[k] for r in reports])) for k in keys}
-    ddof = 1 if len(reports) > 1 else 0
-    std = {k: float(np.std([r[k] for r in reports], ddof=ddof)) for k in keys}
-    return mean, std

@@ -1,6 +1,6 @@
 """Where each step writes under the work directory (``workdir`` in params.yaml, ``artifacts/``).
 
-The DVC stages and ``python -m oodgate run`` use these fixed paths; the Prefect flow uses
+The DVC stages (one per step, loss and seed) and ``python -m oodgate run`` use these fixed paths; the Prefect flow uses
 content-addressed directories under ``<workdir>/cache/`` instead, so runs with other inputs never
 overwrite each other and a rerun with the same inputs resumes or reuses.
 """
@@ -28,9 +28,19 @@ class Layout:
     def evaluate(self, loss_id: str, seed: int) -> Path:
         return self.workdir / "evaluate" / loss_id / f"seed{seed}"
 
-    def metrics(self, loss_id: str) -> Path:
-        """Per-loss metrics (means over seeds) for ``dvc metrics show/diff``."""
-        return self.workdir / "metrics" / f"{loss_id}.json"
+    def metrics(self, loss_id: str, seed: int) -> Path:
+        """One (loss, seed)'s final metrics for ``dvc metrics show/diff`` (kept in git)."""
+        return self.workdir / "metrics" / loss_id / f"seed{seed}.json"
+
+    def curves(self, kind: str, loss_id: str, seed: int) -> Path:
+        """``curves/<kind>/<loss>/seed<k>``: files of one shape per directory, so that ``dvc.yaml``
+        can give each kind its axes (``training`` is one JSON file, ``seed<k>.json``)."""
+        return self.workdir / "curves" / kind / loss_id / f"seed{seed}"
+
+    @property
+    def inputs(self) -> Path:
+        """What each step depends on (``oodgate.steps.inputs``), for the DVC stages (kept in git)."""
+        return self.workdir / "inputs"
 
     @property
     def gate(self) -> Path:

@@ -277,3 +277,15 @@ def ood_threshold(id_val_scores: Any, tpr: float = 0.95) -> float:
     # Same float comparison as roc_curve's tps / tps[-1] >= tpr, so the two operating points agree.
     k = int(np.argmax(np.arange(1, n + 1) / n >= tpr)) + 1
     return float(np.sort(s)[::-1][k - 1])
+
+
+# ---------------------------------------------------------------- over seeds
+def aggregate(reports: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and sample standard deviation (0 for one seed) of each metric over seeds."""
+    if not reports:
+        raise ValueError("aggregate() needs at least one report")
+    keys = [k for k in reports[0] if all(k in r for r in reports)]
+    mean = {k: float(np.mean([r[k] for r in reports])) for k in keys}
+    ddof = 1 if len(reports) > 1 else 0
+    std = {k: float(np.std([r[k] for r in reports], ddof=ddof)) for k in keys}
+    return mean, std

@@ -1,43 +1,46 @@
-"""Prefect cache policies that never return a result whose files are gone.
+"""Jobs and the Prefect cache policy keyed on their fingerprints.
 
-A persisted task result is only a record (paths, metrics) in Prefect's result storage; the files it
-names live in the work directory. ``INPUTS + TASK_SOURCE`` alone would return the record after
-``make clean`` or a deleted ``artifacts/``, and the next step would fail on a missing file. Adding
-:func:`outputs` to a task's policy puts the digests of its output files into the cache key: a
-missing file is a cache miss (the step then recomputes, or reuses what its own fingerprint allows),
-a changed file is another key.
+Every task of the flow takes a :class:`Job`: where it writes and the fingerprint of everything its
+result depends on (``oodgate.steps.inputs``). The cache key is that fingerprint, the task's source
+(``TASK_SOURCE``) and the digests of its output files. A persisted task result is only a record (paths,
+metrics) in Prefect's result storage; the files it names live in the work directory, so a missing
+output file is a cache miss (the step then recomputes, or reuses what its own fingerprint allows) and
+a changed file is another key: a record whose files are gone is never returned.
 """
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
+from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
 
-from oodgate import steps
+from oodgate.steps.common import digest, file_digest
 
 
-def outputs(*names: str, directory_parameter: str = "out_dir") -> CachePolicy:
-    """A policy keyed on the files ``names`` in the task's ``out_dir`` parameter."""
+@dataclass(frozen=True)
+class Job:
+    """One step of the flow for one (loss, seed), or for the data (``loss_id`` empty)."""
+
+    fingerprint: str
+    out_dir: str
+    loss_id: str = ""
+    seed: int = 0
+
+
+def by_fingerprint(*outputs: str) -> CachePolicy:
+    """Key = the ``job`` parameter's fingerprint + the task's source + its output files' digests."""
 
     def key(context: Any, parameters: dict[str, Any]) -> str:
-        out = Path(parameters[directory_parameter])
+        job: Job = parameters["job"]
         digests = []
-        for name in names:
-            path = out / name
+        for name in outputs:
+            path = Path(job.out_dir) / name
             if not path.is_file():
                 return uuid.uuid4().hex  # never matches a stored record: the task runs
-            digests.append(steps.file_digest(path))
-        return steps.digest(digests)
+            digests.append(file_digest(path))
+        return digest([job.fingerprint, digests])
 
-    return CacheKeyFnPolicy(cache_key_fn=key)
-
-
-def by_inputs(*names: str, exclude: tuple[str, ...] = ("cfg",)) -> CachePolicy:
-    """``INPUTS`` (less ``exclude``) + ``TASK_SOURCE`` + the digests of the output files ``names``."""
-    inputs = INPUTS
-    for name in exclude:
-        inputs = inputs - name
-    return inputs + TASK_SOURCE + outputs(*names)
+    return CacheKeyFnPolicy(cache_key_fn=key) + TASK_SOURCE

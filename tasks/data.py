@@ -9,7 +9,7 @@ from prefect import task
 
 from oodgate import steps
 from oodgate.config import Config
-from tasks.caching import by_inputs
+from tasks.caching import Job, by_fingerprint
 
 
 class DataVersionError(RuntimeError):
@@ -53,10 +53,10 @@ def check_data(project_root: str, data_dir: str = "data") -> str:
 @task(
     name="prepare-data",
     task_run_name="prepare-data",
-    cache_policy=by_inputs("data.json", "id.pt", "ood.pt"),
+    cache_policy=by_fingerprint("data.json", "id.pt", "ood.pt"),
     persist_result=True,
 )
-def prepare_data(cfg: Config, out_dir: str, key: str, root: str) -> dict:
-    """``key`` identifies the inputs (data version + data params + code); it is what the cache keys on.
+def prepare_data(cfg: Config, job: Job, root: str) -> dict:
+    """``job.fingerprint`` is the data version and the data params and code (``prepare_fingerprint``).
     ``data.root`` in the config is relative to the project directory ``root``."""
-    return steps.prepare(cfg, out_dir, Path(root) / cfg.data.root)
+    return steps.prepare(cfg, job.out_dir, Path(root) / cfg.data.root)

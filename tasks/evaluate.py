@@ -1,4 +1,8 @@
-"""Calibrate on validation logits, then evaluate on the test split and every OOD test half."""
+"""Calibrate on validation logits, then evaluate on the test split and every OOD test half.
+
+The upstream result (``trained``, ``calibrated``) is a parameter so that Prefect orders the tasks;
+the cache key is the job's fingerprint alone, which already chains the upstream fingerprints.
+"""
 
 from __future__ import annotations
 
@@ -6,35 +10,25 @@ from prefect import task
 
 from oodgate import steps
 from oodgate.config import Config
-from tasks.caching import by_inputs
-
-# ``key`` digests everything the result depends on; upstream results and the config object are
-# left out of the cache key (they are either encoded in ``key`` or carry timings); the output files
-# are in it, so a deleted work directory is recomputed, never returned.
-_EXCLUDE = ("cfg", "upstream")
+from oodgate.steps.results import Calibrated, Evaluated, Trained
+from tasks.caching import Job, by_fingerprint
 
 
 @task(
     name="calibrate",
-    task_run_name="calibrate-{loss_id}-seed{seed}",
-    cache_policy=by_inputs("calibration.json", "calibrated.pt", exclude=_EXCLUDE),
+    task_run_name="calibrate-{job.loss_id}-seed{job.seed}",
+    cache_policy=by_fingerprint("calibration.json", "calibrated.pt"),
     persist_result=True,
 )
-def calibrate_model(
-    cfg: Config, loss_id: str, seed: int, upstream: dict, prepared_dir: str, out_dir: str, key: str
-) -> dict:
-    """``upstream`` is the train task's result (its ``dir`` holds best.pt)."""
-    return {**steps.calibrate(cfg, upstream["dir"], prepared_dir, out_dir), "dir": out_dir}
+def calibrate_model(cfg: Config, job: Job, trained: Trained, prepared_dir: str) -> Calibrated:
+    return steps.calibrate(cfg, job.loss_id, job.seed, trained.dir, prepared_dir, job.out_dir)
 
 
 @task(
     name="evaluate",
-    task_run_name="evaluate-{loss_id}-seed{seed}",
-    cache_policy=by_inputs("metrics.json", "samples.pt", exclude=_EXCLUDE),
+    task_run_name="evaluate-{job.loss_id}-seed{job.seed}",
+    cache_policy=by_fingerprint("evaluation.json", "metrics.json", "samples.pt"),
     persist_result=True,
 )
-def evaluate_model(
-    cfg: Config, loss_id: str, seed: int, upstream: dict, prepared_dir: str, out_dir: str, key: str
-) -> dict:
-    """``upstream`` is the calibrate task's result (its ``dir`` holds calibrated.pt)."""
-    return {**steps.evaluate(cfg, upstream["dir"], prepared_dir, out_dir), "dir": out_dir}
+def evaluate_model(cfg: Config, job: Job, calibrated: Calibrated, prepared_dir: str) -> Evaluated:
+    return steps.evaluate(cfg, job.loss_id, job.seed, calibrated.dir, prepared_dir, job.out_dir)

@@ -10,27 +10,28 @@ from prefect import task
 from oodgate import steps
 from oodgate.config import Config
 from tasks import tracking
+from tasks.track import LossResult
 
 
-def _samples(cfg: Config, entry: dict) -> list:
-    if entry.get("sample_dirs"):
-        return [steps.load_samples(d) for d in entry["sample_dirs"]]
+def _samples(cfg: Config, entry: LossResult) -> list:
+    if entry.sample_dirs:
+        return [steps.load_samples(d) for d in entry.sample_dirs]
     with tempfile.TemporaryDirectory() as tmp:  # a reused baseline: its samples are run artifacts
         out = []
         for seed in cfg.seeds:
-            d = tracking.download_dir(entry["run_id"], f"samples/seed{seed}", Path(tmp) / str(seed))
+            d = tracking.download_dir(entry.run_id, f"samples/seed{seed}", Path(tmp) / str(seed))
             out.append(steps.load_samples(d))
         return out
 
 
 @task(name="gate", task_run_name="gate")
-def gate_losses(cfg: Config, logged: dict[str, dict], experiment_id: str, workdir: Path) -> dict:
-    metrics = {k: v["metrics_by_seed"] for k, v in logged.items()}
+def gate_losses(cfg: Config, logged: dict[str, LossResult]) -> dict:
+    metrics = {k: v.metrics_by_seed for k, v in logged.items()}
     samples = {k: _samples(cfg, v) for k, v in logged.items()} if cfg.gate.bootstrap.enabled else None
     return steps.gate(
         cfg,
         metrics,
         samples,
-        scores={k: v["score"] for k, v in logged.items()},
-        seconds={k: v["train_seconds"] for k, v in logged.items()},
+        scores={k: v.score for k, v in logged.items()},
+        seconds={k: v.train_seconds for k, v in logged.items()},
     )

@@ -14,62 +14,83 @@ Metric names in a child run follow one scheme, ``<section>/<name>``:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from prefect import task
 
-from oodgate import evaluation
-from oodgate.classifier import load_classifier
+from oodgate import metrics
+from oodgate.classifier import load_classifier, with_score
 from oodgate.config import Config
 from oodgate.serving import ServingModel, fingerprint
+from oodgate.steps.results import Calibrated, Evaluated, Trained
 from tasks import registry, tracking
 
 
-def _history(trained: dict) -> tuple[list[dict], list[dict]]:
+@dataclass(frozen=True)
+class LossResult:
+    """One loss, all seeds, as logged in its child run: what the gate and the registry read."""
+
+    loss: str
+    run_id: str
+    model_uri: str
+    model_fingerprint: str | None
+    mean: dict[str, float]
+    score: str
+    metrics_by_seed: list[dict[str, float]]
+    std: dict[str, float] = field(default_factory=dict)
+    sample_dirs: list[str] | None = None  # None: the samples are the run's artifacts (a reused run)
+    train_seconds: float = 0.0
+    reused: bool = False
+
+
+def _history(trained: Trained) -> tuple[list[dict], list[dict]]:
     """The per-epoch curves, and the per-epoch wall times of the epochs trained in this run."""
-    history = json.loads((Path(trained["dir"]) / "history.json").read_text())
-    seconds = trained.get("epoch_seconds") or []
+    history = json.loads((Path(trained.dir) / "history.json").read_text())
+    seconds = list(trained.epoch_seconds)
     first = len(history) - len(seconds) + 1  # a resumed run times only the epochs it trained
     return history, [{"epoch": first + i, "epoch_seconds": s} for i, s in enumerate(seconds)]
 
 
 @task(name="log-loss-run", task_run_name="log-{loss_id}", retries=2, retry_delay_seconds=2)
 def log_loss_run(
-    run_id: str, cfg: Config, loss_id: str, trained: list[dict], calibrated: list[dict], evaluated: list[dict]
-) -> dict:
+    run_id: str,
+    cfg: Config,
+    loss_id: str,
+    trained: list[Trained],
+    calibrated: list[Calibrated],
+    evaluated: list[Evaluated],
+) -> LossResult:
     """History, metrics, plots and the calibrated model of one loss (all seeds) into its child run."""
     for t in trained:
         history, times = _history(t)
-        tracking.log_history(run_id, history, prefix=f"history/seed{t['seed']}/")
-        tracking.log_history(run_id, times, prefix=f"time/seed{t['seed']}/")
-    reports = [e["metrics"] for e in evaluated]
-    mean, std = evaluation.aggregate(reports)
+        tracking.log_history(run_id, history, prefix=f"history/seed{t.seed}/")
+        tracking.log_history(run_id, times, prefix=f"time/seed{t.seed}/")
+    reports = [e.metrics for e in evaluated]
+    mean, std = metrics.aggregate(reports)
     tracking.log_metrics(run_id, mean)
     if len(reports) > 1:
         tracking.log_metrics(run_id, {f"std/{k}": v for k, v in std.items()})
-    tracking.log_metrics(run_id, {"time/train_seconds": sum(t.get("train_seconds", 0.0) for t in trained)})
-    for t, c, e in zip(trained, calibrated, evaluated):
-        seed = t["seed"]
-        tracking.log_metrics(run_id, {f"seed{seed}/{k}": v for k, v in e["metrics"].items()})
-        tracking.log_metrics(
-            run_id,
-            {f"seed{seed}/{k}": v for k, v in c.items() if k.startswith(("val/", "calibration/"))},
-        )
-        tracking.log_artifacts(run_id, Path(e["dir"]) / "plots", f"plots/seed{seed}")
-        tracking.log_artifacts(run_id, Path(e["dir"]) / "samples.pt", f"samples/seed{seed}")
+    train_seconds = sum(t.train_seconds for t in trained)
+    tracking.log_metrics(run_id, {"time/train_seconds": train_seconds})
+    for c, e in zip(calibrated, evaluated):
+        tracking.log_metrics(run_id, {f"seed{e.seed}/{k}": v for k, v in e.metrics.items()})
+        tracking.log_metrics(run_id, {f"seed{c.seed}/{k}": v for k, v in c.metrics.items()})
+        tracking.log_artifacts(run_id, Path(e.dir) / "plots", f"plots/seed{e.seed}")
+        tracking.log_artifacts(run_id, Path(e.dir) / "samples.pt", f"samples/seed{e.seed}")
     tracking.log_text(run_id, json.dumps(reports, indent=1), "metrics_by_seed.json")
-    first = evaluated[0]
-    model = load_classifier(Path(calibrated[0]["dir"]) / "calibrated.pt")
-    serving = ServingModel(model, first["threshold"])
+    first = evaluated[0]  # the registered model is the first seed's
+    model = with_score(load_classifier(Path(calibrated[0].dir) / "calibrated.pt"), first.score)
+    serving = ServingModel(model, first.threshold)
     model_fp = fingerprint(serving)
     tracking.set_tags(
         run_id,
         {
-            "oodgate.score": first["score"],
-            "oodgate.device": trained[0]["device"],
-            "oodgate.threshold": f"{first['threshold']:.6g}",
-            "oodgate.temperature": f"{calibrated[0]['calibration/temperature']:.6g}",
+            "oodgate.score": first.score,
+            "oodgate.device": trained[0].device,
+            "oodgate.threshold": f"{first.threshold:.6g}",
+            "oodgate.temperature": f"{calibrated[0].temperature:.6g}",
             "oodgate.model_fingerprint": model_fp,
         },
     )
@@ -77,26 +98,45 @@ def log_loss_run(
     example = torch.rand(size, generator=torch.Generator().manual_seed(0))  # not the global RNG
     model_uri = tracking.log_model(run_id, serving, example, list(model.spec.class_names))
     tracking.set_tags(run_id, {"oodgate.model_uri": model_uri})
-    return {
-        "loss": loss_id,
-        "run_id": run_id,
-        "model_uri": model_uri,
-        "model_fingerprint": model_fp,
-        "mean": mean,
-        "std": std,
-    }
+    return LossResult(
+        loss=loss_id,
+        run_id=run_id,
+        model_uri=model_uri,
+        model_fingerprint=model_fp,
+        mean=mean,
+        std=std,
+        score=first.score,
+        metrics_by_seed=reports,
+        sample_dirs=[e.dir for e in evaluated],
+        train_seconds=train_seconds,
+    )
+
+
+def reused_result(run) -> LossResult:
+    """The LossResult of a finished child run found by its fingerprint (nothing is recomputed)."""
+    tags = run.data.tags
+    return LossResult(
+        loss=tags["oodgate.loss"],
+        run_id=run.info.run_id,
+        model_uri=tags.get("oodgate.model_uri", ""),
+        model_fingerprint=tags.get("oodgate.model_fingerprint"),
+        mean={k: v for k, v in run.data.metrics.items() if k.startswith(("test/", "ood/"))},
+        score=tags.get("oodgate.score", ""),
+        metrics_by_seed=tracking.download_json(run.info.run_id, "metrics_by_seed.json"),
+        reused=True,
+    )
 
 
 @task(name="register", task_run_name="register-{loss_id}")
-def register_model(cfg: Config, loss_id: str, logged: dict, reasons: list[str], lock_path: str) -> dict:
+def register_model(cfg: Config, loss_id: str, logged: LossResult, reasons: list[str], lock_path: str) -> dict:
     return registry.register(
         cfg.registry.model_name,
-        logged["model_uri"],
-        logged["run_id"],
+        logged.model_uri,
+        logged.run_id,
         loss_id,
-        logged["mean"],
+        logged.mean,
         reasons,
         cfg.gate,
         Path(lock_path),
-        model_fingerprint=logged["model_fingerprint"],
+        model_fingerprint=logged.model_fingerprint,
     )

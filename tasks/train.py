@@ -7,7 +7,8 @@ from prefect import get_run_logger, task
 from oodgate import steps
 from oodgate.config import Config
 from oodgate.engine import EpochStats, NonFiniteLossError
-from tasks.caching import by_inputs
+from oodgate.steps.results import Trained
+from tasks.caching import Job, by_fingerprint
 
 
 def _retry_helps(task, task_run, state) -> bool:
@@ -23,15 +24,13 @@ def _retry_helps(task, task_run, state) -> bool:
 
 @task(
     name="train",
-    task_run_name="train-{loss_id}-seed{seed}",
+    task_run_name="train-{job.loss_id}-seed{job.seed}",
     retries=1,
     retry_condition_fn=_retry_helps,
-    cache_policy=by_inputs("train.json", "best.pt"),
+    cache_policy=by_fingerprint("train.json", "best.pt"),
     persist_result=True,
 )
-def train_model(
-    cfg: Config, loss_id: str, seed: int, prepared_dir: str, out_dir: str, fingerprint: str
-) -> dict:
+def train_model(cfg: Config, job: Job, prepared_dir: str) -> Trained:
     log = get_run_logger()
     epochs = cfg.train.epochs
 
@@ -41,7 +40,6 @@ def train_model(
             f"{s.train_accuracy:.4f}, val accuracy {s.val_accuracy:.4f} ({s.seconds:.1f} s)"
         )
 
-    summary = steps.train(
-        cfg, loss_id, seed, prepared_dir, out_dir, on_epoch=progress, fingerprint=fingerprint
+    return steps.train(
+        cfg, job.loss_id, job.seed, prepared_dir, job.out_dir, on_epoch=progress, fingerprint=job.fingerprint
     )
-    return {**summary, "dir": out_dir, "fingerprint": fingerprint}

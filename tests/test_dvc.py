@@ -27,10 +27,11 @@ from conftest import tiny_params
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = ("softmax", "dismax_fpr")
 STAGES = [
+    "inputs",
     "prepare",
-    *(f"train@{k}" for k in LOSSES),
-    *(f"calibrate@{k}" for k in LOSSES),
-    *(f"evaluate@{k}" for k in LOSSES),
+    *(f"train@{k}-0" for k in LOSSES),
+    *(f"calibrate@{k}-0" for k in LOSSES),
+    *(f"evaluate@{k}-0" for k in LOSSES),
     "gate",
 ]
 PROJECT_FILES = ("dvc.yaml", ".dvcignore", ".gitignore", "data.dvc", ".dvc/config", ".dvc/.gitignore")
@@ -86,9 +87,9 @@ def assert_dependency_order(order: list[str], expected: set[str]) -> None:
     """Each expected stage ran exactly once, after the stages it depends on."""
     assert sorted(order) == sorted(expected), order
     pos = {s: i for i, s in enumerate(order)}
-    chain = ["prepare", "train", "calibrate", "evaluate"]
+    chain = ["train", "calibrate", "evaluate"]
     for k in LOSSES:
-        steps = [s if s == "prepare" else f"{s}@{k}" for s in chain] + ["gate"]
+        steps = ["inputs", "prepare", *(f"{s}@{k}-0" for s in chain), "gate"]
         present = [pos[s] for s in steps if s in pos]
         assert present == sorted(present), order
 
@@ -174,11 +175,16 @@ def test_git_tracks_the_uncached_metrics_and_ignores_the_rest():
         return proc.returncode == 0
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    uncached = ["artifacts/metrics/softmax.json", "artifacts/gate.json", "artifacts/report.md"]
-    assert "cache" in str(stages["evaluate"]["do"]["metrics"]) and "cache" in str(stages["gate"]["metrics"])
+    uncached = [
+        "artifacts/metrics/softmax/seed0.json",
+        "artifacts/inputs/train/softmax/seed0.json",
+        "artifacts/gate.json",
+        "artifacts/report.md",
+    ]
+    assert "cache" in str(stages["evaluate"]["metrics"]) and "cache" in str(stages["gate"]["metrics"])
     assert [p for p in uncached if ignored(p)] == [], (
         "the root .gitignore must let git track the cache: false outputs, e.g. /artifacts/* with "
-        "!/artifacts/metrics/, !/artifacts/gate.json and !/artifacts/report.md instead of /artifacts/"
+        "!/artifacts/metrics/, !/artifacts/inputs/, !/artifacts/gate.json and !/artifacts/report.md instead of /artifacts/"
     )
     for path in ("artifacts/train/softmax/seed0/best.pt", "artifacts/prepared/id.pt", "data/embedded/x.npy"):
         assert ignored(path), path
@@ -205,10 +211,12 @@ def test_repro_runs_every_stage_once_in_dependency_order(dvc_project):
     root = dvc_project.root
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert set(lock) == set(STAGES)
-    assert lock["train@softmax"]["params"]["params.yaml"]["losses.softmax"] == {"method": "softmax"}
+    deps = [d["path"] for d in lock["train@softmax-0"]["deps"]]
+    assert deps == ["artifacts/inputs/train/softmax/seed0.json", "artifacts/prepared/id.pt"]
     for k in LOSSES:
         assert (root / f"artifacts/train/{k}/seed0/best.pt").is_file()
-        assert json.loads((root / f"artifacts/metrics/{k}.json").read_text())["seeds"] == [0]
+        metrics = json.loads((root / f"artifacts/metrics/{k}/seed0.json").read_text())
+        assert metrics == json.loads((root / f"artifacts/evaluate/{k}/seed0/metrics.json").read_text())
     gate = json.loads((root / "artifacts/gate.json").read_text())
     assert set(gate["decisions"]) == {"dismax_fpr"}
     assert "Gate (baseline: softmax)" in (root / "artifacts/report.md").read_text()
@@ -233,7 +241,7 @@ def test_rerunning_stages_writes_the_same_bytes(dvc_project):
     must write byte-identical outputs, so dvc.lock and the committed metrics and report stay as they
     are. Wall-clock times in a versioned output would change them on every run."""
     root = dvc_project.root
-    stages = ["train@softmax", "calibrate@softmax", "evaluate@softmax", "gate"]
+    stages = ["inputs", "train@softmax-0", "calibrate@softmax-0", "evaluate@softmax-0", "gate"]
     out = logged(dvc(root, "repro", "--force", "--single-item", *stages))
     assert set(ran(out)) == set(stages), out
     assert git(root, "status", "--porcelain") == ""
@@ -259,7 +267,7 @@ def test_metrics_equal_an_in_process_run_of_the_same_steps(dvc_project, embedded
     """What the Prefect flow computes (the same step functions, in one process) is what DVC computed."""
     import torch
 
-    from oodgate import evaluation, steps
+    from oodgate import steps
     from oodgate.config import load_config
     from oodgate.layout import Layout
     from oodgate.runtime import configure_determinism
@@ -276,11 +284,11 @@ def test_metrics_equal_an_in_process_run_of_the_same_steps(dvc_project, embedded
             metrics[k] = []
             for seed in cfg.seeds:
                 steps.train(cfg, k, seed, lay.prepared, lay.train(k, seed))
-                steps.calibrate(cfg, lay.train(k, seed), lay.prepared, lay.calibrate(k, seed))
+                steps.calibrate(cfg, k, seed, lay.train(k, seed), lay.prepared, lay.calibrate(k, seed))
                 ev = steps.evaluate(
-                    cfg, lay.calibrate(k, seed), lay.prepared, lay.evaluate(k, seed), plots=False
+                    cfg, k, seed, lay.calibrate(k, seed), lay.prepared, lay.evaluate(k, seed), plots=False
                 )
-                metrics[k].append(ev["metrics"])
+                metrics[k].append(ev.metrics)
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
@@ -289,10 +297,7 @@ def test_metrics_equal_an_in_process_run_of_the_same_steps(dvc_project, embedded
 
     assert (root / "artifacts/prepared/id.pt").read_bytes() == (lay.prepared / "id.pt").read_bytes()
     for k in LOSSES:
-        mean, std = evaluation.aggregate(metrics[k])
-        assert (root / f"artifacts/metrics/{k}.json").read_text() == text(
-            {"mean": mean, "std": std, "seeds": [0]}
-        ) + "\n"
+        assert (root / f"artifacts/metrics/{k}/seed0.json").read_text() == text(metrics[k][0]) + "\n"
         assert (root / f"artifacts/evaluate/{k}/seed0/metrics.json").read_text() == text(metrics[k][0]) + "\n"
     report = steps.gate(cfg, metrics)
     gate = json.loads((root / "artifacts/gate.json").read_text())
@@ -305,8 +310,8 @@ def test_metrics_show_and_plots_show_work_offline(dvc_project, tmp_path):
     shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
     data = shown[""]["data"] if "" in shown else shown["workspace"]["data"]
     for k in LOSSES:
-        got = data[f"artifacts/metrics/{k}.json"]["data"]["mean"]["test/accuracy"]
-        assert got == json.loads((root / f"artifacts/metrics/{k}.json").read_text())["mean"]["test/accuracy"]
+        got = data[f"artifacts/metrics/{k}/seed0.json"]["data"]["test/accuracy"]
+        assert got == json.loads((root / f"artifacts/metrics/{k}/seed0.json").read_text())["test/accuracy"]
     assert data["artifacts/gate.json"]["data"]["promoted"] in (0, 1)
     assert "test/accuracy" in dvc(root, "metrics", "diff", "HEAD", "--all", "--md").stdout
 
@@ -316,9 +321,9 @@ def test_metrics_show_and_plots_show_work_offline(dvc_project, tmp_path):
     for k in LOSSES:
         for path in (
             f"curves/training/{k}/seed0.json",
-            f"curves/roc/{k}/seed0_mnist_unseen.csv",
-            f"curves/roc/{k}/seed0_gaussian_noise.csv",
-            f"curves/reliability/{k}/seed0_calibrated.csv",
+            f"curves/roc/{k}/seed0/mnist_unseen.csv",
+            f"curves/roc/{k}/seed0/gaussian_noise.csv",
+            f"curves/reliability/{k}/seed0/calibrated.csv",
         ):
             assert f"artifacts/{path}" in html, path
 
@@ -343,15 +348,15 @@ def test_push_pull_round_trip_then_exp_run_reruns_only_the_gate(dvc_project, tmp
         "data/embedded/mnist5k_images.npy",
         "artifacts/train/dismax_fpr/seed0/best.pt",
         "artifacts/prepared/id.pt",
-        "artifacts/metrics/softmax.json",
+        "artifacts/metrics/softmax/seed0.json",
     ):
         assert (clone / path).read_bytes() == (src / path).read_bytes(), path
     assert "Data and pipelines are up to date." in dvc(clone, "status").stdout
 
     # a gate parameter: the pulled outputs of every other stage are reused
     out = logged(dvc(clone, "exp", "run", "-S", "gate.accuracy_margin=0.5"))
-    assert ran(out) == ["gate"], out
-    assert skipped(out) == set(STAGES) - {"gate"}, out
+    assert ran(out) == ["inputs", "gate"], out
+    assert skipped(out) == set(STAGES) - {"inputs", "gate"}, out
     assert "margin 0.5" in (clone / "artifacts/report.md").read_text()
     shown = json.loads(dvc(clone, "exp", "show", "--json").stdout)
     experiments = [r for row in shown for exp in row.get("experiments") or [] for r in exp["revs"]]
@@ -361,43 +366,80 @@ def test_push_pull_round_trip_then_exp_run_reruns_only_the_gate(dvc_project, tmp
 
 
 @pytest.mark.slow
-def test_each_params_key_invalidates_exactly_the_stages_that_read_it(dvc_project):
+def test_each_change_reruns_exactly_the_stages_that_depend_on_it(dvc_project):
+    """Real `dvc repro` after each change, then back to the committed state (git + `dvc checkout`).
+    A score re-evaluates, never retrains; a new seed trains only that seed; a docstring re-runs nothing."""
     root = dvc_project.root
     params = root / "params.yaml"
     original = params.read_text()
 
-    def changed_by(key: str, value) -> set[str]:
-        p = yaml.safe_load(original)
-        *parents, leaf = key.split(".")
-        node = p
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-        params.write_text(yaml.safe_dump(p, sort_keys=False))
-        return set(json.loads(dvc(root, "status", "--json").stdout))
+    def after(change) -> set[str]:
+        change()
+        try:
+            return set(ran(logged(dvc(root, "repro"))))
+        finally:
+            git(root, "checkout", "--", ".")
+            dvc(root, "checkout", "--force")
 
-    try:
-        assert changed_by("calibration.objective", "ece") == {f"calibrate@{k}" for k in LOSSES}
-        assert changed_by("gate.accuracy_margin", 0.5) == {"gate"}
-        assert changed_by("data.ood", ["uniform_noise"]) == {"prepare"}
-        assert changed_by("losses.dismax_fpr.score", "mmles") == {
-            "train@dismax_fpr",
-            "evaluate@dismax_fpr",
-            "gate",
-        }
-        assert changed_by("train.eval_batch_size", 256) == {
-            *(f"{s}@{k}" for s in ("train", "calibrate", "evaluate") for k in LOSSES)
-        }
-        assert changed_by("registry.model_name", "other") == set()
-    finally:
-        params.write_text(original)
+    def setting(key: str, value):
+        def change():
+            p = yaml.safe_load(original)
+            *parents, leaf = key.split(".")
+            node = p
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+            params.write_text(yaml.safe_dump(p, sort_keys=False))
+
+        return change
+
+    def editing(path: str, old: str, new: str):
+        def change():
+            f = root / path
+            assert old in f.read_text(), path
+            f.write_text(f.read_text().replace(old, new, 1))
+
+        return change
+
+    every = {f"evaluate@{k}-0" for k in LOSSES}
+    assert after(setting("losses.dismax_fpr.score", "energy")) == {"inputs", "evaluate@dismax_fpr-0", "gate"}
+    assert after(setting("gate.accuracy_margin", 0.5)) == {"inputs", "gate"}
+    assert after(setting("data.ood", ["uniform_noise"])) == {"inputs", "prepare", *every, "gate"}
+    assert after(setting("seeds", [0, 1])) == {
+        "inputs",
+        *(f"{s}@{k}-1" for s in ("train", "calibrate", "evaluate") for k in LOSSES),
+        "gate",
+    }
+    assert after(editing("oodgate/engine.py", '"""One training loop', '"""The one training loop')) == {
+        "inputs"
+    }
+    assert after(
+        editing("oodgate/plots.py", "\nimport numpy as np\n", "\nimport numpy as np\n\nEDITED = 1\n")
+    ) == {
+        "inputs",
+        *every,
+        "gate",
+    }
+    assert params.read_text() == original
     assert "Data and pipelines are up to date." in dvc(root, "status").stdout
 
 
-def test_dvc_train_stage_reads_exactly_the_data_keys_training_depends_on():
-    """dvc.yaml lists the data.* keys of the train stage by hand; they must be steps.ID_SECTIONS."""
-    from oodgate import steps
-
-    train = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["do"]["params"]
-    listed = {p.removeprefix("data.") for p in train if isinstance(p, str) and p.startswith("data.")}
-    assert listed == set(steps.ID_SECTIONS)
+def test_every_stage_depends_on_its_inputs_record_and_no_params_key_by_hand():
+    """What a stage depends on is oodgate.steps.inputs, not a list of keys retyped in dvc.yaml: only
+    the `inputs` stage reads params.yaml, and each other stage reads the record of its own step."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["inputs"]["params"] == [{"params.yaml": None}]
+    for name, stage in stages.items():
+        if name == "inputs":
+            continue
+        assert "params" not in stage, name
+        record = (
+            "prepare.json"
+            if name == "prepare"
+            else "gate.json"
+            if name == "gate"
+            else (f"{name}/${{item.loss}}/seed${{item.seed}}.json")
+        )
+        assert f"${{workdir}}/inputs/{record}" in stage["deps"], name
+        if name in ("train", "calibrate", "evaluate"):
+            assert stage["matrix"] == {"loss": "${losses}", "seed": "${seeds}"}, name

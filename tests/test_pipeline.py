@@ -23,6 +23,7 @@ from oodgate import methods, steps
 from oodgate.config import ConfigError, load_config
 from oodgate.methods.softmax import SoftMaxHead
 from tasks import registry, tracking
+from tasks.caching import Job
 from tasks.data import DataVersionError, check_data
 from tasks.train import train_model
 
@@ -58,7 +59,7 @@ def first_run(prefect_harness, project, mlflow_db):
 # ------------------------------------------------------------------ end to end
 def test_flow_end_to_end_logs_gates_and_registers(first_run):
     _project, result, _ = first_run
-    parent = MlflowClient().get_run(result["parent_run_id"])
+    parent = MlflowClient().get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     for tag in ("git_commit", "code_version", "data_version", "prefect_flow_run_id"):
         assert parent.data.tags[f"oodgate.{tag}"]
@@ -106,25 +107,25 @@ def test_flow_end_to_end_logs_gates_and_registers(first_run):
 
     versions = MlflowClient().search_model_versions("name='oodgate-classifier'")
     if decision == "promote":  # registered with the alias, first champion of this registry
-        assert len(versions) == 1 and result["registered"][0]["champion"]
+        assert len(versions) == 1 and result.registered[0]["champion"]
         champ = MlflowClient().get_model_version_by_alias("oodgate-classifier", "champion")
         assert "beat the SoftMax baseline" in champ.description
     else:
-        assert versions == [] and result["registered"] == []
+        assert versions == [] and result.registered == []
 
 
 def test_second_run_reuses_every_finished_child_run(first_run):
     project, first, _ = first_run
     second = _pipeline(project)
-    parent = MlflowClient().get_run(second["parent_run_id"])
-    assert second["reused"] == ["dismax_fpr", "softmax"]
+    parent = MlflowClient().get_run(second.parent_run_id)
+    assert second.reused == ["dismax_fpr", "softmax"]
     assert parent.data.tags["oodgate.reused_runs"].count("=") == 2
     names = [r.info.run_name for r in _runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert names == []  # no new child run: nothing was trained, calibrated, evaluated or logged
-    assert second["report"]["means"] == first["report"]["means"]
+    assert second.report["means"] == first.report["means"]
     # a changed evaluation-side param makes new child runs (the trainings come from Prefect's cache)
     third = _pipeline(project, **{"calibration.objective": "ece"})
-    assert third["reused"] == []
+    assert third.reused == []
 
 
 def test_a_deleted_work_directory_is_recomputed_not_returned_from_cache(first_run):
@@ -133,7 +134,7 @@ def test_a_deleted_work_directory_is_recomputed_not_returned_from_cache(first_ru
     project, _, _ = first_run
     shutil.rmtree(project / "artifacts")
     third = _pipeline(project, **{"calibration.objective": "ece"})  # new child runs: no MLflow reuse
-    assert third["reused"] == [] and not third["failed"]
+    assert third.reused == [] and not third.failed
     assert list((project / "artifacts" / "cache").glob("train-*/best.pt"))
 
 
@@ -157,7 +158,7 @@ def test_nan_loss_marks_the_run_failed_and_registers_nothing(prefect_harness, pr
     raw["losses"] = {"softmax": {"method": "softmax"}, "broken": {"method": nan_method}}
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
     result = _pipeline(project)
-    assert "broken" in result["failed"] and "NonFiniteLossError" in result["failed"]["broken"]
+    assert "broken" in result.failed and "NonFiniteLossError" in result.failed["broken"]
     (run,) = _runs("broken")
     assert run.info.status == "FAILED"
     assert "non-finite training loss" in run.data.tags["oodgate.failure"]
@@ -172,10 +173,10 @@ def test_crash_mid_training_resumes_from_the_checkpoint(project, prepared_dir, t
     from prefect.logging import disable_run_logger
 
     with disable_run_logger():
-        resumed = train_model.fn(cfg, "softmax", 0, str(prepared_dir), str(out), "fp")
-    assert resumed["resumed_from_epoch"] == 1 and resumed["epochs"] == 2
+        resumed = train_model.fn(cfg, Job("fp", str(out), "softmax", 0), str(prepared_dir))
+    assert resumed.resumed_from_epoch == 1 and resumed.epochs == 2
     fresh = steps.train(cfg, "softmax", 0, prepared_dir, tmp_path / "fresh")
-    assert fresh["best_val_accuracy"] == resumed["best_val_accuracy"]
+    assert fresh.best_val_accuracy == resumed.best_val_accuracy
 
 
 def test_bad_params_fail_before_any_work(prefect_harness, project, mlflow_db, capsys):

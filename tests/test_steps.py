@@ -8,7 +8,7 @@ import pytest
 
 from oodgate import steps
 from oodgate.config import parse_config
-from oodgate.evaluation import aggregate
+from oodgate.metrics import aggregate
 
 
 def _m(acc, ece, fpr):
@@ -47,18 +47,6 @@ def test_gate_needs_the_baseline(repo_params):
         steps.gate(cfg, {"dismax": [_m(0.9, 0.01, 0.2)]})
 
 
-def test_train_params_hold_exactly_what_training_reads(repo_params):
-    cfg = parse_config(repo_params)
-    p = steps.train_params(cfg, "dismax_fpr")
-    assert set(p) == {"data", "model", "train", "loss"}
-    assert "ood" not in p["data"] and p["loss"]["options"] == {"fpr": True, "alpha": 1.0}
-    other = parse_config({**repo_params, "calibration": {"objective": "ece"}, "gate": {"ece_margin": 0.01}})
-    fp = steps.train_fingerprint(cfg, "dismax_fpr", 0, "d", "c")
-    assert fp == steps.train_fingerprint(other, "dismax_fpr", 0, "d", "c")  # calibration/gate never retrain
-    assert fp != steps.train_fingerprint(cfg, "dismax_fpr", 1, "d", "c")
-    assert fp != steps.train_fingerprint(cfg, "dismax_fpr", 0, "d2", "c")
-
-
 def test_calibration_and_evaluation_run_on_the_device_training_resolved(
     tiny_config, prepared_dir, tmp_path, monkeypatch
 ):
@@ -79,8 +67,8 @@ def test_calibration_and_evaluation_run_on_the_device_training_resolved(
         return real(model, x, batch_size, "cpu", amp)
 
     monkeypatch.setattr(evaluation, "predict_logits", recording)
-    steps.calibrate(tiny_config, tmp_path / "t", prepared_dir, tmp_path / "c")
-    steps.evaluate(tiny_config, tmp_path / "c", prepared_dir, tmp_path / "e", plots=False)
+    steps.calibrate(tiny_config, "softmax", 0, tmp_path / "t", prepared_dir, tmp_path / "c")
+    steps.evaluate(tiny_config, "softmax", 0, tmp_path / "c", prepared_dir, tmp_path / "e", plots=False)
     assert len(seen) >= 4  # validation, test, the validation scores and every OOD set
     assert set(seen) == {("cuda:0", True)}  # the device and bf16 autocast that training used
 
@@ -95,21 +83,21 @@ def test_a_result_trained_under_other_params_is_never_returned(embedded_root, pr
 
     out = tmp_path / "train"
     one = steps.train(cfg(epochs=1), "softmax", 0, prepared_dir, out)
-    assert one["epochs"] == 1 and one["fingerprint"]
+    assert one.epochs == 1 and one.fingerprint
     again = steps.train(cfg(epochs=1), "softmax", 0, prepared_dir, out)
-    assert again["fingerprint"] == one["fingerprint"] and again["train_seconds"] == 0.0  # reused
+    assert again.fingerprint == one.fingerprint and again.train_seconds == 0.0  # reused
     three = steps.train(cfg(epochs=3, lr=0.01), "softmax", 0, prepared_dir, out)
-    assert three["epochs"] == 3 and three["resumed_from_epoch"] == 0
-    assert three["fingerprint"] != one["fingerprint"]
+    assert three.epochs == 3 and three.resumed_from_epoch == 0
+    assert three.fingerprint != one.fingerprint
     assert steps.read_json(out / "train.json")["epochs"] == 3
 
     # an interrupted run under params A leaves last.pt; a run under params B starts from scratch
     partial = tmp_path / "partial"
     steps.train(cfg(epochs=2), "softmax", 0, prepared_dir, partial, max_epochs=1)
     other = steps.train(cfg(epochs=2, lr=0.02), "softmax", 0, prepared_dir, partial)
-    assert other["resumed_from_epoch"] == 0 and other["epochs"] == 2
+    assert other.resumed_from_epoch == 0 and other.epochs == 2
     fresh = steps.train(cfg(epochs=2, lr=0.02), "softmax", 0, prepared_dir, tmp_path / "fresh")
-    assert fresh["best_val_accuracy"] == other["best_val_accuracy"]
+    assert fresh.best_val_accuracy == other.best_val_accuracy
     same = tmp_path / "same"
     steps.train(cfg(epochs=2), "softmax", 0, prepared_dir, same, max_epochs=1)
-    assert steps.train(cfg(epochs=2), "softmax", 0, prepared_dir, same)["resumed_from_epoch"] == 1
+    assert steps.train(cfg(epochs=2), "softmax", 0, prepared_dir, same).resumed_from_epoch == 1

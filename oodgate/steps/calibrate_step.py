@@ -1,0 +1,63 @@
+"""Calibrate one (loss, seed): fit the temperature on validation logits; writes ``calibrated.pt``
+and ``calibration.json`` (the record, with its fingerprint)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from oodgate import engine, evaluation
+from oodgate.classifier import load_classifier, save_classifier
+from oodgate.config import Config
+from oodgate.steps.common import (
+    check_fresh,
+    inference_device,
+    load_prepared,
+    read_json,
+    read_record,
+    write_json,
+)
+from oodgate.steps.results import Calibrated
+
+RECORD = "calibration.json"
+MODEL = "calibrated.pt"
+
+
+def calibrate(
+    cfg: Config, loss_id: str, seed: int, train_dir: str | Path, prepared_dir: str | Path, out_dir: str | Path
+) -> Calibrated:
+    """Refuses a model in ``train_dir`` trained under other inputs than the current config's
+    (:class:`~oodgate.steps.common.StaleResultError`); returns the result already in ``out_dir`` if
+    it has this step's fingerprint."""
+    from oodgate.steps.inputs import expected
+
+    train_dir, out_dir = Path(train_dir), Path(out_dir)
+    want = expected(cfg, loss_id, seed, prepared_dir)
+    what = f"the trained model of {loss_id} seed {seed}"
+    fix = f"train it first (`python -m oodgate train --loss {loss_id} --seed {seed}` or `dvc repro`)"
+    trained = read_record(train_dir / "train.json", what, fix)
+    check_fresh(trained, want.fingerprint["train"], want.inputs["train"], what, train_dir, fix)
+    if (out_dir / RECORD).is_file() and (out_dir / MODEL).is_file():
+        previous = read_json(out_dir / RECORD)
+        if previous.get("fingerprint") == want.fingerprint["calibrate"]:
+            return Calibrated(**previous, dir=str(out_dir))
+    t0 = time.perf_counter()
+    model = load_classifier(train_dir / engine.BEST)
+    bundle = load_prepared(prepared_dir, with_ood=False)
+    device, amp = inference_device(cfg)
+    cal = evaluation.calibrate(
+        model, bundle, cfg.calibration.objective, cfg.train.eval_batch_size, device=device, amp=amp
+    )
+    save_classifier(model, out_dir / MODEL)
+    result = Calibrated(
+        loss=loss_id,
+        seed=seed,
+        fingerprint=want.fingerprint["calibrate"],
+        dir=str(out_dir),
+        objective=cal.objective,
+        metrics=cal.metrics(),
+        inputs=want.inputs["calibrate"],
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    write_json(out_dir / RECORD, result.record())  # last: the record marks a finished result
+    return result

@@ -1,0 +1,144 @@
+"""What every step shares: JSON and tensor files, digests, the prepared-data format, the device."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oodgate.config import Config
+from oodgate.data.bundle import DataBundle, ImageSet
+from oodgate.steps.results import StaleResultError
+
+
+# ---------------------------------------------------------------- digests
+def digest(obj: Any) -> str:
+    """Stable short hash of a JSON-able object (fingerprints and cache keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    """Short SHA-256 of a file's bytes (memoised per path, size and modification time)."""
+    st = Path(path).stat()
+    return _file_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+# ---------------------------------------------------------------- JSON
+def write_json(path: Path, obj: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def read_record(path: Path, what: str, fix: str) -> dict[str, Any]:
+    """A step's record file, or a FileNotFoundError that says which step writes it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {str(path)!r} is missing; {fix}")
+    return read_json(path)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, Mapping):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``["train.epochs: 1 -> 3", ...]``: the keys whose values differ between two inputs records."""
+    a, b = _flat(old), _flat(new)
+    return [
+        f"{k}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+
+
+def check_fresh(
+    record: Mapping[str, Any], expected: str, inputs: Mapping[str, Any], what: str, where: Path, fix: str
+) -> None:
+    """Refuse an upstream result whose fingerprint is not the one the current inputs give; the
+    message names what differs (a params key, the code, or an upstream result or the data)."""
+    got = record.get("fingerprint")
+    if got == expected:
+        return
+    changed = differences(record.get("inputs", {}), inputs)
+    why = (
+        "; ".join(changed)
+        if changed
+        else "its own inputs are the same, so the data or an earlier step changed"
+    )
+    raise StaleResultError(
+        f"{what} in {str(where)!r} is stale: it was computed from other inputs ({why}); {fix}"
+    )
+
+
+# ---------------------------------------------------------------- prepared data
+def pack(s: ImageSet) -> dict[str, torch.Tensor]:
+    return {"x": s.x, "y": s.y}
+
+
+def _unpack(d: Mapping[str, torch.Tensor]) -> ImageSet:
+    return ImageSet(x=d["x"], y=d["y"])
+
+
+def load_prepared(prepared_dir: str | Path, with_ood: bool = True) -> DataBundle:
+    prepared_dir = Path(prepared_dir)
+    if not (prepared_dir / "id.pt").is_file():
+        raise FileNotFoundError(
+            f"prepared data not found in {str(prepared_dir)!r}; run the prepare step first "
+            "(`python -m oodgate prepare` or `dvc repro prepare`)"
+        )
+    d = torch.load(prepared_dir / "id.pt", weights_only=True)
+    ood = (
+        torch.load(prepared_dir / "ood.pt", weights_only=True)
+        if with_ood
+        else {"names": [], "val": {}, "test": {}}
+    )
+    m = d["meta"]
+    return DataBundle(
+        train=_unpack(d["train"]),
+        val=_unpack(d["val"]),
+        test=_unpack(d["test"]),
+        ood_val={k: _unpack(ood["val"][k]) for k in ood["names"]},
+        ood_test={k: _unpack(ood["test"][k]) for k in ood["names"]},
+        num_classes=m["num_classes"],
+        in_channels=m["in_channels"],
+        image_size=m["image_size"],
+        mean=tuple(m["mean"]),
+        std=tuple(m["std"]),
+        class_names=list(m["class_names"]),
+    )
+
+
+# ---------------------------------------------------------------- device
+def inference_device(cfg: Config) -> tuple[str, bool]:
+    """Where calibration, evaluation and export run: the device training resolved
+    (``train.device``), with bf16 autocast exactly where training used it (``train.amp`` on CUDA)."""
+    from oodgate.engine import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    return str(device), cfg.train.amp and device.type == "cuda"

@@ -1,0 +1,84 @@
+"""Evaluate one (loss, seed): test-split and OOD-test metrics of the calibrated model with the
+configured OOD score; writes ``metrics.json``, ``samples.pt`` (per-sample arrays for the gate's
+bootstrap), ``plots/`` and ``evaluation.json`` (the record, with its fingerprint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from oodgate import evaluation
+from oodgate.classifier import load_classifier, with_score
+from oodgate.config import Config
+from oodgate.steps.common import (
+    check_fresh,
+    inference_device,
+    load_prepared,
+    read_json,
+    read_record,
+    write_json,
+)
+from oodgate.steps.results import Evaluated
+
+RECORD = "evaluation.json"
+OUTPUTS = ("metrics.json", "samples.pt", RECORD)
+
+
+def evaluate(
+    cfg: Config,
+    loss_id: str,
+    seed: int,
+    calibrate_dir: str | Path,
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    plots: bool = True,
+) -> Evaluated:
+    """Refuses a calibrated model made from other inputs than the current config's; returns the
+    result already in ``out_dir`` if it has this step's fingerprint."""
+    from oodgate.steps.inputs import expected, resolved_score
+
+    calibrate_dir, out_dir = Path(calibrate_dir), Path(out_dir)
+    want = expected(cfg, loss_id, seed, prepared_dir)
+    what = f"the calibrated model of {loss_id} seed {seed}"
+    fix = f"calibrate it first (`python -m oodgate calibrate --loss {loss_id} --seed {seed}` or `dvc repro`)"
+    calibrated = read_record(calibrate_dir / "calibration.json", what, fix)
+    check_fresh(calibrated, want.fingerprint["calibrate"], want.inputs["calibrate"], what, calibrate_dir, fix)
+    if all((out_dir / name).is_file() for name in OUTPUTS):
+        previous = read_json(out_dir / RECORD)
+        if previous.get("fingerprint") == want.fingerprint["evaluate"]:
+            return Evaluated(**previous, dir=str(out_dir), metrics=read_json(out_dir / "metrics.json"))
+    score = resolved_score(cfg, loss_id)
+    model = with_score(load_classifier(calibrate_dir / "calibrated.pt"), score)
+    bundle = load_prepared(prepared_dir)
+    device, amp = inference_device(cfg)
+    ev = evaluation.evaluate(model, bundle, batch_size=cfg.train.eval_batch_size, device=device, amp=amp)
+    write_json(out_dir / "metrics.json", ev.metrics)
+    torch.save(
+        {
+            "logits": torch.from_numpy(ev.logits),
+            "labels": torch.from_numpy(ev.labels),
+            "id_scores": torch.from_numpy(ev.id_scores),
+            "ood_names": list(ev.ood_scores),
+            "ood_scores": {k: torch.from_numpy(v) for k, v in ev.ood_scores.items()},
+            "threshold": ev.threshold,
+            "score": ev.score,
+        },
+        out_dir / "samples.pt",
+    )
+    if plots:
+        from oodgate import plots as plots_lib
+
+        plots_lib.write_all(ev, out_dir / "plots")
+    result = Evaluated(
+        loss=loss_id,
+        seed=seed,
+        fingerprint=want.fingerprint["evaluate"],
+        dir=str(out_dir),
+        score=ev.score,
+        threshold=ev.threshold,
+        metrics=ev.metrics,
+        inputs=want.inputs["evaluate"],
+    )
+    write_json(out_dir / RECORD, result.record())  # last: the record marks a finished result
+    return result

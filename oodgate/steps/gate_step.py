@@ -1,0 +1,132 @@
+"""Gate: every candidate against the baseline (means over seeds), and the comparison table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from oodgate.config import Config
+from oodgate.gate import Decision, SampleSet, decide, rank_key
+from oodgate.metrics import aggregate
+from oodgate.steps.common import check_fresh, read_json, read_record
+from oodgate.steps.results import Evaluated
+
+
+def collect(cfg: Config, evaluate_dir, prepared_dir: str | Path) -> list[Evaluated]:
+    """The evaluation of every (loss, seed) of the config, from ``evaluate_dir(loss, seed)``; refuses
+    one computed from other inputs than the current ones (a stage that was not re-run)."""
+    from oodgate.steps.inputs import expected
+
+    out = []
+    for loss_id in cfg.loss_ids():
+        for seed in cfg.seeds:
+            d = Path(evaluate_dir(loss_id, seed))
+            what = f"the evaluation of {loss_id} seed {seed}"
+            fix = f"evaluate it first (`python -m oodgate evaluate --loss {loss_id} --seed {seed}` or `dvc repro`)"
+            record = read_record(d / "evaluation.json", what, fix)
+            want = expected(cfg, loss_id, seed, prepared_dir)
+            check_fresh(record, want.fingerprint["evaluate"], want.inputs["evaluate"], what, d, fix)
+            out.append(Evaluated(**record, dir=str(d), metrics=read_json(d / "metrics.json")))
+    return out
+
+
+# ---------------------------------------------------------------- gate
+def load_samples(evaluate_dir: str | Path) -> SampleSet:
+    """The per-sample arrays the evaluate step saved in ``samples.pt``."""
+    import torch
+
+    d = torch.load(Path(evaluate_dir) / "samples.pt", weights_only=True)
+    return SampleSet(
+        logits=d["logits"].numpy(),
+        labels=d["labels"].numpy(),
+        id_scores=d["id_scores"].numpy(),
+        ood_scores={k: d["ood_scores"][k].numpy() for k in d["ood_names"]},
+    )
+
+
+def gate(
+    cfg: Config,
+    metrics_by_loss: Mapping[str, list[dict[str, float]]],
+    samples_by_loss: Mapping[str, list[SampleSet]] | None = None,
+    scores: Mapping[str, str] | None = None,
+    seconds: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """Decide every candidate against the baseline (means over seeds). Returns a JSON-able report
+    whose ``table`` is the comparison table (``scores`` and training ``seconds`` per loss optional)."""
+    base_id = cfg.gate.baseline
+    if base_id not in metrics_by_loss:
+        raise ValueError(f"no metrics for the baseline {base_id!r}; evaluate it before gating")
+    aggregated = {k: aggregate(v) for k, v in metrics_by_loss.items()}
+    means = {k: mean for k, (mean, _) in aggregated.items()}
+    stds = {k: std for k, (_, std) in aggregated.items()}
+    decisions: dict[str, Decision] = {}
+    for loss_id in metrics_by_loss:
+        if loss_id == base_id:
+            continue
+        decisions[loss_id] = decide(
+            means[loss_id],
+            means[base_id],
+            cfg.gate,
+            candidate_samples=(samples_by_loss or {}).get(loss_id),
+            baseline_samples=(samples_by_loss or {}).get(base_id),
+        )
+    promoted = sorted((k for k, d in decisions.items() if d.promote), key=lambda k: rank_key(means[k]))
+    return {
+        "baseline": base_id,
+        "decisions": {k: {"promote": d.promote, "reasons": list(d.reasons)} for k, d in decisions.items()},
+        "promoted": promoted,
+        "best": promoted[0] if promoted else None,
+        "means": means,
+        "stds": stds,
+        "seeds": {k: len(v) for k, v in metrics_by_loss.items()},
+        "table": comparison_table(means, stds, scores, seconds),
+    }
+
+
+def gate_markdown(report: Mapping[str, Any]) -> str:
+    """The gate's decision for every candidate, with every reason, as a markdown section."""
+    lines = [f"## Gate (baseline: {report['baseline']})", ""]
+    for loss_id, d in report["decisions"].items():
+        lines.append(f"- **{loss_id}**: {'PROMOTE' if d['promote'] else 'REJECT'}")
+        lines += [f"    - {r}" for r in d["reasons"]]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- reports
+TABLE_COLUMNS = (
+    ("accuracy", "test/accuracy"),
+    ("ECE", "test/ece"),
+    ("ECE uncal.", "test/ece_uncalibrated"),
+    ("NLL", "test/nll"),
+    ("mean FPR95", "ood/mean/fpr95"),
+    ("mean AUROC", "ood/mean/auroc"),
+)
+
+
+def comparison_table(
+    means: Mapping[str, Mapping[str, float]],
+    stds: Mapping[str, Mapping[str, float]] | None = None,
+    scores: Mapping[str, str] | None = None,
+    seconds: Mapping[str, float] | None = None,
+    per_set: bool = True,
+) -> str:
+    """A markdown table: one row per loss, the gate's metrics first, then FPR95 per OOD set."""
+    first = next(iter(means.values()))
+    sets = sorted(
+        {k.split("/")[1] for k in first if k.startswith("ood/") and k.endswith("/fpr95")} - {"mean"}
+    )
+    cols = list(TABLE_COLUMNS) + ([(f"FPR95 {s}", f"ood/{s}/fpr95") for s in sets] if per_set else [])
+    head = ["loss", "score"] + [c for c, _ in cols] + (["train s"] if seconds else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for loss_id, m in means.items():
+        cells = [loss_id, (scores or {}).get(loss_id, "")]
+        for _, key in cols:
+            v = m.get(key, math.nan)
+            sd = (stds or {}).get(loss_id, {}).get(key)
+            cells.append(f"{v:.4f}" + (f" ± {sd:.4f}" if sd else ""))
+        if seconds:
+            cells.append(f"{seconds.get(loss_id, math.nan):.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,215 @@
+"""What each step's result depends on, defined once for both orchestrators.
+
+A step's *inputs record* holds exactly the params keys it reads and the version of the code it runs;
+its *fingerprint* adds the upstream results: ::
+
+    train      record(data split keys, model, train less eval-only keys, the loss's method and options,
+               seed, code) + digest of prepared/id.pt
+    calibrate  record(calibration, eval_batch_size, device, code) + the train fingerprint
+    evaluate   record(OOD score, eval_batch_size, device, code) + the calibrate fingerprint
+               + digest of prepared/ood.pt
+
+So an OOD score, calibration, an OOD set, the gate or a plot never retrains. The Prefect flow keys its
+cache on these fingerprints; the DVC stage ``inputs`` writes the records to ``<workdir>/inputs/`` and
+each stage depends on its own record file (plus its upstream outputs), so ``dvc repro`` re-runs a
+stage exactly when its record or an upstream output changed.
+
+Code versions hash the syntax tree of the modules a step runs (:data:`STEP_CODE`), without docstrings
+or comments: editing ``plots.py`` re-evaluates but never retrains, and editing a docstring re-runs
+nothing. ``tests/test_inputs.py`` checks, by tracing each step, that every file it executes is listed.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from oodgate.config import Config
+from oodgate.steps.common import digest, write_json
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+ID_SECTIONS = ("dataset", "classes", "val_fraction", "test_fraction", "split_seed", "download")
+EVAL_ONLY_TRAIN_KEYS = ("eval_batch_size",)  # train.* keys that only calibration/evaluation read
+
+_MODEL = (
+    "classifier.py",
+    "models/*.py",
+    "methods/*.py",
+    "scores.py",
+    "registry.py",
+    "data/__init__.py",
+    "data/bundle.py",
+)
+_STEP = ("steps/common.py", "steps/results.py")
+_INFERENCE = (*_STEP, *_MODEL, "engine.py", "runtime.py", "evaluation.py", "calibration.py", "metrics.py")
+STEP_CODE: dict[str, tuple[str, ...]] = {
+    "prepare": ("steps/prepare_step.py", *_STEP, "data/*.py", "registry.py"),
+    "train": ("steps/train_step.py", *_STEP, *_MODEL, "engine.py", "runtime.py"),
+    "calibrate": ("steps/calibrate_step.py", *_INFERENCE),
+    "evaluate": ("steps/evaluate_step.py", *_INFERENCE, "plots.py"),
+    "gate": ("steps/gate_step.py", *_STEP, "gate.py", "metrics.py", "registry.py"),
+}
+
+
+def step_files(step: str) -> list[Path]:
+    """The source files whose code ``step`` runs."""
+    files = {p for pattern in STEP_CODE[step] for p in PACKAGE_DIR.glob(pattern)}
+    return sorted(files)
+
+
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                if isinstance(body[0].value.value, str):
+                    node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+@cache
+def _module_version(path: str, mtime_ns: int) -> str:
+    tree = _without_docstrings(ast.parse(Path(path).read_text(), filename=path))
+    return digest(ast.dump(tree, annotate_fields=False, include_attributes=False))
+
+
+def code_version(step: str) -> str:
+    """Hash of the code ``step`` runs: the syntax trees of :func:`step_files`, docstrings dropped."""
+    parts = [
+        (p.relative_to(PACKAGE_DIR).as_posix(), _module_version(str(p), p.stat().st_mtime_ns))
+        for p in step_files(step)
+    ]
+    return digest(parts)
+
+
+def code_versions() -> dict[str, str]:
+    """Every step's code version (the flow tags its runs with their digest)."""
+    return {step: code_version(step) for step in STEP_CODE}
+
+
+# ---------------------------------------------------------------- records
+def _dump(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def resolved_score(cfg: Config, loss_id: str) -> str:
+    from oodgate import methods
+
+    loss = cfg.losses[loss_id]
+    return loss.score or methods.METHODS.get(loss.method).default_score
+
+
+def prepare_inputs(cfg: Config) -> dict[str, Any]:
+    data = {k: v for k, v in _dump(cfg)["data"].items() if k != "root"}  # the bytes are data.dvc's
+    return {"step": "prepare", "data": data, "code": code_version("prepare")}
+
+
+def train_inputs(cfg: Config, loss_id: str, seed: int) -> dict[str, Any]:
+    d = _dump(cfg)
+    loss = d["losses"][loss_id]
+    return {
+        "step": "train",
+        "data": {k: d["data"][k] for k in ID_SECTIONS},
+        "model": d["model"],
+        "train": {k: v for k, v in d["train"].items() if k not in EVAL_ONLY_TRAIN_KEYS},
+        "method": loss["method"],
+        "options": loss["options"],
+        "seed": seed,
+        "code": code_version("train"),
+    }
+
+
+def _inference(cfg: Config) -> dict[str, Any]:
+    t = cfg.train
+    return {"eval_batch_size": t.eval_batch_size, "device": t.device, "amp": t.amp}
+
+
+def calibrate_inputs(cfg: Config, loss_id: str, seed: int) -> dict[str, Any]:
+    return {
+        "step": "calibrate",
+        "calibration": _dump(cfg)["calibration"],
+        **_inference(cfg),
+        "code": code_version("calibrate"),
+    }
+
+
+def evaluate_inputs(cfg: Config, loss_id: str, seed: int) -> dict[str, Any]:
+    return {
+        "step": "evaluate",
+        "score": resolved_score(cfg, loss_id),
+        **_inference(cfg),
+        "code": code_version("evaluate"),
+    }
+
+
+def gate_inputs(cfg: Config) -> dict[str, Any]:
+    return {
+        "step": "gate",
+        "gate": _dump(cfg)["gate"],
+        "losses": cfg.loss_ids(),
+        "seeds": list(cfg.seeds),
+        "code": code_version("gate"),
+    }
+
+
+# ---------------------------------------------------------------- fingerprints
+def prepare_fingerprint(cfg: Config, data_version: str) -> str:
+    return digest([prepare_inputs(cfg), data_version])
+
+
+def train_fingerprint(cfg: Config, loss_id: str, seed: int, id_digest: str) -> str:
+    return digest([train_inputs(cfg, loss_id, seed), id_digest])
+
+
+def calibrate_fingerprint(cfg: Config, loss_id: str, seed: int, train_fp: str) -> str:
+    return digest([calibrate_inputs(cfg, loss_id, seed), train_fp])
+
+
+def evaluate_fingerprint(cfg: Config, loss_id: str, seed: int, calibrate_fp: str, ood_digest: str) -> str:
+    return digest([evaluate_inputs(cfg, loss_id, seed), calibrate_fp, ood_digest])
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the current config and prepared data give one (loss, seed): each step's inputs record
+    and fingerprint."""
+
+    inputs: dict[str, dict[str, Any]]
+    fingerprint: dict[str, str]
+
+
+def expected(cfg: Config, loss_id: str, seed: int, prepared_dir: str | Path) -> Expected:
+    from oodgate.steps.common import file_digest
+
+    prepared_dir = Path(prepared_dir)
+    t = train_fingerprint(cfg, loss_id, seed, file_digest(prepared_dir / "id.pt"))
+    c = calibrate_fingerprint(cfg, loss_id, seed, t)
+    e = evaluate_fingerprint(cfg, loss_id, seed, c, file_digest(prepared_dir / "ood.pt"))
+    inputs = {
+        "train": train_inputs(cfg, loss_id, seed),
+        "calibrate": calibrate_inputs(cfg, loss_id, seed),
+        "evaluate": evaluate_inputs(cfg, loss_id, seed),
+    }
+    return Expected(inputs, {"train": t, "calibrate": c, "evaluate": e})
+
+
+# ---------------------------------------------------------------- the DVC stage `inputs`
+def write_inputs(cfg: Config, out_dir: str | Path) -> list[Path]:
+    """``<out_dir>/prepare.json``, ``<step>/<loss>/seed<k>.json`` for train, calibrate and evaluate,
+    and ``gate.json``: the records the DVC stages depend on. The directory is rewritten whole."""
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    written = [write_json(out_dir / "prepare.json", prepare_inputs(cfg))]
+    records = {"train": train_inputs, "calibrate": calibrate_inputs, "evaluate": evaluate_inputs}
+    for loss_id in cfg.loss_ids():
+        for seed in cfg.seeds:
+            for step, record in records.items():
+                written.append(
+                    write_json(out_dir / step / loss_id / f"seed{seed}.json", record(cfg, loss_id, seed))
+                )
+    written.append(write_json(out_dir / "gate.json", gate_inputs(cfg)))
+    return written

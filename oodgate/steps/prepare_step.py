@@ -1,0 +1,46 @@
+"""Prepare: load the configured datasets once and save their splits as uint8 tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oodgate.config import Config
+from oodgate.steps.common import pack, write_json
+
+
+def prepare(cfg: Config, out_dir: str | Path, root: str | Path | None = None) -> dict[str, Any]:
+    """``id.pt`` (train/val/test and the normalisation stats), ``ood.pt`` (OOD val/test halves) and
+    ``data.json`` (the sizes) in ``out_dir``; returns ``data.json``'s content."""
+    from oodgate.data.load import load_data
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundle = load_data(cfg.data, root)
+    meta = {
+        "num_classes": bundle.num_classes,
+        "in_channels": bundle.in_channels,
+        "image_size": bundle.image_size,
+        "mean": list(bundle.mean),
+        "std": list(bundle.std),
+        "class_names": list(bundle.class_names),
+    }
+    torch.save(
+        {"meta": meta, "train": pack(bundle.train), "val": pack(bundle.val), "test": pack(bundle.test)},
+        out_dir / "id.pt",
+    )
+    torch.save(
+        {
+            "names": list(bundle.ood_test),
+            "val": {k: pack(v) for k, v in bundle.ood_val.items()},
+            "test": {k: pack(v) for k, v in bundle.ood_test.items()},
+        },
+        out_dir / "ood.pt",
+    )
+    sizes = {"train": len(bundle.train.y), "val": len(bundle.val.y), "test": len(bundle.test.y)}
+    sizes.update({f"ood/{k}": len(v.y) for k, v in bundle.ood_test.items()})
+    summary = {**meta, "sizes": sizes}
+    write_json(out_dir / "data.json", summary)
+    return summary

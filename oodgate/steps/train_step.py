@@ -1,0 +1,102 @@
+"""Train one (loss, seed) into a directory: ``last.pt`` (resume state), ``best.pt`` (the selected
+weights), ``history.json`` and, once finished, ``train.json`` (the record, with its fingerprint)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from oodgate import engine
+from oodgate.classifier import ModelSpec, build_classifier
+from oodgate.config import Config
+from oodgate.data.bundle import DataBundle
+from oodgate.steps.common import file_digest, load_prepared, read_json, write_json
+from oodgate.steps.results import Trained
+
+RECORD = "train.json"
+
+
+def model_spec(cfg: Config, loss_id: str, bundle: DataBundle) -> ModelSpec:
+    """The architecture of one loss. The OOD score is the method's default here: the configured
+    score is applied at evaluation, so changing it never retrains."""
+    from oodgate import methods
+
+    loss = cfg.losses[loss_id]
+    return ModelSpec(
+        backbone=cfg.model.backbone,
+        method=loss.method,
+        num_classes=bundle.num_classes,
+        in_channels=bundle.in_channels,
+        image_size=bundle.image_size,
+        mean=tuple(bundle.mean),
+        std=tuple(bundle.std),
+        score=methods.METHODS.get(loss.method).default_score,
+        backbone_options=dict(cfg.model.options),
+        method_options=dict(loss.options),
+        class_names=tuple(bundle.class_names),
+    )
+
+
+def train(
+    cfg: Config,
+    loss_id: str,
+    seed: int,
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    progress: bool = False,
+    on_epoch: Callable[[engine.EpochStats], None] | None = None,
+    max_epochs: int | None = None,
+    fingerprint: str | None = None,
+) -> Trained:
+    """Train one (loss, seed), or return the finished result in ``out_dir`` if it has the same
+    fingerprint (default: :func:`~oodgate.steps.inputs.train_fingerprint` of the current config and
+    prepared ``id.pt``). ``last.pt`` is resumed only under the same fingerprint; anything written under
+    other inputs is trained again, never returned."""
+    from oodgate.steps.inputs import train_fingerprint, train_inputs
+
+    if loss_id not in cfg.losses:
+        raise ValueError(f"unknown loss id {loss_id!r}; losses in params.yaml: {', '.join(cfg.losses)}")
+    out_dir = Path(out_dir)
+    if fingerprint is None:
+        fingerprint = train_fingerprint(cfg, loss_id, seed, file_digest(Path(prepared_dir) / "id.pt"))
+    done = out_dir / RECORD
+    if done.is_file():
+        previous = read_json(done)
+        if previous.get("fingerprint") == fingerprint and (out_dir / engine.BEST).is_file():
+            return Trained(**previous, dir=str(out_dir))  # training is a pure function of its inputs
+        done.unlink()  # trained under other inputs: stale, train again
+    bundle = load_prepared(prepared_dir, with_ood=False)
+    spec = model_spec(cfg, loss_id, bundle)
+    result = engine.train(
+        lambda: build_classifier(spec, seed),
+        bundle.train,
+        bundle.val,
+        cfg.train,
+        seed=seed,
+        out_dir=out_dir,
+        progress=progress,
+        on_epoch=on_epoch,
+        max_epochs=max_epochs,
+        fingerprint=fingerprint,
+    )
+    # Wall-clock times go into the returned result only, never into the files: the same inputs
+    # write the same bytes (a re-run under `dvc repro` leaves dvc.lock unchanged).
+    write_json(out_dir / "history.json", [engine.without_timing(h) for h in result.history])
+    trained = Trained(
+        loss=loss_id,
+        method=spec.method,
+        seed=seed,
+        fingerprint=fingerprint,
+        dir=str(out_dir),
+        best_epoch=result.best_epoch,
+        best_val_accuracy=result.best_val_accuracy,
+        epochs=len(result.history),
+        device=result.device,
+        resumed_from_epoch=result.resumed_from_epoch,
+        inputs=train_inputs(cfg, loss_id, seed),
+        train_seconds=round(sum(h.get("seconds", 0.0) for h in result.history), 3),
+        epoch_seconds=tuple(round(h.get("seconds", 0.0), 3) for h in result.history),
+    )
+    if len(result.history) == cfg.train.epochs:  # not interrupted on purpose (max_epochs)
+        write_json(done, trained.record())
+    return trained
