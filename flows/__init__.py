@@ -14,3 +14,11 @@ TELEMETRY_OFF = {
     "DO_NOT_TRACK": "1",
     "DVC_NO_ANALYTICS": "1",
 }
+
+
+def telemetry_off() -> None:
+    """Set :data:`TELEMETRY_OFF` where the environment does not already say otherwise."""
+    import os
+
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)

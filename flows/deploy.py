@@ -19,7 +19,7 @@ import urllib.request
 from contextlib import nullcontext
 from pathlib import Path
 
-from flows import PROJECT_ROOT, TELEMETRY_OFF
+from flows import PROJECT_ROOT, telemetry_off
 
 DEPLOYMENT_NAME = "scheduled"
 FULL_NAME = f"oodgate-pipeline/{DEPLOYMENT_NAME}"
@@ -83,8 +83,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for k, v in TELEMETRY_OFF.items():
-        os.environ.setdefault(k, v)
+    telemetry_off()
     p = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.splitlines()[0])
     p.add_argument("--params", default="params.yaml", help="relative to --root, or absolute")
     p.add_argument("--root", default=None, help="the project directory (default: this repository)")

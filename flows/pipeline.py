@@ -12,7 +12,6 @@ the flow parameters would fail before the first task. The flow's parameters are 
 """
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import PROJECT_ROOT, TELEMETRY_OFF
+from flows import PROJECT_ROOT, telemetry_off
 from oodgate.config import Config, load_config
 from oodgate.steps import inputs
 from tasks import tracking
@@ -315,8 +314,7 @@ def report_markdown(report: dict, registered: list[dict], failed: dict[str, str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    for k, v in TELEMETRY_OFF.items():
-        os.environ.setdefault(k, v)
+    telemetry_off()
     p = argparse.ArgumentParser(prog="python -m flows.pipeline", description="Run the pipeline flow once.")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--root", default=None, help="the project directory (default: this repository)")

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from flows import PROJECT_ROOT, TELEMETRY_OFF
+from flows import PROJECT_ROOT, telemetry_off
 from flows.deploy import FULL_NAME, wait_healthy
 
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
@@ -66,8 +66,7 @@ def follow(flow_run_id: object, poll: float = 2.0):
 
 
 def main(argv: list[str] | None = None) -> int:
-    for k, v in TELEMETRY_OFF.items():
-        os.environ.setdefault(k, v)
+    telemetry_off()
     p = argparse.ArgumentParser(prog="python -m flows.trigger", description=__doc__.splitlines()[0])
     p.add_argument("--api-url", default=os.environ.get("PREFECT_API_URL") or DEFAULT_API_URL)
     p.add_argument("--wait", action="store_true", help="follow the run until it ends")

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flows import telemetry_off
 from oodgate.config import RegistryConfig
 from tasks import tracking
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=5001)
     args = p.parse_args(argv)
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    telemetry_off()
     uri = tracking.default_tracking_uri()
     try:
         version = resolve(args.name, args.alias, uri)

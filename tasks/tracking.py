@@ -21,6 +21,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from flows import telemetry_off
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TAG = "oodgate."  # prefix of every tag this project sets
 
@@ -37,7 +39,7 @@ def connect(uri: str | None = None, root: Path = PROJECT_ROOT, timeout: float = 
     """Set the tracking URI; for a server, fail fast (no retry loop) if it does not answer."""
     import mlflow
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    telemetry_off()
     # One progress bar per downloaded artifact floods the flow logs.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = uri or default_tracking_uri(root)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 
+from flows import telemetry_off
+
 # Nothing phones home from the test suite.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+telemetry_off()
 
 REPO = Path(__file__).resolve().parents[1]
 
