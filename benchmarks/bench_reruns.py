@@ -32,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from flows import TELEMETRY_OFF
+
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = {"softmax": {"method": "softmax"}, "dismax_fpr": {"method": "dismax", "options": {"fpr": True}}}
 COPY = ("oodgate", "flows", "tasks")
@@ -54,10 +56,7 @@ def env(root: Path) -> dict[str, str]:
     e.update(
         PYTHONPATH=str(root),
         PATH=os.pathsep.join([str(Path(sys.executable).parent), e.get("PATH", "")]),
-        DVC_NO_ANALYTICS="1",
-        MLFLOW_DISABLE_TELEMETRY="true",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DO_NOT_TRACK="1",
+        **TELEMETRY_OFF,
         PREFECT_HOME=str(root / ".prefect"),  # a private Prefect home: its own result cache
         GIT_AUTHOR_NAME="bench",
         GIT_AUTHOR_EMAIL="bench@oodgate.invalid",
