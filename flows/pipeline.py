@@ -26,6 +26,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import PROJECT_ROOT, telemetry_off
 from oodgate.config import Config, load_config
+from oodgate.preflight import preflight
 from oodgate.steps import inputs
 from tasks import tracking
 from tasks.caching import Job
@@ -95,6 +96,7 @@ def pipeline(
     """
     project = Path(root).resolve() if root else PROJECT_ROOT
     cfg = load_config(project / params_path, overrides)
+    preflight(cfg)  # a missing GPU or OOD file fails the run before its first task
     t_start = time.perf_counter()
     data_version = check_data(str(project), cfg.data.root)
     tracking.connect(root=project)
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     params = ((root or Path.cwd()) / args.params).resolve()  # --params is relative to --root, else to cwd
     try:
         overrides = parse_overrides(args.set)
-        load_config(params, overrides)  # a bad config fails here, before Prefect starts
+        preflight(load_config(params, overrides))  # a bad config fails here, before Prefect starts
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

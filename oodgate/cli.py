@@ -13,7 +13,7 @@ from pathlib import Path
 
 from oodgate.config import Config, ConfigError, load_config
 from oodgate.layout import Layout
-from oodgate.steps.results import StaleResultError
+from oodgate.steps.results import CorruptResultError, StaleResultError
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -237,10 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "materialize":
             return cmd_materialize(args)
         cfg = _config(args)
+        from oodgate.preflight import preflight
         from oodgate.runtime import configure_determinism
 
+        preflight(cfg, training=args.command in ("train", "calibrate", "evaluate", "run"))
         configure_determinism()
         return COMMANDS[args.command](cfg, Layout(Path(cfg.workdir)), args)
-    except (ConfigError, FileNotFoundError, ValueError, StaleResultError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, StaleResultError, CorruptResultError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

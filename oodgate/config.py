@@ -256,7 +256,13 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                prefix = ".".join(parents[: i + 1])
+                raise ConfigError(
+                    f"override {dotted}={value!r}: {prefix} is a value ({node!r}), not a section; "
+                    f"set {prefix}=... instead"
+                )
         node[leaf] = value
     return parse_config(raw, str(path))

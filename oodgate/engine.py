@@ -10,6 +10,7 @@ from its last checkpoint equals an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -165,8 +166,13 @@ class _Run:
     start_epoch: int = 0
 
     def restore(self, last_path: Path, fingerprint: str) -> None:
-        """Resume from ``last.pt`` if it was written under the same ``fingerprint``."""
-        state = read_checkpoint(last_path) if last_path.is_file() else None
+        """Resume from ``last.pt`` if it was written under the same ``fingerprint``; an unreadable
+        one (truncated by a crash of the disk, not of the run: saves are atomic) starts over."""
+        try:
+            state = read_checkpoint(last_path) if last_path.is_file() else None
+        except Exception as e:  # torch's zip reader raises RuntimeError, pickle others
+            logging.getLogger("oodgate").warning("%s is unreadable (%s); training from scratch", last_path, e)
+            state = None
         if state is None or state.get("fingerprint", "") != fingerprint:
             return
         self.model.load_state_dict(state["model"])

@@ -25,7 +25,23 @@ def data_version(dvc_file: Path) -> str:
     return outs["md5"]
 
 
-@task(name="check-data", retries=1, retry_delay_seconds=2)
+def _fix(data_dir: str, changed: list[str]) -> str:
+    """Advice that works on a fresh clone and never deletes anything: the embedded default is
+    written again with its exact bytes; other data is versioned as it now is (or restored by hand).
+    (`dvc checkout data.dvc` fails on a fresh clone, whose cache is empty, and its --force form
+    deletes the files it cannot restore.)"""
+    if changed and all(Path(c).parts[:1] == ("embedded",) for c in changed):
+        return (
+            f"the embedded default data changed: write it again with `python -m oodgate materialize "
+            f"--root {data_dir}` (the same bytes on every machine)"
+        )
+    return (
+        f"run `dvc add {data_dir}` to version the data as it is now (then commit {data_dir}.dvc), or put "
+        f"back the files you changed; nothing was deleted"
+    )
+
+
+@task(name="check-data")  # no retry: a mismatch does not change by waiting
 def check_data(project_root: str, data_dir: str = "data") -> str:
     """The DVC hash of ``data/``; fails with the fixing command if the data is missing or changed."""
     from dvc.repo import Repo
@@ -43,11 +59,28 @@ def check_data(project_root: str, data_dir: str = "data") -> str:
         uncommitted = repo.data_status(granular=False)["uncommitted"]
     changes = {kind: paths for kind, paths in uncommitted.items() if f"{data_dir}/" in paths}
     if changes:
+        changed = sorted(_changed_files(repo_root=root, data_dir=data_dir))
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
         raise DataVersionError(
-            f"{root / data_dir} differs from {data_dir}.dvc ({changes}); run `dvc add {data_dir}` to version the "
-            f"new data, or `dvc checkout {data_dir}.dvc` to restore the recorded version"
+            f"{root / data_dir} differs from {data_dir}.dvc ({shown or changes}); {_fix(data_dir, changed)}"
         )
     return version
+
+
+def _changed_files(repo_root: Path, data_dir: str) -> list[str]:
+    """Files under ``data_dir`` (relative to it) that DVC cannot match to data.dvc (with an empty DVC
+    cache, as on a fresh clone, that is every file of the changed directory)."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo_root)) as repo:
+        status = repo.data_status(granular=True)["uncommitted"]
+    prefix = f"{data_dir}/"
+    return [
+        p.removeprefix(prefix)
+        for paths in status.values()
+        for p in paths
+        if p.startswith(prefix) and not p.endswith("/")
+    ]
 
 
 @task(

@@ -6,8 +6,11 @@ database per test, DVC on a temporary project, the embedded data.
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -138,6 +141,63 @@ def test_a_deleted_work_directory_is_recomputed_not_returned_from_cache(first_ru
     assert list((project / "artifacts" / "cache").glob("train-*/best.pt"))
 
 
+def test_a_corrupt_cached_file_is_reported_and_recomputed_never_reused(first_run, caplog):
+    """Truncate each kind of cached output in turn (checkpoint, calibrated model, metrics, samples,
+    prepared data): the next run notices it by its digest, recomputes it and gives the same metrics
+    as the clean run; nothing is trained or registered from a broken file."""
+    project, _, _ = first_run
+    cache = project / "artifacts" / "cache"
+
+    def child_metrics() -> dict[str, dict]:
+        runs = [r for r in _runs(status="FINISHED") if r.data.tags.get("oodgate.role") != "pipeline"]
+        return {
+            r.data.tags["oodgate.loss"]: {
+                k: v for k, v in r.data.metrics.items() if not k.startswith("time/")
+            }
+            for r in runs
+        }
+
+    def record_of(d: Path) -> dict:
+        name = next(
+            n for n in ("train.json", "calibration.json", "evaluation.json", "data.json") if (d / n).is_file()
+        )
+        return steps.read_json(d / name)
+
+    def victim(prefix: str, loss: str | None, name: str) -> Path:
+        for d in sorted(cache.glob(f"{prefix}-*")):
+            if loss is None or record_of(d).get("loss") == loss:
+                return d / name
+        raise AssertionError((prefix, loss))
+
+    clean = child_metrics()
+    for round_ in (
+        [("train", "softmax", "best.pt"), ("evaluate", "dismax_fpr", "samples.pt")],
+        [
+            ("calibrate", "softmax", "calibrated.pt"),
+            ("evaluate", "dismax_fpr", "metrics.json"),
+            ("prepared", None, "id.pt"),
+        ],
+    ):
+        broken = [victim(*v) for v in round_]
+        for path in broken:
+            path.write_bytes(path.read_bytes()[:100])
+        for r in _runs():  # no MLflow reuse: every loss goes to its files
+            MlflowClient().delete_run(r.info.run_id)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="oodgate"):
+            result = _pipeline(project)
+        assert not result.failed and result.reused == []
+        assert child_metrics() == clean
+        for path in broken:
+            outputs = record_of(path.parent)["outputs"]
+            assert steps.file_digest(path) == outputs[path.name], path  # repaired in place
+            if path.name != "id.pt":  # prepare rewrites its files whenever its task runs
+                assert any(str(path.parent) in m and "recomputing" in m for m in caplog.messages), (
+                    path,
+                    caplog.messages,
+                )
+
+
 # ------------------------------------------------------------------ faults
 class _NaNHead(SoftMaxHead):
     """A head whose loss is NaN, to exercise the NaN path of the real flow."""
@@ -224,8 +284,25 @@ def test_missing_or_changed_data_names_the_fix(project):
         arr = project / "data" / "embedded" / "photo_patches.npy"
         original = arr.read_bytes()
         arr.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
-        with pytest.raises(DataVersionError, match=r"differs from data\.dvc.*modified.*dvc add data"):
+        # the advice is a command that works here (a fresh clone's empty cache) and deletes nothing
+        with pytest.raises(
+            DataVersionError, match=r"differs from data\.dvc \(.*embedded/photo_patches\.npy.*materialize"
+        ) as e:
             check_data.fn(str(project))
+        command = re.search(r"`(python -m oodgate materialize --root data)`", str(e.value)).group(1)
+        subprocess.run([sys.executable, *command.split()[1:]], cwd=project, check=True, capture_output=True)
+        assert arr.read_bytes() == original and check_data.fn(str(project)).endswith(".dir")
+        # data of the user's own: version it as it is now
+        (project / "data" / "mine").mkdir()
+        (project / "data" / "mine" / "x.txt").write_text("my data")
+        with pytest.raises(
+            DataVersionError, match=r"mine/x\.txt.*\); run `dvc add data`.*nothing was deleted"
+        ) as e:
+            check_data.fn(str(project))
+        command = re.search(r"`(dvc add data)`", str(e.value)).group(1)
+        subprocess.run([sys.executable, "-m", *command.split()], cwd=project, check=True, capture_output=True)
+        assert (project / "data" / "mine" / "x.txt").read_text() == "my data"
+        assert check_data.fn(str(project)).endswith(".dir")
         shutil.rmtree(project / "data")
         with pytest.raises(DataVersionError, match=r"missing; run `make data`.*`dvc pull`"):
             check_data.fn(str(project))

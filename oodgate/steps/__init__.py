@@ -23,6 +23,7 @@ from typing import Any
 
 _EXPORTS = {
     "StaleResultError": "results",
+    "CorruptResultError": "results",
     "digest": "common",
     "file_digest": "common",
     "inference_device": "common",

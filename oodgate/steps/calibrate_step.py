@@ -13,8 +13,10 @@ from oodgate.steps.common import (
     check_fresh,
     inference_device,
     load_prepared,
-    read_json,
+    output_digests,
     read_record,
+    reusable,
+    verified,
     write_json,
 )
 from oodgate.steps.results import Calibrated
@@ -37,12 +39,13 @@ def calibrate(
     fix = f"train it first (`python -m oodgate train --loss {loss_id} --seed {seed}` or `dvc repro`)"
     trained = read_record(train_dir / "train.json", what, fix)
     check_fresh(trained, want.fingerprint["train"], want.inputs["train"], what, train_dir, fix)
-    if (out_dir / RECORD).is_file() and (out_dir / MODEL).is_file():
-        previous = read_json(out_dir / RECORD)
-        if previous.get("fingerprint") == want.fingerprint["calibrate"]:
-            return Calibrated(**previous, dir=str(out_dir))
+    best = verified(trained, train_dir, engine.BEST, what, fix)
+    previous = reusable(out_dir, RECORD, want.fingerprint["calibrate"])
+    if previous is not None:
+        return Calibrated(**previous, dir=str(out_dir))
+    (out_dir / RECORD).unlink(missing_ok=True)
     t0 = time.perf_counter()
-    model = load_classifier(train_dir / engine.BEST)
+    model = load_classifier(best)
     bundle = load_prepared(prepared_dir, with_ood=False)
     device, amp = inference_device(cfg)
     cal = evaluation.calibrate(
@@ -57,6 +60,7 @@ def calibrate(
         objective=cal.objective,
         metrics=cal.metrics(),
         inputs=want.inputs["calibrate"],
+        outputs=output_digests(out_dir, (MODEL,)),
         seconds=round(time.perf_counter() - t0, 3),
     )
     write_json(out_dir / RECORD, result.record())  # last: the record marks a finished result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -13,7 +14,9 @@ import torch
 
 from oodgate.config import Config
 from oodgate.data.bundle import DataBundle, ImageSet
-from oodgate.steps.results import StaleResultError
+from oodgate.steps.results import CorruptResultError, StaleResultError
+
+log = logging.getLogger("oodgate")
 
 
 # ---------------------------------------------------------------- digests
@@ -96,6 +99,61 @@ def check_fresh(
     )
 
 
+# ---------------------------------------------------------------- outputs, verified before reuse
+def output_digests(out_dir: Path, names: tuple[str, ...]) -> dict[str, str]:
+    """What a record stores of the files it vouches for: their digests."""
+    return {name: file_digest(Path(out_dir) / name) for name in names}
+
+
+def damaged(out_dir: Path, outputs: Mapping[str, str]) -> list[str]:
+    """The files of ``outputs`` that are missing or whose bytes differ from their recorded digest."""
+    bad = []
+    for name, want in outputs.items():
+        path = Path(out_dir) / name
+        if not path.is_file() or file_digest(path) != want:
+            bad.append(name)
+    return bad
+
+
+def reusable(out_dir: Path, record_name: str, fingerprint: str) -> dict[str, Any] | None:
+    """The record in ``out_dir`` if it has ``fingerprint`` and every file it lists is intact; else
+    None (a corrupt file is reported by path, and the caller recomputes)."""
+    path = Path(out_dir) / record_name
+    if not path.is_file():
+        return None
+    try:
+        record = read_json(path)
+    except (OSError, ValueError) as e:
+        log.warning("%s is unreadable (%s); recomputing", path, e)
+        return None
+    if record.get("fingerprint") != fingerprint:
+        return None
+    outputs = record.get("outputs")
+    bad = damaged(out_dir, outputs) if outputs else ["(no output digests recorded)"]
+    if bad:
+        log.warning(
+            "%s: %s missing or not what %s recorded (corrupt or changed); recomputing",
+            out_dir,
+            ", ".join(bad),
+            record_name,
+        )
+        return None
+    return record
+
+
+def verified(record: Mapping[str, Any], out_dir: Path, name: str, what: str, fix: str) -> Path:
+    """``out_dir/name`` if its bytes are those the upstream ``record`` recorded; otherwise a
+    CorruptResultError naming the file (an upstream step must recompute it)."""
+    path = Path(out_dir) / name
+    want = (record.get("outputs") or {}).get(name)
+    if not path.is_file() or want is None or file_digest(path) != want:
+        raise CorruptResultError(
+            f"{what}: {str(path)!r} is missing or not the file its record vouches for (corrupt or changed "
+            f"since it was written); {fix}"
+        )
+    return path
+
+
 # ---------------------------------------------------------------- prepared data
 def pack(s: ImageSet) -> dict[str, torch.Tensor]:
     return {"x": s.x, "y": s.y}
@@ -107,14 +165,13 @@ def _unpack(d: Mapping[str, torch.Tensor]) -> ImageSet:
 
 def load_prepared(prepared_dir: str | Path, with_ood: bool = True) -> DataBundle:
     prepared_dir = Path(prepared_dir)
-    if not (prepared_dir / "id.pt").is_file():
-        raise FileNotFoundError(
-            f"prepared data not found in {str(prepared_dir)!r}; run the prepare step first "
-            "(`python -m oodgate prepare` or `dvc repro prepare`)"
-        )
-    d = torch.load(prepared_dir / "id.pt", weights_only=True)
+    fix = "run the prepare step again (`python -m oodgate prepare` or `dvc repro prepare`)"
+    if not (prepared_dir / "data.json").is_file():
+        raise FileNotFoundError(f"prepared data not found in {str(prepared_dir)!r}; {fix}")
+    summary = read_json(prepared_dir / "data.json")
+    d = torch.load(verified(summary, prepared_dir, "id.pt", "prepared data", fix), weights_only=True)
     ood = (
-        torch.load(prepared_dir / "ood.pt", weights_only=True)
+        torch.load(verified(summary, prepared_dir, "ood.pt", "prepared data", fix), weights_only=True)
         if with_ood
         else {"names": [], "val": {}, "test": {}}
     )

@@ -15,14 +15,17 @@ from oodgate.steps.common import (
     check_fresh,
     inference_device,
     load_prepared,
+    output_digests,
     read_json,
     read_record,
+    reusable,
+    verified,
     write_json,
 )
 from oodgate.steps.results import Evaluated
 
 RECORD = "evaluation.json"
-OUTPUTS = ("metrics.json", "samples.pt", RECORD)
+OUTPUTS = ("metrics.json", "samples.pt")  # what evaluation.json vouches for
 
 
 def evaluate(
@@ -44,12 +47,13 @@ def evaluate(
     fix = f"calibrate it first (`python -m oodgate calibrate --loss {loss_id} --seed {seed}` or `dvc repro`)"
     calibrated = read_record(calibrate_dir / "calibration.json", what, fix)
     check_fresh(calibrated, want.fingerprint["calibrate"], want.inputs["calibrate"], what, calibrate_dir, fix)
-    if all((out_dir / name).is_file() for name in OUTPUTS):
-        previous = read_json(out_dir / RECORD)
-        if previous.get("fingerprint") == want.fingerprint["evaluate"]:
-            return Evaluated(**previous, dir=str(out_dir), metrics=read_json(out_dir / "metrics.json"))
+    model_file = verified(calibrated, calibrate_dir, "calibrated.pt", what, fix)
+    previous = reusable(out_dir, RECORD, want.fingerprint["evaluate"])
+    if previous is not None:
+        return Evaluated(**previous, dir=str(out_dir), metrics=read_json(out_dir / "metrics.json"))
+    (out_dir / RECORD).unlink(missing_ok=True)
     score = resolved_score(cfg, loss_id)
-    model = with_score(load_classifier(calibrate_dir / "calibrated.pt"), score)
+    model = with_score(load_classifier(model_file), score)
     bundle = load_prepared(prepared_dir)
     device, amp = inference_device(cfg)
     ev = evaluation.evaluate(model, bundle, batch_size=cfg.train.eval_batch_size, device=device, amp=amp)
@@ -79,6 +83,7 @@ def evaluate(
         threshold=ev.threshold,
         metrics=ev.metrics,
         inputs=want.inputs["evaluate"],
+        outputs=output_digests(out_dir, OUTPUTS),
     )
     write_json(out_dir / RECORD, result.record())  # last: the record marks a finished result
     return result

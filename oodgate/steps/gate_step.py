@@ -10,7 +10,7 @@ from typing import Any
 from oodgate.config import Config
 from oodgate.gate import Decision, SampleSet, decide, rank_key
 from oodgate.metrics import aggregate
-from oodgate.steps.common import check_fresh, read_json, read_record
+from oodgate.steps.common import check_fresh, read_json, read_record, verified
 from oodgate.steps.results import Evaluated
 
 
@@ -28,7 +28,9 @@ def collect(cfg: Config, evaluate_dir, prepared_dir: str | Path) -> list[Evaluat
             record = read_record(d / "evaluation.json", what, fix)
             want = expected(cfg, loss_id, seed, prepared_dir)
             check_fresh(record, want.fingerprint["evaluate"], want.inputs["evaluate"], what, d, fix)
-            out.append(Evaluated(**record, dir=str(d), metrics=read_json(d / "metrics.json")))
+            verified(record, d, "samples.pt", what, fix)
+            metrics = read_json(verified(record, d, "metrics.json", what, fix))
+            out.append(Evaluated(**record, dir=str(d), metrics=metrics))
     return out
 
 

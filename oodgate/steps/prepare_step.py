@@ -8,12 +8,13 @@ from typing import Any
 import torch
 
 from oodgate.config import Config
-from oodgate.steps.common import pack, write_json
+from oodgate.steps.common import output_digests, pack, write_json
 
 
 def prepare(cfg: Config, out_dir: str | Path, root: str | Path | None = None) -> dict[str, Any]:
     """``id.pt`` (train/val/test and the normalisation stats), ``ood.pt`` (OOD val/test halves) and
-    ``data.json`` (the sizes) in ``out_dir``; returns ``data.json``'s content."""
+    ``data.json`` (the sizes, and the digests every later read verifies) in ``out_dir``; returns
+    ``data.json``'s content."""
     from oodgate.data.load import load_data
 
     out_dir = Path(out_dir)
@@ -41,6 +42,6 @@ def prepare(cfg: Config, out_dir: str | Path, root: str | Path | None = None) ->
     )
     sizes = {"train": len(bundle.train.y), "val": len(bundle.val.y), "test": len(bundle.test.y)}
     sizes.update({f"ood/{k}": len(v.y) for k, v in bundle.ood_test.items()})
-    summary = {**meta, "sizes": sizes}
+    summary = {**meta, "sizes": sizes, "outputs": output_digests(out_dir, ("id.pt", "ood.pt"))}
     write_json(out_dir / "data.json", summary)
     return summary

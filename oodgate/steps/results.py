@@ -14,6 +14,10 @@ class StaleResultError(RuntimeError):
     changed since): using it would return a result that does not match the config."""
 
 
+class CorruptResultError(RuntimeError):
+    """A file a step reads is not the one its record vouches for (truncated, overwritten)."""
+
+
 @dataclass(frozen=True)
 class Trained:
     loss: str
@@ -27,6 +31,7 @@ class Trained:
     device: str
     resumed_from_epoch: int = 0
     inputs: dict = field(default_factory=dict)  # the inputs record (oodgate.steps.inputs)
+    outputs: dict = field(default_factory=dict)  # file name -> digest, verified before any reuse
     train_seconds: float = 0.0  # this call's training time (0.0 when the result was reused)
     epoch_seconds: tuple[float, ...] = ()
 
@@ -43,6 +48,7 @@ class Calibrated:
     objective: str
     metrics: dict[str, float] = field(default_factory=dict)  # calibration/temperature, val/...
     inputs: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -55,6 +61,7 @@ class Calibrated:
             "seed": self.seed,
             "fingerprint": self.fingerprint,
             "inputs": self.inputs,
+            "outputs": self.outputs,
             "objective": self.objective,
             "metrics": self.metrics,
         }
@@ -70,6 +77,7 @@ class Evaluated:
     threshold: float
     metrics: dict[str, float] = field(default_factory=dict)  # also in metrics.json
     inputs: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
 
     def record(self) -> dict:
         return {
@@ -77,6 +85,7 @@ class Evaluated:
             "seed": self.seed,
             "fingerprint": self.fingerprint,
             "inputs": self.inputs,
+            "outputs": self.outputs,
             "score": self.score,
             "threshold": self.threshold,
         }

@@ -10,10 +10,11 @@ from oodgate import engine
 from oodgate.classifier import ModelSpec, build_classifier
 from oodgate.config import Config
 from oodgate.data.bundle import DataBundle
-from oodgate.steps.common import file_digest, load_prepared, read_json, write_json
+from oodgate.steps.common import file_digest, load_prepared, output_digests, reusable, write_json
 from oodgate.steps.results import Trained
 
 RECORD = "train.json"
+OUTPUTS = (engine.BEST, "history.json")  # what train.json vouches for
 
 
 def model_spec(cfg: Config, loss_id: str, bundle: DataBundle) -> ModelSpec:
@@ -60,11 +61,12 @@ def train(
     if fingerprint is None:
         fingerprint = train_fingerprint(cfg, loss_id, seed, file_digest(Path(prepared_dir) / "id.pt"))
     done = out_dir / RECORD
-    if done.is_file():
-        previous = read_json(done)
-        if previous.get("fingerprint") == fingerprint and (out_dir / engine.BEST).is_file():
-            return Trained(**previous, dir=str(out_dir))  # training is a pure function of its inputs
-        done.unlink()  # trained under other inputs: stale, train again
+    previous = reusable(out_dir, RECORD, fingerprint)  # same inputs, files intact
+    if previous is not None:
+        return Trained(**previous, dir=str(out_dir))  # training is a pure function of its inputs
+    if done.is_file():  # finished under other inputs, or its files are damaged: train from scratch
+        for name in (RECORD, engine.BEST, engine.LAST):
+            (out_dir / name).unlink(missing_ok=True)
     bundle = load_prepared(prepared_dir, with_ood=False)
     spec = model_spec(cfg, loss_id, bundle)
     result = engine.train(
@@ -94,6 +96,7 @@ def train(
         device=result.device,
         resumed_from_epoch=result.resumed_from_epoch,
         inputs=train_inputs(cfg, loss_id, seed),
+        outputs=output_digests(out_dir, OUTPUTS),
         train_seconds=round(sum(h.get("seconds", 0.0) for h in result.history), 3),
         epoch_seconds=tuple(round(h.get("seconds", 0.0), 3) for h in result.history),
     )

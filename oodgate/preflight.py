@@ -1,0 +1,126 @@
+"""Everything about a config that can be known before any work starts, checked in well under a second.
+
+:func:`preflight` runs in every entry point (``python -m oodgate``, ``python -m flows.pipeline``, the
+flow itself before its first task) after the config is loaded: the device exists, the class indices
+exist in the dataset, and every OOD path is readable and holds images of a usable shape (an ``.npz``
+is inspected through its header, never loaded whole). Each problem is one line naming the key, the
+value and the fix (:class:`PreflightError`); the caller prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from oodgate.config import Config, ConfigError
+
+# Classes of each in-distribution dataset (their loaders are slow to run just to count them).
+NUM_CLASSES = {
+    "embedded_mnist": 10,
+    "mnist": 10,
+    "fashion_mnist": 10,
+    "cifar10": 10,
+    "cifar100": 100,
+    "svhn": 10,
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class PreflightError(ConfigError):
+    """The config names something this machine does not have."""
+
+
+def check_device(cfg: Config) -> None:
+    if cfg.train.device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise PreflightError(
+            f"train.device: 'cuda', but this machine has no CUDA device (torch {torch.__version__} sees "
+            "none); use 'auto' (the GPU where there is one, else the CPU) or 'cpu', or run on a GPU machine"
+        )
+
+
+def check_classes(cfg: Config) -> None:
+    n = NUM_CLASSES.get(cfg.data.dataset)
+    if n is None or cfg.data.classes is None:
+        return
+    bad = [c for c in cfg.data.classes if c >= n]
+    if bad:
+        raise PreflightError(
+            f"data.classes: {bad[0]} is out of range for data.dataset {cfg.data.dataset!r}, which has "
+            f"{n} classes; use indices 0..{n - 1}"
+        )
+
+
+def _npz_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the array ``x`` in an ``.npz``, from its header only."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n.removesuffix(".npy") for n in z.namelist()]
+            if "x" not in names:
+                raise PreflightError(
+                    f"data.ood: {str(path)!r} holds no array 'x' (found: {', '.join(names) or 'none'}); "
+                    "save the images with np.savez(path, x=images)"
+                )
+            with z.open("x.npy") as f:
+                fmt = np.lib.format
+                read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+                shape, _, dtype = read(f)
+    except zipfile.BadZipFile:
+        raise PreflightError(
+            f"data.ood: {str(path)!r} is not an .npz archive (not a zip file); "
+            "save the images with np.savez(path, x=images)"
+        ) from None
+    except OSError as e:
+        raise PreflightError(f"data.ood: {str(path)!r} cannot be read ({e.strerror or e})") from None
+    return shape, dtype
+
+
+def check_ood_path(name: str, path: Path) -> None:
+    if not path.exists():
+        raise PreflightError(
+            f"data.ood: {name!r} points to {str(path)!r}, which does not exist; give a folder of images "
+            "or an .npz file with a uint8 array 'x'"
+        )
+    if path.is_dir():
+        try:
+            images = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        except OSError as e:
+            raise PreflightError(
+                f"data.ood: folder {str(path)!r} cannot be read ({e.strerror or e})"
+            ) from None
+        if not images:
+            raise PreflightError(
+                f"data.ood: folder {str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+            )
+        return
+    if path.suffix.lower() != ".npz":
+        raise PreflightError(f"data.ood: {str(path)!r} must be a folder of images or an .npz file")
+    shape, dtype = _npz_header(path)
+    if dtype.hasobject:
+        raise PreflightError(
+            f"data.ood: {str(path)!r}: array 'x' holds Python objects (dtype object), which are never "
+            "loaded; save uint8 images (N, H, W) or (N, H, W, C)"
+        )
+    if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)):
+        raise PreflightError(
+            f"data.ood: {str(path)!r}: array 'x' is {dtype} of shape {shape}; expected uint8 images "
+            "(N, H, W) or (N, H, W, C) with C 1 or 3"
+        )
+    if shape[0] == 0:
+        raise PreflightError(f"data.ood: {str(path)!r}: array 'x' holds no images")
+
+
+def preflight(cfg: Config, training: bool = True) -> None:
+    """Raise :class:`PreflightError` for the first problem found. ``training=False`` skips the device
+    (a step that only reads results)."""
+    if training:
+        check_device(cfg)
+    check_classes(cfg)
+    for source in cfg.data.ood:
+        if source.path is not None:
+            check_ood_path(source.name, Path(source.path))
