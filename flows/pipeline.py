@@ -12,7 +12,11 @@ the flow parameters would fail before the first task. The flow's parameters are 
 """
 
 import argparse
+import os
+import signal
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +24,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import PROJECT_ROOT, telemetry_off
 from oodgate.config import Config, load_config
+from oodgate.engine import STOP
 from oodgate.preflight import preflight
 from oodgate.steps import inputs
 from tasks import tracking
@@ -102,6 +108,8 @@ def pipeline(
     tracking.connect(root=project)
     exp_id = tracking.ensure_experiment(cfg.registry.experiment, project)
     lineage = {
+        "oodgate.host": socket.gethostname(),
+        "oodgate.pid": str(os.getpid()),  # with the host: lets a later run close what a SIGKILL left open
         "oodgate.git_commit": tracking.git_commit(),
         "oodgate.code_version": inputs.digest(inputs.code_versions()),
         "oodgate.data_version": data_version,
@@ -110,6 +118,8 @@ def pipeline(
     parent = tracking.start_run(
         exp_id, f"pipeline-{flow_run.get_name() or 'local'}", {**lineage, "oodgate.role": "pipeline"}
     )
+    for run_id in tracking.close_orphans(exp_id, closed_by=f"pipeline run {parent}"):
+        get_run_logger().warning(f"closed MLflow run {run_id}, left RUNNING by a process that died")
     tracking.log_params(parent, cfg.model_dump(mode="json"))
     ctx = Context(cfg, project, (project / cfg.workdir).resolve(), exp_id, parent, lineage)
     try:
@@ -117,8 +127,17 @@ def pipeline(
         logged, failed = _train_and_log(ctx)
         outcome = _gate_and_register(ctx, logged, failed)
     except BaseException as e:
-        tracking.set_tags(parent, {"oodgate.failure": f"{type(e).__name__}: {e}"[:4000]})
-        tracking.end_run(parent, "FAILED")
+        # SIGINT, or SIGTERM (Prefect turns it into TerminationSignal; a runner cancelling a
+        # deployment run sends it too): stop the training thread within a batch, mark the runs KILLED.
+        interrupted = isinstance(e, KeyboardInterrupt | TerminationSignal) or STOP.is_set()
+        if interrupted:
+            STOP.set()
+        status, reason = (
+            ("KILLED", f"interrupted: {e}") if interrupted else ("FAILED", f"{type(e).__name__}: {e}")
+        )
+        tracking.close_open_children(parent, status, reason[:4000])
+        tracking.set_tags(parent, {"oodgate.failure": reason[:4000]})
+        tracking.end_run(parent, status)
         raise
     outcome.seconds = round(time.perf_counter() - t_start, 1)
     tracking.log_metrics(parent, {"time/pipeline_seconds": outcome.seconds})
@@ -336,12 +355,62 @@ def main(argv: list[str] | None = None) -> int:
     from oodgate.runtime import configure_determinism
 
     configure_determinism()
+    _stop_on_signals()
     try:
         pipeline(params_path=str(params), root=str(root) if root else None, overrides=overrides or None)
-    except Exception as e:
+    except BaseException as e:
+        if STOP.is_set():  # whatever the unwinding raised after (a temporary server already gone)
+            print(f"error: {_interrupted_by}: stopped; the MLflow runs are marked KILLED", file=sys.stderr)
+            return 130
+        if not isinstance(e, Exception):
+            raise
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+_interrupted_by = ""
+UNWIND_SECONDS = 15
+
+
+def _exit_if_stuck() -> None:
+    """Ctrl-C reaches every process of the terminal's group, the temporary Prefect server too; the
+    flow then marks its MLflow runs KILLED at once but Prefect retries reporting the crash to the
+    dead server for over a minute. Past UNWIND_SECONDS, stop any temporary server and exit."""
+
+    def watchdog() -> None:
+        time.sleep(UNWIND_SECONDS)
+        from prefect.server.api.server import SubprocessASGIServer
+
+        for server in list(getattr(SubprocessASGIServer, "_instances", {}).values()):
+            server.stop()
+        print(
+            f"error: {_interrupted_by}: stopped; the MLflow runs are marked KILLED (the Prefect server was "
+            "gone, so the flow run's last state could not be reported)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(130)
+
+    threading.Thread(target=watchdog, name="oodgate-unwind-watchdog", daemon=True).start()
+
+
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM stop the run within a training batch: every training loop checks STOP, and
+    the main thread unwinds through the flow (MLflow runs marked KILLED, the temporary Prefect server
+    stopped) instead of dying with runs left RUNNING and the server orphaned."""
+
+    def handler(signum: int, frame: object) -> None:
+        global _interrupted_by
+        _interrupted_by = signal.Signals(signum).name
+        if STOP.is_set():
+            return  # one interrupt is enough; the unwinding is under way
+        STOP.set()
+        _exit_if_stuck()
+        raise KeyboardInterrupt(f"{_interrupted_by} received")
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,16 @@ BEST = "best.pt"  # weights of the epoch with the best validation accuracy (the 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/inf loss; training stops instead of logging garbage."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """:data:`STOP` was set (SIGINT/SIGTERM in the entry point): training stopped after the batch it
+    was in, leaving the last epoch's checkpoint to resume from."""
+
+
+# Set by an entry point's signal handler; every training loop in the process checks it per batch,
+# so an interrupt stops a run within one batch instead of after the epoch (or the whole run).
+STOP = threading.Event()
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
@@ -224,6 +235,8 @@ def _train_epoch(
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     for i in range(0, n, bs):
+        if STOP.is_set():
+            raise TrainingInterrupted(f"training interrupted at epoch {epoch}, batch {i // bs + 1}")
         idx = perm[i : i + bs]
         xb = to_float(x_all[idx], device)
         yb = y_all[idx.to(device)]
@@ -329,9 +342,11 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 __all__ = [
     "BEST",
     "LAST",
+    "STOP",
     "EpochStats",
     "NonFiniteLossError",
     "TrainResult",
+    "TrainingInterrupted",
     "augment",
     "build_classifier",
     "predict_logits",

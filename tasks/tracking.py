@@ -191,6 +191,43 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def close_open_children(parent_id: str, status: str, reason: str) -> list[str]:
+    """Mark the still-RUNNING child runs of ``parent_id`` (an interrupted flow) with ``status``."""
+    runs = client().search_runs(
+        [client().get_run(parent_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'",
+    )
+    for r in runs:
+        set_tags(r.info.run_id, {"oodgate.failure": reason})
+        end_run(r.info.run_id, status)
+    return [r.info.run_id for r in runs]
+
+
+def close_orphans(experiment_id: str, closed_by: str) -> list[str]:
+    """Runs left RUNNING by a flow process on this machine that no longer exists (SIGKILL, a power
+    cut): marked KILLED with a tag saying why. Runs of live processes, or of other machines, are
+    left alone."""
+    import socket
+
+    import psutil
+
+    runs = client().search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`oodgate.host` = '{socket.gethostname()}'",
+    )
+    closed = []
+    for r in runs:
+        pid = r.data.tags.get("oodgate.pid", "")
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            set_tags(
+                r.info.run_id,
+                {"oodgate.closed_by": f"{closed_by}: found RUNNING after its process {pid} had died"},
+            )
+            end_run(r.info.run_id, "KILLED")
+            closed.append(r.info.run_id)
+    return closed
+
+
 def find_finished_run(experiment_id: str, tags: Mapping[str, str]) -> Any | None:
     """The newest FINISHED run carrying all these tags, or None."""
     clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]

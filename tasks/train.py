@@ -6,16 +6,17 @@ from prefect import get_run_logger, task
 
 from oodgate import steps
 from oodgate.config import Config
-from oodgate.engine import EpochStats, NonFiniteLossError
+from oodgate.engine import EpochStats, NonFiniteLossError, TrainingInterrupted
 from oodgate.steps.results import Trained
 from tasks.caching import Job, by_fingerprint
 
 
 def _retry_helps(task, task_run, state) -> bool:
-    # A NaN loss or a bad value repeats identically; an I/O error or a killed worker may not.
+    # A NaN loss or a bad value repeats identically, an interrupt is meant; an I/O error or a killed
+    # worker may not repeat.
     try:
         state.result()
-    except (NonFiniteLossError, ValueError):
+    except (NonFiniteLossError, ValueError, TrainingInterrupted):
         return False
     except Exception:
         return True

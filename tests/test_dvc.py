@@ -403,8 +403,8 @@ def test_each_change_reruns_exactly_the_stages_that_depend_on_it(dvc_project):
 
     every = {f"evaluate@{k}-0" for k in LOSSES}
     assert after(setting("losses.dismax_fpr.score", "energy")) == {"inputs", "evaluate@dismax_fpr-0", "gate"}
-    assert after(setting("gate.accuracy_margin", 0.5)) == {"inputs", "gate"}
-    assert after(setting("data.ood", ["uniform_noise"])) == {"inputs", "prepare", *every, "gate"}
+    # (the gate alone: test_push_pull_round_trip_then_exp_run_reruns_only_the_gate; OOD sets and the
+    # other keys: benchmarks/bench_reruns.py, whose table is in the README)
     assert after(setting("seeds", [0, 1])) == {
         "inputs",
         *(f"{s}@{k}-1" for s in ("train", "calibrate", "evaluate") for k in LOSSES),
