@@ -30,8 +30,8 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import PROJECT_ROOT, telemetry_off
+from oodgate import engine  # engine.STOP, by module: a served flow is pickled by value
 from oodgate.config import Config, load_config
-from oodgate.engine import STOP
 from oodgate.preflight import preflight
 from oodgate.steps import inputs
 from tasks import tracking
@@ -129,9 +129,9 @@ def pipeline(
     except BaseException as e:
         # SIGINT, or SIGTERM (Prefect turns it into TerminationSignal; a runner cancelling a
         # deployment run sends it too): stop the training thread within a batch, mark the runs KILLED.
-        interrupted = isinstance(e, KeyboardInterrupt | TerminationSignal) or STOP.is_set()
+        interrupted = isinstance(e, KeyboardInterrupt | TerminationSignal) or engine.STOP.is_set()
         if interrupted:
-            STOP.set()
+            engine.STOP.set()
         status, reason = (
             ("KILLED", f"interrupted: {e}") if interrupted else ("FAILED", f"{type(e).__name__}: {e}")
         )
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipeline(params_path=str(params), root=str(root) if root else None, overrides=overrides or None)
     except BaseException as e:
-        if STOP.is_set():  # whatever the unwinding raised after (a temporary server already gone)
+        if engine.STOP.is_set():  # whatever the unwinding raised after (a temporary server already gone)
             print(f"error: {_interrupted_by}: stopped; the MLflow runs are marked KILLED", file=sys.stderr)
             return 130
         if not isinstance(e, Exception):
@@ -403,9 +403,9 @@ def _stop_on_signals() -> None:
     def handler(signum: int, frame: object) -> None:
         global _interrupted_by
         _interrupted_by = signal.Signals(signum).name
-        if STOP.is_set():
+        if engine.STOP.is_set():
             return  # one interrupt is enough; the unwinding is under way
-        STOP.set()
+        engine.STOP.set()
         _exit_if_stuck()
         raise KeyboardInterrupt(f"{_interrupted_by} received")
 
