@@ -58,7 +58,7 @@ class DataConfig(_Frozen):
     @classmethod
     def _classes_unique(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and (len(v) < 2 or len(set(v)) != len(v) or min(v) < 0):
-            raise ValueError(f"needs at least 2 distinct non-negative class indices, got {v}")
+            raise ValueError("needs at least 2 distinct non-negative class indices")
         return v
 
 
@@ -153,7 +153,7 @@ class Config(_Frozen):
     @classmethod
     def _seeds_unique(cls, v: list[int]) -> list[int]:
         if len(set(v)) != len(v) or min(v) < 0:
-            raise ValueError(f"must be distinct non-negative integers, got {v}")
+            raise ValueError("must be distinct non-negative integers")
         return v
 
     @model_validator(mode="after")

@@ -151,3 +151,9 @@ def test_names_the_code_cannot_honour_fail_at_load(repo_params, section, value, 
 def test_an_ood_set_with_a_path_may_have_any_name(repo_params):
     raw = {**repo_params, "data": {**repo_params["data"], "ood": [{"name": "letters", "path": "x.npz"}]}}
     assert parse_config(raw).data.ood[0].name == "letters"
+
+
+def test_a_rejected_value_is_shown_once(repo_params):
+    with pytest.raises(ConfigError) as e:
+        parse_config({**repo_params, "data": {**repo_params["data"], "classes": [0]}})
+    assert str(e.value).count("[0]") == 1 and "(got [0])" in str(e.value)
