@@ -349,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_overrides(args.set)
         preflight(load_config(params, overrides))  # a bad config fails here, before Prefect starts
-    except ConfigError as e:
+        tracking.connect(root=root or PROJECT_ROOT)  # and an unreachable or read-only MLflow store
+    except (ConfigError, tracking.TrackingUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from oodgate.runtime import configure_determinism

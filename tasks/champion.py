@@ -48,7 +48,7 @@ def resolve(name: str = MODEL_NAME, alias: str = ALIAS, uri: str | None = None) 
 
     uri = uri or tracking.default_tracking_uri()
     _check_store(uri)
-    tracking.connect(uri)  # a server that does not answer fails here, with its URI
+    tracking.connect(uri, write=False)  # a server that does not answer fails here, with its URI
     client = tracking.client()
     try:
         versions = client.search_model_versions(f"name='{name}'")

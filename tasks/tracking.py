@@ -35,8 +35,21 @@ def default_tracking_uri(root: Path = PROJECT_ROOT) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root) / 'mlflow.db'}"
 
 
-def connect(uri: str | None = None, root: Path = PROJECT_ROOT, timeout: float = 5.0) -> str:
-    """Set the tracking URI; for a server, fail fast (no retry loop) if it does not answer."""
+def _check_writable_sqlite(uri: str) -> None:
+    path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    target = path if path.exists() else path.parent
+    if target.exists() and not os.access(target, os.W_OK):  # also EROFS, for root too
+        raise TrackingUnavailableError(
+            f"the MLflow tracking database {str(path)!r} is not writable (a read-only file, directory or "
+            "file system); make it writable, or point MLFLOW_TRACKING_URI at a writable database or server"
+        )
+
+
+def connect(
+    uri: str | None = None, root: Path = PROJECT_ROOT, timeout: float = 5.0, write: bool = True
+) -> str:
+    """Set the tracking URI; for a server, fail fast (no retry loop) if it does not answer; for a
+    SQLite file that will be written (``write``), fail at once if it cannot be."""
     import mlflow
 
     telemetry_off()
@@ -55,6 +68,8 @@ def connect(uri: str | None = None, root: Path = PROJECT_ROOT, timeout: float = 
                 f"cannot reach the MLflow tracking server at {uri} ({e}); start it, fix MLFLOW_TRACKING_URI, "
                 "or unset it to use the local SQLite store"
             ) from None
+    if write and uri.startswith("sqlite:///"):
+        _check_writable_sqlite(uri)
     mlflow.set_tracking_uri(uri)
     return uri
 

@@ -119,3 +119,37 @@ def test_champion_errors_name_the_model_and_the_uri(mlflow_db):
         ChampionNotFoundError, match=r"model 'm' at .* has no version with alias 'champion' \(versions: 1\)"
     ):
         resolve("m", uri=mlflow_db)
+
+
+def test_a_read_only_tracking_database_is_refused_with_its_path(mlflow_template, tmp_path):
+    """It used to fail at the first write with SQLAlchemy's text and no path."""
+    import os
+    import shutil
+    import subprocess
+
+    from tasks import tracking
+
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    ro.mkdir()
+    shutil.copy(mlflow_template, src / "mlflow.db")
+    if os.geteuid() == 0:  # root writes through file modes: a read-only bind mount instead
+        mounted = subprocess.run(["mount", "--bind", str(src), str(ro)], capture_output=True).returncode == 0
+        if not mounted or subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)]).returncode != 0:
+            pytest.skip("cannot make a read-only mount here")
+        db = ro / "mlflow.db"
+    else:
+        (src / "mlflow.db").chmod(0o444)
+        src.chmod(0o555)
+        db = src / "mlflow.db"
+    try:
+        with pytest.raises(
+            tracking.TrackingUnavailableError, match=rf"{re.escape(str(db))}' is not writable"
+        ):
+            tracking.connect(f"sqlite:///{db}")
+        assert tracking.connect(f"sqlite:///{db}", write=False)  # reading the champion still works
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)])
+        else:
+            src.chmod(0o755)
