@@ -2,7 +2,7 @@
 
 Every task of the flow takes a :class:`Job`: where it writes and the fingerprint of everything its
 result depends on (``oodgate.steps.inputs``). The cache key is that fingerprint, the task's source
-(``TASK_SOURCE``) and the digests of its output files. A persisted task result is only a record (paths,
+(``TASK_SOURCE``) and the digests of its output files, while they are the ones its record vouches for. A persisted task result is only a record (paths,
 metrics) in Prefect's result storage; the files it names live in the work directory, so a missing
 output file is a cache miss (the step then recomputes, or reuses what its own fingerprint allows) and
 a changed file is another key: a record whose files are gone is never returned.
@@ -10,6 +10,7 @@ a changed file is another key: a record whose files are gone is never returned.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
 
-from oodgate.steps.common import digest, file_digest
+from oodgate.steps.common import damaged, digest, file_digest
 
 
 @dataclass(frozen=True)
@@ -30,17 +31,22 @@ class Job:
     seed: int = 0
 
 
-def by_fingerprint(*outputs: str) -> CachePolicy:
-    """Key = the ``job`` parameter's fingerprint + the task's source + its output files' digests."""
+def by_fingerprint(record: str) -> CachePolicy:
+    """Key = the ``job`` parameter's fingerprint + the task's source + the digests of the step's
+    record file and of every output it vouches for, but only while those outputs are intact: a
+    missing or damaged output gives a key that never matches, so the task runs and the step repairs
+    it. (A key over the damaged bytes themselves would match the result stored the last time the
+    same damage was repaired, and return it without repairing.)"""
 
     def key(context: Any, parameters: dict[str, Any]) -> str:
         job: Job = parameters["job"]
-        digests = []
-        for name in outputs:
-            path = Path(job.out_dir) / name
-            if not path.is_file():
-                return uuid.uuid4().hex  # never matches a stored record: the task runs
-            digests.append(file_digest(path))
-        return digest([job.fingerprint, digests])
+        out = Path(job.out_dir)
+        try:
+            outputs = json.loads((out / record).read_text()).get("outputs") or {}
+        except (OSError, ValueError):
+            return uuid.uuid4().hex  # no readable record: never matches a stored result, the task runs
+        if not outputs or damaged(out, outputs):
+            return uuid.uuid4().hex
+        return digest([job.fingerprint, file_digest(out / record), outputs])
 
     return CacheKeyFnPolicy(cache_key_fn=key) + TASK_SOURCE

@@ -86,7 +86,7 @@ def _changed_files(repo_root: Path, data_dir: str) -> list[str]:
 @task(
     name="prepare-data",
     task_run_name="prepare-data",
-    cache_policy=by_fingerprint("data.json", "id.pt", "ood.pt"),
+    cache_policy=by_fingerprint("data.json"),
     persist_result=True,
 )
 def prepare_data(cfg: Config, job: Job, root: str) -> dict:

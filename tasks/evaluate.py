@@ -17,7 +17,7 @@ from tasks.caching import Job, by_fingerprint
 @task(
     name="calibrate",
     task_run_name="calibrate-{job.loss_id}-seed{job.seed}",
-    cache_policy=by_fingerprint("calibration.json", "calibrated.pt"),
+    cache_policy=by_fingerprint("calibration.json"),
     persist_result=True,
 )
 def calibrate_model(cfg: Config, job: Job, trained: Trained, prepared_dir: str) -> Calibrated:
@@ -27,7 +27,7 @@ def calibrate_model(cfg: Config, job: Job, trained: Trained, prepared_dir: str) 
 @task(
     name="evaluate",
     task_run_name="evaluate-{job.loss_id}-seed{job.seed}",
-    cache_policy=by_fingerprint("evaluation.json", "metrics.json", "samples.pt"),
+    cache_policy=by_fingerprint("evaluation.json"),
     persist_result=True,
 )
 def evaluate_model(cfg: Config, job: Job, calibrated: Calibrated, prepared_dir: str) -> Evaluated:

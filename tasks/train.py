@@ -28,7 +28,7 @@ def _retry_helps(task, task_run, state) -> bool:
     task_run_name="train-{job.loss_id}-seed{job.seed}",
     retries=1,
     retry_condition_fn=_retry_helps,
-    cache_policy=by_fingerprint("train.json", "best.pt"),
+    cache_policy=by_fingerprint("train.json"),
     persist_result=True,
 )
 def train_model(cfg: Config, job: Job, prepared_dir: str) -> Trained:

@@ -170,13 +170,15 @@ def test_a_corrupt_cached_file_is_reported_and_recomputed_never_reused(first_run
         raise AssertionError((prefix, loss))
 
     clean = child_metrics()
+    first = [("train", "softmax", "best.pt"), ("evaluate", "dismax_fpr", "samples.pt")]
     for round_ in (
-        [("train", "softmax", "best.pt"), ("evaluate", "dismax_fpr", "samples.pt")],
+        first,
         [
             ("calibrate", "softmax", "calibrated.pt"),
             ("evaluate", "dismax_fpr", "metrics.json"),
             ("prepared", None, "id.pt"),
         ],
+        first,  # the same damage again: a cache keyed on the damaged bytes would return the last repair
     ):
         broken = [victim(*v) for v in round_]
         for path in broken:
