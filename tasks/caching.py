@@ -47,6 +47,8 @@ def by_fingerprint(record: str) -> CachePolicy:
             return uuid.uuid4().hex  # no readable record: never matches a stored result, the task runs
         if not outputs or damaged(out, outputs):
             return uuid.uuid4().hex
-        return digest([job.fingerprint, file_digest(out / record), outputs])
+        # the directory too: a stored result names its files by path, and another project (or clone)
+        # with the same inputs has the same fingerprint but not the same files
+        return digest([job.fingerprint, str(out.resolve()), file_digest(out / record), outputs])
 
     return CacheKeyFnPolicy(cache_key_fn=key) + TASK_SOURCE

@@ -141,6 +141,19 @@ def test_a_deleted_work_directory_is_recomputed_not_returned_from_cache(first_ru
     assert list((project / "artifacts" / "cache").glob("train-*/best.pt"))
 
 
+def test_a_copy_of_the_project_never_gets_results_that_name_the_original_s_files(first_run, tmp_path):
+    """Prefect's result store is shared by every project of a user (~/.prefect): a clone with the
+    same inputs must not be handed a stored result whose paths are the other project's."""
+    project, _, _ = first_run
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy, symlinks=True)
+    shutil.rmtree(project / "artifacts")  # the original's files are gone
+    for r in _runs():  # no MLflow reuse: every task goes to its cache
+        MlflowClient().delete_run(r.info.run_id)
+    result = _pipeline(copy)
+    assert not result.failed and result.reused == []
+
+
 def test_a_corrupt_cached_file_is_reported_and_recomputed_never_reused(first_run, caplog):
     """Truncate each kind of cached output in turn (checkpoint, calibrated model, metrics, samples,
     prepared data): the next run notices it by its digest, recomputes it and gives the same metrics
