@@ -37,6 +37,9 @@ class Calibration:
         return out
 
 
+THRESHOLD_TPR = 0.95  # the OOD threshold keeps this fraction of the validation ID samples
+
+
 @dataclass
 class Evaluation:
     """Everything the reports and plots need: the flat metrics plus the raw arrays behind them."""
@@ -50,6 +53,7 @@ class Evaluation:
     logits_uncalibrated: np.ndarray
     id_scores: np.ndarray
     ood_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    val_scores: np.ndarray | None = None  # the validation ID scores the threshold was set on
 
 
 def _raw_logits(
@@ -114,7 +118,8 @@ def evaluate(
     out["calibration/temperature"] = float(temp.item())
 
     id_scores = score_fn(logits).numpy()
-    threshold = metrics.ood_threshold(score_fn(calibrated(data.val.x)).numpy(), tpr=0.95)
+    val_scores = score_fn(calibrated(data.val.x)).numpy()
+    threshold = metrics.ood_threshold(val_scores, tpr=THRESHOLD_TPR)
     out["ood/threshold"] = threshold
     ood_scores: dict[str, np.ndarray] = {}
     for name, ood in data.ood_test.items():
@@ -135,4 +140,5 @@ def evaluate(
         logits_uncalibrated=z.numpy(),
         id_scores=id_scores,
         ood_scores=ood_scores,
+        val_scores=val_scores,
     )

@@ -23,6 +23,7 @@ from prefect import task
 from oodgate import metrics
 from oodgate.classifier import load_classifier, with_score
 from oodgate.config import Config
+from oodgate.evaluation import THRESHOLD_TPR
 from oodgate.serving import ServingModel, fingerprint
 from oodgate.steps.results import Calibrated, Evaluated, Trained
 from tasks import registry, tracking
@@ -96,7 +97,14 @@ def log_loss_run(
     )
     size = (2, model.spec.in_channels, model.spec.image_size, model.spec.image_size)
     example = torch.rand(size, generator=torch.Generator().manual_seed(0))  # not the global RNG
-    model_uri = tracking.log_model(run_id, serving, example, list(model.spec.class_names))
+    samples = torch.load(Path(first.dir) / "samples.pt", weights_only=True)
+    reference = {
+        "score": first.score,
+        "threshold": first.threshold,
+        "tpr": THRESHOLD_TPR,
+        "validation_scores": samples["val_scores"].tolist(),
+    }
+    model_uri = tracking.log_model(run_id, serving, example, list(model.spec.class_names), reference)
     tracking.set_tags(run_id, {"oodgate.model_uri": model_uri})
     return LossResult(
         loss=loss_id,

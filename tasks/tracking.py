@@ -304,12 +304,19 @@ def output_schema(class_names: list[str]) -> Any:
 
 
 def log_model(
-    run_id: str, serving_model: Any, example: Any, class_names: list[str], name: str = "model"
+    run_id: str,
+    serving_model: Any,
+    example: Any,
+    class_names: list[str],
+    reference: Mapping[str, Any] | None = None,
+    name: str = "model",
 ) -> str:
     """Log the serving model: a pyfunc from code (``tasks/pyfunc_model.py``, no pickle) around the
     ``torch.export`` program, with the named output columns as its signature and the input shape
-    in its metadata. Re-attaches to the run by id (this may run in a worker thread) and finishes it:
-    call it last. Returns the model URI to register."""
+    in its metadata. ``reference`` (the OOD score's name, threshold, its TPR and the validation ID
+    scores it was set on) travels with the model as ``reference.json``: the monitoring flow tests
+    incoming batches against it. Re-attaches to the run by id (this may run in a worker thread) and
+    finishes it: call it last. Returns the model URI to register."""
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature, infer_signature
@@ -328,13 +335,17 @@ def log_model(
             pip_requirements=pip_requirements(),
         )
         meta.write_text(json.dumps({"input_shape": shape, "class_names": list(class_names)}))
+        artifacts = {"torch_model": str(torch_dir), "meta": str(meta)}
+        if reference is not None:
+            (Path(tmp) / "reference.json").write_text(json.dumps(dict(reference)))
+            artifacts["reference"] = str(Path(tmp) / "reference.json")
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
             # MLflow suggests type hints and an input example; this model checks its input itself.
             warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.pyfunc")
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=str(PYFUNC_CODE),
-                artifacts={"torch_model": str(torch_dir), "meta": str(meta)},
+                artifacts=artifacts,
                 signature=ModelSignature(outputs=output_schema(list(class_names))),
                 metadata={
                     "input": f"images (batch, {shape[0]}, {shape[1]}, {shape[2]}): float in [0, 1] or uint8",

@@ -63,6 +63,7 @@ def evaluate(
             "logits": torch.from_numpy(ev.logits),
             "labels": torch.from_numpy(ev.labels),
             "id_scores": torch.from_numpy(ev.id_scores),
+            "val_scores": torch.from_numpy(ev.val_scores),
             "ood_names": list(ev.ood_scores),
             "ood_scores": {k: torch.from_numpy(v) for k, v in ev.ood_scores.items()},
             "threshold": ev.threshold,
