@@ -137,6 +137,34 @@ class ScheduleConfig(_Frozen):
         return v
 
 
+class MonitorConfig(_Frozen):
+    """The monitoring flow (``flows/monitor.py``): score incoming batches with the champion.
+
+    ``batch`` is the path the scheduled monitoring deployment scores (a folder of images or an
+    ``.npz``; null: ``make serve`` serves no monitoring deployment). A batch's OOD rate is tested
+    against ``expected_ood_rate`` (null: one minus the threshold's validation TPR, 0.05) with a
+    two-sided exact test at level ``alpha``: ``binomial`` takes the expected rate as exact;
+    ``beta_binomial`` also accounts for the threshold having been set on a finite validation set.
+    """
+
+    batch: str | None = None
+    alias: str = Field(default="champion", min_length=1)
+    experiment: str = Field(default="oodgate-monitor", min_length=1)
+    alpha: float = Field(default=0.01, gt=0.0, lt=0.5)
+    test: Literal["binomial", "beta_binomial"] = "beta_binomial"
+    expected_ood_rate: float | None = Field(default=None, gt=0.0, lt=1.0)
+    schedule: ScheduleConfig = ScheduleConfig(cron="0 * * * *")
+
+    @model_validator(mode="after")
+    def _expected_rate_or_validation(self) -> MonitorConfig:
+        if self.test == "beta_binomial" and self.expected_ood_rate is not None:
+            raise ValueError(
+                "monitor.expected_ood_rate is set, but the beta_binomial test takes the expected rate "
+                "from the champion's validation scores; set expected_ood_rate: null, or test: binomial"
+            )
+        return self
+
+
 class Config(_Frozen):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     data: DataConfig = DataConfig()
@@ -147,6 +175,7 @@ class Config(_Frozen):
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    monitor: MonitorConfig = MonitorConfig()
     workdir: str = "artifacts"
 
     @field_validator("seeds")
