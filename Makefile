@@ -13,7 +13,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup data run core-run test test-fast lint bench serve trigger serve-model mlflow-ui repro clean help
+.PHONY: setup data run core-run monitor test test-fast lint bench serve trigger serve-model mlflow-ui repro clean help
 
 help:
 	@echo "make run          set up .venv, write the embedded data, run the pipeline flow once (minutes on CPU)"
@@ -26,6 +26,7 @@ help:
 	@echo "make mlflow-ui    MLflow UI on 127.0.0.1:5000 over ./mlflow.db"
 	@echo "make repro        reproduce with DVC (dvc repro), then dvc metrics show"
 	@echo "make core-run     the core library alone (no Prefect, no MLflow): train, evaluate, print the table"
+	@echo "make monitor      score a batch with the champion, alert on drift (BATCH=path; default: two demo batches)"
 	@echo "make bench        per-method training/inference time relative to SoftMax"
 	@echo "make setup        only create .venv and install the pinned stack"
 	@echo "make data         only write the embedded data into data/ (skipped if data/ exists)"
@@ -52,6 +53,11 @@ run: data
 # The core alone, no Prefect/MLflow: train and evaluate every loss, print the table.
 core-run: data
 	$(PY) -m oodgate run
+
+# The monitoring flow: score BATCH (a folder of images or an .npz) with the registered champion;
+# without BATCH, two demo batches written from the embedded data (after `make run`).
+monitor: data
+	$(PY) -m flows.monitor $(if $(BATCH),--batch $(BATCH),--demo) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,8 +1,9 @@
-"""The scheduled deployment: the pipeline flow served with the cron schedule of ``params.yaml``.
+"""The scheduled deployments: the pipeline flow on the cron schedule of ``params.yaml`` and, when
+``monitor.batch`` is set, the monitoring flow on ``monitor.schedule`` (``flows/monitor.py``).
 
 ``python -m flows.deploy`` starts a local Prefect server on 127.0.0.1 (unless ``PREFECT_API_URL``
 points at one already), waits until it is healthy, prints the UI address, and serves the
-deployment until interrupted; then it stops serving before it stops the server (the other order
+deployments (each runs one run at a time) until interrupted; then it stops serving before it stops the server (the other order
 hangs while the deployment is paused). Scheduled runs with unchanged data, code and params reuse
 cached task results and the MLflow baseline instead of retraining.
 """
@@ -23,6 +24,7 @@ from flows import PROJECT_ROOT, telemetry_off
 
 DEPLOYMENT_NAME = "scheduled"
 FULL_NAME = f"oodgate-pipeline/{DEPLOYMENT_NAME}"
+MONITOR_NAME = f"oodgate-monitor/{DEPLOYMENT_NAME}"  # served too when params.yaml sets monitor.batch
 
 
 def wait_healthy(api_url: str, timeout: float = 60.0) -> None:
@@ -54,26 +56,47 @@ def trigger_hint(api_url: str) -> str:
 
 
 def serve(params_path: str, root: str | None = None, api_url: str = "") -> None:
+    from prefect import serve as serve_all
     from prefect.schedules import Cron
 
+    from flows.monitor import monitor
     from flows.pipeline import pipeline
     from oodgate.config import load_config
 
     project = Path(root).resolve() if root else PROJECT_ROOT
     cfg = load_config(project / params_path)  # a bad params.yaml fails here, before registering
-    print(
-        f"Serving deployment '{FULL_NAME}' (cron '{cfg.schedule.cron}' {cfg.schedule.timezone}, "
-        f"params {project / params_path}); Ctrl-C stops it.\n{trigger_hint(api_url)}",
-        flush=True,
-    )
-    pipeline.serve(
-        name=DEPLOYMENT_NAME,
-        schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)],
-        parameters={"params_path": params_path, "root": str(project)},
-        description="Train, calibrate, evaluate, gate and register on the params.yaml schedule.",
-        tags=["oodgate"],
+    parameters = {"params_path": params_path, "root": str(project)}
+    deployments = [
+        pipeline.to_deployment(
+            name=DEPLOYMENT_NAME,
+            schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)],
+            parameters=parameters,
+            description="Train, calibrate, evaluate, gate and register on the params.yaml schedule.",
+            tags=["oodgate"],
+            # one run at a time: a cron run due while another runs waits, then reuses its results
+            concurrency_limit=1,
+        )
+    ]
+    served = f"Serving deployment '{FULL_NAME}' (cron '{cfg.schedule.cron}' {cfg.schedule.timezone})"
+    if cfg.monitor.batch:
+        schedule = cfg.monitor.schedule
+        deployments.append(
+            monitor.to_deployment(
+                name=DEPLOYMENT_NAME,
+                schedules=[Cron(schedule.cron, timezone=schedule.timezone)],
+                parameters=parameters,
+                description="Score monitor.batch with the champion; alert when its OOD rate moves.",
+                tags=["oodgate"],
+                concurrency_limit=1,
+            )
+        )
+        served += (
+            f" and '{MONITOR_NAME}' (cron '{schedule.cron}' {schedule.timezone}, batch {cfg.monitor.batch})"
+        )
+    print(f"{served}, params {project / params_path}; Ctrl-C stops it.\n{trigger_hint(api_url)}", flush=True)
+    serve_all(
+        *deployments,
         pause_on_shutdown=False,
-        limit=1,  # one run at a time: a cron run due while another runs waits, then reuses its results
         print_starting_message=False,  # its hint omits PREFECT_API_URL, and fails without it
     )
 

@@ -3,7 +3,8 @@
 ``python -m flows.trigger`` (``make trigger``) talks to ``PREFECT_API_URL``, by default the server
 that ``make serve`` starts (http://127.0.0.1:4200/api). It prints the run's name, id and UI address;
 ``--wait`` follows it to its final state (exit 0 only if it Completed). ``--set KEY=VALUE`` passes
-params overrides to this run only (``--set train.epochs=2``).
+params overrides to this run only (``--set train.epochs=2``). ``--monitor`` triggers the monitoring
+deployment instead (served when ``monitor.batch`` is set), ``--batch PATH`` scores another batch.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from flows import PROJECT_ROOT, telemetry_off
-from flows.deploy import FULL_NAME, wait_healthy
+from flows.deploy import FULL_NAME, MONITOR_NAME, wait_healthy
 
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
 
@@ -23,30 +25,32 @@ def ui_url(api_url: str, flow_run_id: object) -> str:
     return f"{api_url.rstrip('/').removesuffix('/api')}/runs/flow-run/{flow_run_id}"
 
 
-def check_overrides(overrides: dict) -> None:
+def check_overrides(overrides: dict, deployment: str = FULL_NAME) -> None:
     """Validate ``overrides`` against the deployment's params file when this machine has it, so a
     bad value fails here, with the key and the rule, before a run is created on the server."""
-    from pathlib import Path
-
     from prefect.client.orchestration import get_client
 
     from oodgate.config import load_config
 
     with get_client(sync_client=True) as client:
-        params = client.read_deployment_by_name(FULL_NAME).parameters or {}
+        params = client.read_deployment_by_name(deployment).parameters or {}
     path = Path(params.get("root") or PROJECT_ROOT) / params.get("params_path", "params.yaml")
     if path.is_file():
         load_config(path, overrides)  # raises ConfigError
 
 
-def trigger(api_url: str, overrides: dict | None = None):
+def trigger(
+    api_url: str, overrides: dict | None = None, deployment: str = FULL_NAME, batch: str | None = None
+):
     """Create a run of the deployment now; returns the flow run (state SCHEDULED, due now)."""
     from prefect.deployments import run_deployment
 
     if overrides:
-        check_overrides(overrides)
-    parameters = {"overrides": overrides} if overrides else None
-    return run_deployment(FULL_NAME, parameters=parameters, timeout=0, poll_interval=1)
+        check_overrides(overrides, deployment)
+    parameters = {"overrides": overrides} if overrides else {}
+    if batch:
+        parameters["batch"] = str(Path(batch).resolve())
+    return run_deployment(deployment, parameters=parameters or None, timeout=0, poll_interval=1)
 
 
 def follow(flow_run_id: object, poll: float = 2.0):
@@ -71,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-url", default=os.environ.get("PREFECT_API_URL") or DEFAULT_API_URL)
     p.add_argument("--wait", action="store_true", help="follow the run until it ends")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a params key")
+    p.add_argument("--monitor", action="store_true", help=f"trigger '{MONITOR_NAME}' instead")
+    p.add_argument(
+        "--batch", default=None, help="with --monitor: the batch to score (default: monitor.batch)"
+    )
     args = p.parse_args(argv)
+    if args.batch and not args.monitor:
+        p.error("--batch needs --monitor")
+    deployment = MONITOR_NAME if args.monitor else FULL_NAME
     from oodgate.cli import parse_overrides
     from oodgate.config import ConfigError
 
@@ -96,18 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     # Prefect read its settings at import; without this a client would start a temporary server.
     with temporary_settings(updates={PREFECT_API_URL: api}):
         try:
-            run = trigger(api, overrides)
+            run = trigger(api, overrides, deployment, args.batch)
         except ConfigError as e:
             print(f"error: {e}\nnothing was triggered", file=sys.stderr)
             return 2
         except ObjectNotFound:
             print(
-                f"error: the Prefect server at {api} has no deployment '{FULL_NAME}'; "
-                "start it with `make serve` (it registers the deployment)",
+                f"error: the Prefect server at {api} has no deployment '{deployment}'; start it with "
+                "`make serve` (it registers the deployment"
+                + ("; the monitoring one only when params.yaml sets monitor.batch)" if args.monitor else ")"),
                 file=sys.stderr,
             )
             return 1
-        print(f"Triggered flow run '{run.name}' ({run.id}) of '{FULL_NAME}'")
+        print(f"Triggered flow run '{run.name}' ({run.id}) of '{deployment}'")
         print(f"Watch it: {ui_url(api, run.id)}", flush=True)
         if not args.wait:
             return 0

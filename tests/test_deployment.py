@@ -42,6 +42,8 @@ def deployment_params(template: Path) -> dict:
     raw["train"]["epochs"] = 2
     raw["losses"] = {"softmax": {"method": "softmax"}, "isomax_plus": {"method": "isomax_plus"}}
     raw["schedule"] = {"cron": "* * * * *", "timezone": "UTC"}
+    # the monitoring deployment is served too; its cron (once a year) leaves the runs to the test
+    raw["monitor"] = {"batch": "incoming/in_distribution.npz", "schedule": {"cron": "0 0 1 1 *"}}
     return raw
 
 
@@ -99,6 +101,9 @@ def served(project_template, tmp_path_factory):
     params = deployment_params(project_template)
     project = _copy_project(project_template, base / "project", params)
     reference = _copy_project(project_template, base / "reference", params)
+    from flows.monitor import write_demo_batches
+
+    write_demo_batches(project / "params.yaml", project / "incoming")
     home = base / "prefect-home"
     home.mkdir()
     stack = Stack(home=home, port=free_port(), env=isolated_env(home))
@@ -128,12 +133,18 @@ def served(project_template, tmp_path_factory):
         stack.stop()
 
 
-def _flow_runs(s: Served) -> list:
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+def _flow_runs(s: Served, flow: str = "oodgate-pipeline") -> list:
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowFilter,
+        FlowFilterName,
+    )
     from prefect.client.schemas.sorting import FlowRunSort
 
     with s.client() as client:
         return client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["scheduled"])),
             sort=FlowRunSort.START_TIME_ASC,
         )
@@ -291,6 +302,59 @@ def test_trigger_refuses_a_bad_override_before_creating_a_run(served):
     assert "train.epochs" in out.stderr and "nothing was triggered" in out.stderr
     assert "Traceback" not in out.stderr
     assert manual() == before
+
+
+# ------------------------------------------------------------------ the monitoring deployment
+def test_the_monitoring_deployment_scores_the_batch_with_the_champion(served):
+    """After the pipeline registered a champion: `make trigger ARGS=--monitor` runs the served
+    monitoring deployment to Completed; the batch run in MLflow names the champion's version and the
+    Prefect server has the run's `oodgate.monitor.scored` event."""
+    from prefect.client.schemas.objects import StateType
+
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.trigger", "--monitor", "--wait"],
+        cwd=REPO,
+        env=dict(served.stack.env, PREFECT_API_URL=served.stack.api_url),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n{served.stack.diagnostics()}"
+    assert "of 'oodgate-monitor/scheduled'" in out.stdout and "ended Completed" in out.stdout
+    run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", out.stdout).group(1)
+    (run,) = [r for r in _flow_runs(served, "oodgate-monitor") if not r.auto_scheduled]  # not next 1 Jan's
+    assert str(run.id) == run_id and run.state.type == StateType.COMPLETED
+    champion = served.mlflow.get_model_version_by_alias(MODEL, "champion")
+    exp = served.mlflow.get_experiment_by_name("oodgate-monitor")
+    (batch_run,) = served.mlflow.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`oodgate.prefect_flow_run_id` = '{run_id}'"
+    )
+    assert batch_run.data.tags["oodgate.champion_version"] == str(champion.version)
+    assert batch_run.data.params["batch"] == str(served.project / "incoming" / "in_distribution.npz")
+    assert list(
+        (served.project / "artifacts" / "monitor").glob(f"in_distribution-*-v{champion.version}.parquet")
+    )
+    events = _events(served, "oodgate.monitor.scored")
+    assert [e["resource"]["prefect.resource.id"] for e in events] == [f"oodgate.model.{MODEL}"]
+    assert events[0]["payload"]["champion_version"] == int(champion.version)
+
+
+def _events(s: Served, name: str) -> list[dict]:
+    """Events by name from the server's events API (they are persisted within a few seconds)."""
+    import json
+    import urllib.request
+
+    body = json.dumps({"filter": {"event": {"name": [name]}}, "limit": 50}).encode()
+    deadline = time.monotonic() + 30
+    while True:
+        req = urllib.request.Request(
+            f"{s.stack.api_url}/events/filter", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            events = json.loads(r.read())["events"]
+        if events or time.monotonic() > deadline:
+            return events
+        time.sleep(1)
 
 
 # ------------------------------------------------------------------ 2. the cron fires a run; 3. it is cached

@@ -1,0 +1,300 @@
+"""The monitoring flow: score a batch of incoming images with the champion and alert on drift.
+
+``python -m flows.monitor --batch PATH`` (``make monitor BATCH=PATH``) runs it once; ``make
+monitor`` alone writes two demo batches from the embedded data (test-split digits, and the same
+with a quarter of noise and photo patches) and scores both. ``make serve`` also serves it as the
+deployment ``oodgate-monitor/scheduled`` on ``monitor.schedule`` when ``monitor.batch`` is set.
+
+Per batch: the champion is looked up by alias and loaded by version (the version is recorded);
+every image gets its class, calibrated confidence, OOD score and in-distribution decision at the
+threshold stored with the model; the predictions go to
+``<workdir>/monitor/<batch>-<digest>-v<version>.parquet``, written only once everything succeeded
+(a failed batch leaves earlier predictions as they were). The OOD rate is tested against the
+expected rate (``oodgate.monitoring.rate_test``). An alert is: the tag ``oodgate.monitor.alert``
+(``high`` or ``low``) on the batch's MLflow run, a Prefect markdown artifact ``monitor-report``
+with the evidence, and the Prefect event ``oodgate.monitor.alert`` (resource
+``oodgate.model.<name>``) that an automation can act on; the run itself ends Completed, since the
+monitoring worked. Every scored batch also emits ``oodgate.monitor.scored``.
+
+No ``from __future__ import annotations`` here, for the reason given in ``flows/pipeline.py``.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+from prefect.events import emit_event
+from prefect.runtime import flow_run
+
+from flows import PROJECT_ROOT, telemetry_off
+from oodgate import monitoring
+from oodgate.config import ConfigError, load_config
+from tasks import monitor as monitor_tasks
+from tasks import tracking
+
+FAR_OOD = ("photo_patches", "gaussian_noise")  # what the demo's shifted batch mixes in
+
+
+class MonitorError(ValueError):
+    """The monitoring run cannot start: no batch named, or none configured."""
+
+
+@task(name="load-champion", cache_policy=NONE)
+def load_champion_task(name: str, alias: str) -> tuple[Any, Any]:
+    return monitor_tasks.load_version(name, alias)
+
+
+@task(name="read-batch", cache_policy=NONE)
+def read_batch(path: str, shape: tuple[int, int, int]) -> monitoring.Batch:
+    return monitoring.load_batch(path, shape)
+
+
+@task(name="score-batch", cache_policy=NONE)
+def score_batch(model: Any, batch: monitoring.Batch, class_names: list[str]) -> Any:
+    table = monitor_tasks.predict(model, batch.x)
+    table.insert(0, "image", batch.names)
+    table.insert(2, "confidence", table[[f"p_{c}" for c in class_names]].max(axis=1))
+    return table
+
+
+def _batch_path(batch: str | None, configured: str | None, project: Path) -> Path:
+    chosen = batch or configured
+    if not chosen:
+        raise MonitorError(
+            "no batch to score: pass --batch PATH (a folder of images or an .npz), or set monitor.batch "
+            "in params.yaml"
+        )
+    p = Path(chosen)
+    return p if p.is_absolute() else project / p
+
+
+def report_markdown(
+    model_name: str, version: int, source: str, summary: dict, test: monitoring.RateTest
+) -> str:
+    counts = ", ".join(f"{c}: {n}" for c, n in summary["class_counts"].items())
+    head = {"high": "ALERT (more OOD than expected)", "low": "ALERT (less OOD than expected)"}
+    return "\n".join(
+        [
+            f"## Monitoring: {head.get(test.alert, 'no alert')}",
+            "",
+            f"- batch: `{source}` ({summary['n']} images)",
+            f"- model: {model_name} version {version}",
+            f"- {test.sentence()}",
+            f"- mean calibrated confidence {summary['mean_confidence']:.4f}; mean OOD score "
+            f"{summary['mean_score']:.4g}",
+            f"- predicted classes: {counts}",
+        ]
+    )
+
+
+@flow(name="oodgate-monitor", log_prints=True)
+def monitor(
+    batch: str | None = None,
+    params_path: str = "params.yaml",
+    root: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score one batch with the champion, test its OOD rate, log it; returns the batch's summary.
+
+    ``batch`` (default ``monitor.batch``) and ``params_path`` are relative to ``root``, the project
+    directory (default: this repository).
+    """
+    project = Path(root).resolve() if root else PROJECT_ROOT
+    cfg = load_config(project / params_path, overrides)
+    mon = cfg.monitor
+    path = _batch_path(batch, mon.batch, project)
+    tracking.connect(root=project)
+    name = cfg.registry.model_name
+    model, version = load_champion_task(name, mon.alias)
+    v = int(version.version)
+    info = monitor_tasks.describe(model, f"{name} v{v} ({mon.alias})")
+    data = read_batch(str(path), info.shape)
+    exp_id = tracking.ensure_experiment(mon.experiment, project)
+    previous = monitor_tasks.already_scored(exp_id, name, data.digest, v)
+    if previous is not None:
+        print(f"batch {path} (digest {data.digest[:12]}) was already scored by {name} v{v}: nothing logged")
+        return monitor_tasks.previous_summary(previous)
+
+    table = score_batch(model, data, info.class_names)
+    summary = monitoring.summarise(table, info.class_names)
+    ref = info.reference
+    validation = None
+    if ref is not None:
+        validation = monitoring.validation_counts(ref["validation_scores"], ref["threshold"])
+    if mon.test == "beta_binomial" and validation is None:
+        raise MonitorError(
+            f"{name} v{v} carries no validation scores, which the beta_binomial test needs; "
+            "set monitor.test: binomial, or register a model logged with its reference"
+        )
+    test = monitoring.rate_test(
+        summary["flagged"],
+        summary["n"],
+        mon.alpha,
+        method=mon.test,
+        expected=mon.expected_ood_rate,
+        tpr=ref["tpr"] if ref else 0.95,
+        validation=validation,
+    )
+    summary.update(
+        test=test.as_dict(),
+        model_name=name,
+        champion_version=v,
+        alias=mon.alias,
+        batch=str(path),
+        batch_digest=data.digest,
+    )
+    report = report_markdown(name, v, str(path), summary, test)
+    print(report)
+
+    out_dir = (project / cfg.workdir / "monitor").resolve()
+    final = out_dir / f"{path.stem}-{data.digest[:12]}-v{v}.parquet"
+    staging = out_dir / f".{final.stem}.staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    predictions = staging / "predictions.parquet"
+    table.to_parquet(predictions, index=False)
+    threshold = float(ref["threshold"]) if ref else float("nan")
+    val_scores = None if ref is None else np.asarray(ref["validation_scores"])
+    if ref is not None:
+        monitoring.score_plot(
+            table["score"].to_numpy(),
+            threshold,
+            staging / "scores.png",
+            val_scores,
+            f"{path.name} vs {name} v{v}",
+        )
+    (staging / "report.md").write_text(report + "\n")
+    (staging / "summary.json").write_text(json.dumps(summary, indent=1))
+    dvc_md5 = monitoring.dvc_md5(path)
+    history_id = monitor_tasks.history_run(exp_id, name)
+    run_id, step = monitor_tasks.log_batch(
+        exp_id,
+        history_id,
+        f"batch-{path.stem}-v{v}",
+        tags={
+            "oodgate.model_name": name,
+            "oodgate.champion_version": str(v),
+            "oodgate.batch_digest": data.digest,
+            "oodgate.monitor.alert": test.alert,
+            "oodgate.prefect_flow_run_id": flow_run.get_id() or "none",
+            **({"oodgate.batch_dvc_md5": dvc_md5} if dvc_md5 else {}),
+        },
+        params={
+            "batch": str(path),
+            "images": summary["n"],
+            "alias": mon.alias,
+            "test": mon.test,
+            "alpha": mon.alpha,
+        },
+        figures={
+            "ood_rate": summary["ood_rate"],
+            "mean_confidence": summary["mean_confidence"],
+            "mean_score": summary["mean_score"],
+            "p_value": test.p_value,
+            "expected_ood_rate": test.expected,
+            "champion_version": v,
+            **{f"class_count/{c}": n for c, n in summary["class_counts"].items()},
+        },
+        files=[p for p in sorted(staging.iterdir())],
+    )
+    predictions.replace(final)  # last: only a batch that was scored and logged leaves predictions
+    for leftover in staging.iterdir():
+        leftover.unlink()
+    staging.rmdir()
+    summary.update(predictions=str(final), mlflow_run_id=run_id, step=step)
+
+    create_markdown_artifact(key="monitor-report", markdown=report, description=f"{path.name}: {test.alert}")
+    resource = {"prefect.resource.id": f"oodgate.model.{name}", "prefect.resource.name": name}
+    payload = {"batch": str(path), "champion_version": v, "mlflow_run_id": run_id, **test.as_dict()}
+    emit_event("oodgate.monitor.scored", resource=resource, payload=payload)
+    if test.alert != "none":
+        emit_event("oodgate.monitor.alert", resource=resource, payload=payload)
+        get_run_logger().warning(test.sentence())
+    return summary
+
+
+def write_demo_batches(params_path: Path, out_dir: Path) -> list[Path]:
+    """Two batches from the configured data: the in-distribution test split, and the same with a
+    quarter of its images replaced by far-OOD ones (photo patches and Gaussian noise, half each)."""
+    from oodgate.config import OODSource
+    from oodgate.data.load import load_data
+    from oodgate.data.ood import load_ood
+
+    cfg = load_config(params_path)
+    data_root = params_path.parent / cfg.data.root
+    bundle = load_data(cfg.data, data_root)
+    x_id = bundle.test.x.numpy()
+    n_ood = len(x_id) // 4
+    shape = (bundle.in_channels, bundle.image_size)
+    far = [load_ood(OODSource(name=n), cfg.data, data_root, *shape).x.numpy() for n in FAR_OOD]
+    ood = np.concatenate([a[: -(-n_ood // len(far))] for a in far])[:n_ood]
+    rng = np.random.default_rng(0)
+    keep = rng.permutation(len(x_id))[: len(x_id) - len(ood)]
+    shifted = np.concatenate([x_id[keep], ood])[rng.permutation(len(keep) + len(ood))]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "in_distribution.npz", out_dir / "shifted.npz"]
+    np.savez_compressed(paths[0], x=x_id)
+    np.savez_compressed(paths[1], x=shifted)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    telemetry_off()
+    p = argparse.ArgumentParser(prog="python -m flows.monitor", description=__doc__.splitlines()[0])
+    p.add_argument("--batch", default=None, help="folder of images or .npz (default: monitor.batch)")
+    p.add_argument(
+        "--demo", action="store_true", help="write two demo batches from the embedded data and score both"
+    )
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--root", default=None, help="the project directory (default: this repository)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a params key")
+    args = p.parse_args(argv)
+    from oodgate.cli import parse_overrides
+    from oodgate.data import DataNotFoundError
+    from tasks.champion import ChampionNotFoundError
+
+    root = Path(args.root).resolve() if args.root else PROJECT_ROOT
+    try:
+        overrides = parse_overrides(args.set)
+        cfg = load_config(root / args.params, overrides)
+        batches = [args.batch]
+        if args.demo:
+            batches = [
+                str(b)
+                for b in write_demo_batches(root / args.params, root / cfg.workdir / "monitor" / "demo")
+            ]
+        elif not (args.batch or cfg.monitor.batch):
+            raise MonitorError(
+                "no batch to score: pass --batch PATH (a folder of images or an .npz), or --demo"
+            )
+        tracking.connect(root=root)
+        for b in batches:
+            t0 = time.perf_counter()
+            summary = monitor(batch=b, params_path=args.params, root=str(root), overrides=overrides or None)
+            print(
+                f"{summary['batch']}: alert {summary['test']['alert']}, OOD rate {summary['ood_rate']:.1%}, "
+                f"{summary['model_name']} v{summary['champion_version']} ({time.perf_counter() - t0:.1f} s)",
+                flush=True,
+            )
+    except (
+        ConfigError,
+        MonitorError,
+        monitoring.BatchError,
+        ChampionNotFoundError,
+        monitor_tasks.NotAnOODGateModelError,
+        DataNotFoundError,
+        tracking.TrackingUnavailableError,
+    ) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

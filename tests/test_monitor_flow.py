@@ -1,0 +1,206 @@
+"""The monitoring flow end to end with real parts: a model trained here (SoftMax, 4 epochs on the
+embedded digits 0-5), logged and registered by the pipeline's own functions in a real SQLite MLflow
+store, a real Prefect server (the session's test harness), batches written by `make monitor`'s demo
+code. The scheduled monitoring deployment itself is exercised in test_deployment.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from stack import REPO, free_port
+
+pytestmark = pytest.mark.slow
+MODEL = "oodgate-classifier"
+
+
+@dataclass
+class Project:
+    root: Path
+    batches: dict[str, Path]
+    model_uri: str
+
+    @property
+    def mlflow(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=f"sqlite:///{self.root / 'mlflow.db'}")
+
+    def batch_runs(self) -> list:
+        exp = self.mlflow.get_experiment_by_name("oodgate-monitor")
+        if exp is None:
+            return []
+        return self.mlflow.search_runs(
+            [exp.experiment_id],
+            filter_string="tags.`oodgate.role` = 'monitor-batch'",
+            order_by=["attributes.start_time ASC"],
+        )
+
+
+@contextlib.contextmanager
+def _store(root: Path):
+    """The project's tracking store for this block; MLflow's set_tracking_uri also writes
+    MLFLOW_TRACKING_URI into the environment, which is restored afterwards."""
+    from tasks import tracking
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        tracking.connect(root=root)
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, embedded_root, mlflow_template, prefect_harness) -> Project:
+    from flows.monitor import write_demo_batches
+    from oodgate import steps
+    from oodgate.config import parse_config
+    from tasks import registry, tracking
+    from tasks.track import log_loss_run
+
+    root = tmp_path_factory.mktemp("monitored")
+    shutil.copy(mlflow_template, root / "mlflow.db")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"]["root"] = str(embedded_root)
+    raw["train"].update(epochs=4, milestones=[3])
+    raw["losses"] = {"softmax": {"method": "softmax"}}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = parse_config(raw)
+    work = root / "artifacts"
+    steps.prepare(cfg, work / "prepared")
+    trained = steps.train(cfg, "softmax", 0, work / "prepared", work / "train")
+    calibrated = steps.calibrate(cfg, "softmax", 0, work / "train", work / "prepared", work / "calibrate")
+    evaluated = steps.evaluate(cfg, "softmax", 0, work / "calibrate", work / "prepared", work / "evaluate")
+    with _store(root):
+        exp = tracking.ensure_experiment("oodgate", root)
+        run_id = tracking.start_run(exp, "softmax", {"oodgate.loss": "softmax"})
+        logged = log_loss_run.fn(run_id, cfg, "softmax", [trained], [calibrated], [evaluated])
+        registry.register(
+            MODEL,
+            logged.model_uri,
+            run_id,
+            "softmax",
+            logged.mean,
+            [],
+            cfg.gate,
+            work / ".lock",
+            logged.model_fingerprint,
+        )
+    paths = write_demo_batches(root / "params.yaml", root / "incoming")
+    return Project(root, {p.stem: p for p in paths}, logged.model_uri)
+
+
+def _monitor(project: Project, batch: Path | str, **overrides):
+    from flows.monitor import monitor
+
+    return monitor(batch=str(batch), root=str(project.root), overrides=overrides or None)
+
+
+def test_in_distribution_images_raise_no_alert(project):
+    s = _monitor(project, project.batches["in_distribution"])
+    assert s["test"]["alert"] == "none", s["test"]
+    assert 0.02 <= s["ood_rate"] <= 0.09 and s["n"] == 600
+    assert s["champion_version"] == 1 and s["test"]["method"] == "beta_binomial"
+    table = pd.read_parquet(s["predictions"])
+    assert list(table.columns[:3]) == ["image", "p_0", "confidence"]
+    assert {"predicted", "score", "in_distribution"} <= set(table.columns) and len(table) == 600
+    assert table["in_distribution"].mean() == pytest.approx(1 - s["ood_rate"])
+    (run,) = project.batch_runs()
+    assert run.data.tags["oodgate.monitor.alert"] == "none"
+    assert run.data.tags["oodgate.champion_version"] == "1"
+    assert run.data.metrics["ood_rate"] == pytest.approx(s["ood_rate"])
+    assert run.data.metrics["class_count/3"] == (table["predicted"] == "3").sum()
+    names = {a.path for a in project.mlflow.list_artifacts(run.info.run_id)}
+    assert names == {"predictions.parquet", "report.md", "scores.png", "summary.json"}
+
+
+def test_a_quarter_of_noise_and_photo_patches_raises_the_alert(project):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    s = _monitor(project, project.batches["shifted"])
+    assert s["test"]["alert"] == "high" and s["test"]["p_value"] < 1e-3, s["test"]
+    assert s["ood_rate"] > 0.10
+    run = project.batch_runs()[-1]
+    assert run.data.tags["oodgate.monitor.alert"] == "high"
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["monitor-report"]))
+        )
+    assert any("ALERT (more OOD than expected)" in a.data and "shifted.npz" in a.data for a in artifacts)
+
+
+def test_history_has_one_step_per_batch_and_a_rescored_batch_adds_nothing(project):
+    before = len(project.batch_runs())
+    again = _monitor(project, project.batches["in_distribution"])
+    assert len(project.batch_runs()) == before  # the same batch and champion version: not logged twice
+    assert again["champion_version"] == 1
+    exp = project.mlflow.get_experiment_by_name("oodgate-monitor")
+    (history,) = project.mlflow.search_runs([exp.experiment_id], "tags.`oodgate.role` = 'monitor-history'")
+    steps = [m.step for m in project.mlflow.get_metric_history(history.info.run_id, "ood_rate")]
+    assert steps == list(range(before))
+    assert {r.data.tags["mlflow.parentRunId"] for r in project.batch_runs()} == {history.info.run_id}
+
+
+def test_a_new_champion_version_is_recorded(project):
+    import mlflow
+
+    with _store(project.root):
+        v2 = mlflow.register_model(project.model_uri, MODEL)
+    project.mlflow.set_registered_model_alias(MODEL, "champion", v2.version)
+    s = _monitor(project, project.batches["in_distribution"])
+    assert s["champion_version"] == int(v2.version) == 2
+    assert project.batch_runs()[-1].data.tags["oodgate.champion_version"] == "2"
+    assert Path(s["predictions"]).name.endswith("-v2.parquet")
+
+
+def _snapshot(project: Project) -> tuple[dict[str, bytes], int]:
+    files = {p.name: p.read_bytes() for p in (project.root / "artifacts" / "monitor").iterdir()}
+    return files, len(project.batch_runs())
+
+
+@pytest.mark.parametrize(
+    "write, error",
+    [
+        (lambda d: np.savez(d / "bad.npz", x=np.zeros((0, 28, 28), np.uint8)), "holds no images"),
+        (lambda d: np.savez(d / "bad.npz", x=np.zeros((4, 32, 32, 3), np.uint8)), "28x28 grayscale"),
+    ],
+)
+def test_a_failed_batch_changes_nothing(project, tmp_path, write, error):
+    from oodgate.monitoring import BatchError
+
+    before = _snapshot(project)
+    write(tmp_path)
+    with pytest.raises(BatchError, match=error):
+        _monitor(project, tmp_path / "bad.npz")
+    assert _snapshot(project) == before
+
+
+def test_a_missing_alias_names_the_model_and_its_versions(project):
+    from tasks.champion import ChampionNotFoundError
+
+    with pytest.raises(
+        ChampionNotFoundError, match=r"has no version with alias 'production' \(versions: 1, 2\)"
+    ):
+        _monitor(project, project.batches["in_distribution"], **{"monitor.alias": "production"})
+
+
+def test_cli_errors_before_any_work(project, monkeypatch, capsys):
+    """`python -m flows.monitor` (its main, in this process): an unreachable tracking server and a
+    missing batch are refused with exit code 2 and one line, before Prefect starts or anything is written."""
+    from flows.monitor import main
+
+    before = _snapshot(project)
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    assert main(["--root", str(project.root), "--batch", str(project.batches["shifted"])]) == 2
+    assert f"cannot reach the MLflow tracking server at {url}" in capsys.readouterr().err
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert main(["--root", str(project.root)]) == 2
+    assert "no batch to score: pass --batch PATH" in capsys.readouterr().err
+    assert _snapshot(project) == before
