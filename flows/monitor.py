@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_overrides(args.set)
         cfg = load_config(root / args.params, overrides)
-        batches = [args.batch]
+        batches = [str(Path(args.batch).resolve()) if args.batch else None]  # --batch is relative to here
         if args.demo:
             batches = [
                 str(b)

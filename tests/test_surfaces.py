@@ -39,10 +39,11 @@ def test_flow_annotations_are_objects_not_strings():
     """A served run receives the flow by value: a string annotation would name a type that never arrives."""
     from prefect import Flow
 
+    import flows.monitor
     import flows.pipeline
 
-    found = [v for v in vars(flows.pipeline).values() if isinstance(v, Flow)]
-    assert found
+    found = [v for m in (flows.pipeline, flows.monitor) for v in vars(m).values() if isinstance(v, Flow)]
+    assert len(found) == 2
     for f in found:
         annotations = inspect.get_annotations(f.fn)
         assert annotations and not [k for k, v in annotations.items() if isinstance(v, str)], annotations
