@@ -21,6 +21,7 @@ No ``from __future__ import annotations`` here, for the reason given in ``flows/
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -117,31 +118,17 @@ def monitor(
     info = monitor_tasks.describe(model, f"{name} v{v} ({mon.alias})")
     data = read_batch(str(path), info.shape)
     exp_id = tracking.ensure_experiment(mon.experiment, project)
+    out_dir = (project / cfg.workdir / "monitor").resolve()
+    final = out_dir / f"{path.stem}-{data.digest[:12]}-v{v}.parquet"
     previous = monitor_tasks.already_scored(exp_id, name, data.digest, v)
-    if previous is not None:
+    if previous is not None and final.is_file():
         print(f"batch {path} (digest {data.digest[:12]}) was already scored by {name} v{v}: nothing logged")
-        return monitor_tasks.previous_summary(previous)
+        summary = monitor_tasks.previous_summary(previous)
+        return {**summary, "predictions": str(final), "mlflow_run_id": previous.info.run_id, "reused": True}
 
     table = score_batch(model, data, info.class_names)
     summary = monitoring.summarise(table, info.class_names)
-    ref = info.reference
-    validation = None
-    if ref is not None:
-        validation = monitoring.validation_counts(ref["validation_scores"], ref["threshold"])
-    if mon.test == "beta_binomial" and validation is None:
-        raise MonitorError(
-            f"{name} v{v} carries no validation scores, which the beta_binomial test needs; "
-            "set monitor.test: binomial, or register a model logged with its reference"
-        )
-    test = monitoring.rate_test(
-        summary["flagged"],
-        summary["n"],
-        mon.alpha,
-        method=mon.test,
-        expected=mon.expected_ood_rate,
-        tpr=ref["tpr"] if ref else 0.95,
-        validation=validation,
-    )
+    test = _rate_test(mon, summary, info.reference, f"{name} v{v}")
     summary.update(
         test=test.as_dict(),
         model_name=name,
@@ -153,29 +140,12 @@ def monitor(
     report = report_markdown(name, v, str(path), summary, test)
     print(report)
 
-    out_dir = (project / cfg.workdir / "monitor").resolve()
-    final = out_dir / f"{path.stem}-{data.digest[:12]}-v{v}.parquet"
     staging = out_dir / f".{final.stem}.staging"
-    staging.mkdir(parents=True, exist_ok=True)
-    predictions = staging / "predictions.parquet"
-    table.to_parquet(predictions, index=False)
-    threshold = float(ref["threshold"]) if ref else float("nan")
-    val_scores = None if ref is None else np.asarray(ref["validation_scores"])
-    if ref is not None:
-        monitoring.score_plot(
-            table["score"].to_numpy(),
-            threshold,
-            staging / "scores.png",
-            val_scores,
-            f"{path.name} vs {name} v{v}",
-        )
-    (staging / "report.md").write_text(report + "\n")
-    (staging / "summary.json").write_text(json.dumps(summary, indent=1))
+    files = _write_outputs(staging, table, report, summary, info.reference, f"{path.name} vs {name} v{v}")
     dvc_md5 = monitoring.dvc_md5(path)
-    history_id = monitor_tasks.history_run(exp_id, name)
     run_id, step = monitor_tasks.log_batch(
         exp_id,
-        history_id,
+        monitor_tasks.history_run(exp_id, name),
         f"batch-{path.stem}-v{v}",
         tags={
             "oodgate.model_name": name,
@@ -201,22 +171,64 @@ def monitor(
             "champion_version": v,
             **{f"class_count/{c}": n for c, n in summary["class_counts"].items()},
         },
-        files=[p for p in sorted(staging.iterdir())],
+        files=files,
     )
-    predictions.replace(final)  # last: only a batch that was scored and logged leaves predictions
-    for leftover in staging.iterdir():
-        leftover.unlink()
-    staging.rmdir()
-    summary.update(predictions=str(final), mlflow_run_id=run_id, step=step)
+    (staging / "predictions.parquet").replace(
+        final
+    )  # last: only a scored and logged batch leaves predictions
+    shutil.rmtree(staging)
+    summary.update(predictions=str(final), mlflow_run_id=run_id, step=step, reused=False)
+    _announce(name, v, str(path), run_id, test, report)
+    return summary
 
-    create_markdown_artifact(key="monitor-report", markdown=report, description=f"{path.name}: {test.alert}")
+
+def _rate_test(mon: Any, summary: dict, ref: dict | None, label: str) -> monitoring.RateTest:
+    validation = (
+        None if ref is None else monitoring.validation_counts(ref["validation_scores"], ref["threshold"])
+    )
+    if mon.test == "beta_binomial" and validation is None:
+        raise MonitorError(
+            f"{label} carries no validation scores, which the beta_binomial test needs; "
+            "set monitor.test: binomial, or register a model logged with its reference"
+        )
+    return monitoring.rate_test(
+        summary["flagged"],
+        summary["n"],
+        mon.alpha,
+        method=mon.test,
+        expected=mon.expected_ood_rate,
+        tpr=ref["tpr"] if ref else 0.95,
+        validation=validation,
+    )
+
+
+def _write_outputs(
+    staging: Path, table: Any, report: str, summary: dict, ref: dict | None, title: str
+) -> list[Path]:
+    """The batch's files, in a staging directory next to where the predictions will go."""
+    staging.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(staging / "predictions.parquet", index=False)
+    if ref is not None:  # a model logged without its reference gets no plot
+        scores, val = table["score"].to_numpy(), np.asarray(ref["validation_scores"])
+        monitoring.score_plot(scores, float(ref["threshold"]), staging / "scores.png", val, title)
+    (staging / "report.md").write_text(report + "\n")
+    (staging / "summary.json").write_text(json.dumps(summary, indent=1))
+    return sorted(staging.iterdir())
+
+
+def _announce(
+    name: str, version: int, batch: str, run_id: str, test: monitoring.RateTest, report: str
+) -> None:
+    """The Prefect side: the report as a markdown artifact, and the events an automation can act on."""
+    create_markdown_artifact(
+        key="monitor-report", markdown=report, description=f"{Path(batch).name}: {test.alert}"
+    )
     resource = {"prefect.resource.id": f"oodgate.model.{name}", "prefect.resource.name": name}
-    payload = {"batch": str(path), "champion_version": v, "mlflow_run_id": run_id, **test.as_dict()}
+    payload = {"batch": batch, "champion_version": version, "mlflow_run_id": run_id, **test.as_dict()}
     emit_event("oodgate.monitor.scored", resource=resource, payload=payload)
     if test.alert != "none":
         emit_event("oodgate.monitor.alert", resource=resource, payload=payload)
         get_run_logger().warning(test.sentence())
-    return summary
 
 
 def write_demo_batches(params_path: Path, out_dir: Path) -> list[Path]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +117,8 @@ def test_in_distribution_images_raise_no_alert(project):
     assert run.data.tags["oodgate.champion_version"] == "1"
     assert run.data.metrics["ood_rate"] == pytest.approx(s["ood_rate"])
     assert run.data.metrics["class_count/3"] == (table["predicted"] == "3").sum()
+    kind = project.mlflow.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"  # the MLflow UI opens it on its runs table
     names = {a.path for a in project.mlflow.list_artifacts(run.info.run_id)}
     assert names == {"predictions.parquet", "report.md", "scores.png", "summary.json"}
 
@@ -139,7 +143,7 @@ def test_history_has_one_step_per_batch_and_a_rescored_batch_adds_nothing(projec
     before = len(project.batch_runs())
     again = _monitor(project, project.batches["in_distribution"])
     assert len(project.batch_runs()) == before  # the same batch and champion version: not logged twice
-    assert again["champion_version"] == 1
+    assert again["champion_version"] == 1 and again["reused"] is True
     exp = project.mlflow.get_experiment_by_name("oodgate-monitor")
     (history,) = project.mlflow.search_runs([exp.experiment_id], "tags.`oodgate.role` = 'monitor-history'")
     steps = [m.step for m in project.mlflow.get_metric_history(history.info.run_id, "ood_rate")]
@@ -157,6 +161,38 @@ def test_a_new_champion_version_is_recorded(project):
     assert s["champion_version"] == int(v2.version) == 2
     assert project.batch_runs()[-1].data.tags["oodgate.champion_version"] == "2"
     assert Path(s["predictions"]).name.endswith("-v2.parquet")
+
+
+def test_a_dvc_tracked_folder_of_images_is_scored_and_its_dvc_hash_recorded(project):
+    """A folder of PNGs versioned with `dvc add`: scored image by image, the run records the hash in
+    its .dvc file; once removed from the workspace it is refused with the command that brings it back."""
+    import torch
+    from PIL import Image
+
+    from oodgate.monitoring import BatchError
+
+    folder = project.root / "pngs"
+    folder.mkdir()
+    test_x = torch.load(project.root / "artifacts" / "prepared" / "id.pt", weights_only=True)["test"]["x"]
+    for i in range(40):
+        Image.fromarray(test_x[i, 0].numpy()).save(folder / f"img{i:03d}.png")
+    dvc = [sys.executable, "-m", "dvc"]
+    for args in (["init", "--no-scm", "-q"], ["config", "core.analytics", "false"], ["add", "-q", "pngs"]):
+        subprocess.run([*dvc, *args], cwd=project.root, check=True, capture_output=True)
+    md5 = yaml.safe_load((project.root / "pngs.dvc").read_text())["outs"][0]["md5"]
+    s = _monitor(project, "pngs")  # relative to the project directory
+    assert s["n"] == 40 and s["batch"] == str(folder)
+    run = project.batch_runs()[-1]
+    assert run.data.tags["oodgate.batch_dvc_md5"] == md5
+    table = pd.read_parquet(s["predictions"])
+    assert table["image"].tolist() == [f"img{i:03d}.png" for i in range(40)]
+    shutil.rmtree(folder)
+    with pytest.raises(
+        BatchError, match=r"tracked by DVC \(pngs.dvc\) but not in the workspace; run `dvc pull"
+    ):
+        _monitor(project, "pngs")
+    subprocess.run([*dvc, "checkout", "-q", "pngs"], cwd=project.root, check=True, capture_output=True)
+    assert _monitor(project, "pngs")["mlflow_run_id"] == run.info.run_id  # the same batch: not logged again
 
 
 def _snapshot(project: Project) -> tuple[dict[str, bytes], int]:
@@ -204,3 +240,32 @@ def test_cli_errors_before_any_work(project, monkeypatch, capsys):
     assert main(["--root", str(project.root)]) == 2
     assert "no batch to score: pass --batch PATH" in capsys.readouterr().err
     assert _snapshot(project) == before
+
+
+def test_a_model_logged_without_its_reference_gets_the_binomial_test_only(project):
+    """A version logged without validation scores (by hand, or by an older oodgate): the
+    beta-binomial test is refused with the fix; the binomial test scores it, without a score plot."""
+    import mlflow
+    import torch
+
+    from flows.monitor import MonitorError
+    from oodgate.classifier import load_classifier
+    from oodgate.serving import ServingModel
+    from tasks import tracking
+
+    model = load_classifier(project.root / "artifacts" / "calibrate" / "calibrated.pt")
+    with _store(project.root):
+        run_id = tracking.start_run(tracking.ensure_experiment("oodgate", project.root), "by-hand", {})
+        example = torch.rand((2, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+        uri = tracking.log_model(run_id, ServingModel(model, 0.9), example, list(model.spec.class_names))
+        version = mlflow.register_model(uri, MODEL).version
+    project.mlflow.set_registered_model_alias(MODEL, "champion", version)
+    with pytest.raises(
+        MonitorError, match=rf"{MODEL} v{version} carries no validation scores.*monitor.test: binomial"
+    ):
+        _monitor(project, project.batches["shifted"])
+    s = _monitor(project, project.batches["shifted"], **{"monitor.test": "binomial"})
+    assert s["champion_version"] == int(version) and s["test"]["method"] == "binomial"
+    assert s["test"]["expected"] == pytest.approx(0.05)
+    names = {a.path for a in project.mlflow.list_artifacts(s["mlflow_run_id"])}
+    assert names == {"predictions.parquet", "report.md", "summary.json"}
