@@ -83,6 +83,7 @@ serve-model: $(STAMP)
 
 # MLflow UI over the local tracking database (job execution off: fewer processes).
 mlflow-ui: $(STAMP)
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the Model training view)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts
 

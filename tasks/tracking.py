@@ -80,32 +80,25 @@ def client():
     return MlflowClient()
 
 
-# MLflow 3's UI opens an experiment without this tag on an (empty) GenAI traces page, not its runs.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
 def ensure_experiment(name: str, root: Path = PROJECT_ROOT) -> str:
     """The experiment's id, creating it with an absolute artifact location (``<root>/mlartifacts``)
-    for a local store (a server keeps its own artifact root), tagged so that the MLflow UI opens it
-    on its runs table."""
+    for a local store; a server keeps its own artifact root."""
     import mlflow
 
     c = client()
     exp = c.get_experiment_by_name(name)
-    if exp is None:
-        location = None
-        if not mlflow.get_tracking_uri().startswith(("http://", "https://")):
-            location = (Path(root) / "mlartifacts").resolve().as_uri()
-        try:
-            return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
-        except Exception:  # created concurrently by another flow
-            exp = c.get_experiment_by_name(name)
-            if exp is None:
-                raise
-    for key, value in EXPERIMENT_KIND.items():
-        if key not in exp.tags:  # an experiment created without it (by hand, or by an older version)
-            c.set_experiment_tag(exp.experiment_id, key, value)
-    return exp.experiment_id
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        location = (Path(root) / "mlartifacts").resolve().as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another flow
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def git_commit() -> str:

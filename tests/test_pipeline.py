@@ -70,8 +70,6 @@ def test_flow_end_to_end_logs_gates_and_registers(first_run):
     assert parent.data.params["train.epochs"] == "1" and parent.data.params["gate.baseline"] == "softmax"
     artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"comparison.md", "comparison_table.md"} <= artifacts
-    experiment = MlflowClient().get_experiment(parent.info.experiment_id)
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens its runs
 
     children = {
         r.info.run_name: r for r in _runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
