@@ -93,6 +93,18 @@ def _wait_for_deployment(stack: Stack, timeout: float = 120) -> None:
     pytest.fail(f"deployment {FULL_NAME!r} never appeared\n{stack.diagnostics()}")
 
 
+def _trigger(stack: Stack, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m flows.trigger ARGS`` (what ``make trigger ARGS=...`` runs) against the test's server."""
+    return subprocess.run(
+        [sys.executable, "-m", "flows.trigger", *args],
+        cwd=REPO,
+        env=dict(stack.env, PREFECT_API_URL=stack.api_url),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture(scope="module")
 def served(project_template, tmp_path_factory):
     from flows.deploy import wait_healthy
@@ -117,14 +129,7 @@ def served(project_template, tmp_path_factory):
         _wait_for_deployment(stack)
 
         t0 = time.perf_counter()
-        trigger = subprocess.run(
-            [sys.executable, "-m", "flows.trigger", "--wait"],
-            cwd=REPO,
-            env=dict(stack.env, PREFECT_API_URL=stack.api_url),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        trigger = _trigger(stack, "--wait", timeout=300)
         seconds = time.perf_counter() - t0
         match = re.search(r"/runs/flow-run/([0-9a-f-]{36})", trigger.stdout)
         assert match, f"{trigger.stdout}\n{trigger.stderr}\n{stack.diagnostics()}"
@@ -290,14 +295,7 @@ def test_trigger_refuses_a_bad_override_before_creating_a_run(served):
         return len([r for r in _flow_runs(served) if not r.auto_scheduled])
 
     before = manual()
-    out = subprocess.run(
-        [sys.executable, "-m", "flows.trigger", "--set", "train.epochs=0"],
-        cwd=REPO,
-        env=dict(served.stack.env, PREFECT_API_URL=served.stack.api_url),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _trigger(served.stack, "--set", "train.epochs=0")
     assert out.returncode == 2, out.stdout + out.stderr
     assert "train.epochs" in out.stderr and "nothing was triggered" in out.stderr
     assert "Traceback" not in out.stderr
@@ -311,14 +309,7 @@ def test_the_monitoring_deployment_scores_the_batch_with_the_champion(served):
     Prefect server has the run's `oodgate.monitor.scored` event."""
     from prefect.client.schemas.objects import StateType
 
-    out = subprocess.run(
-        [sys.executable, "-m", "flows.trigger", "--monitor", "--wait"],
-        cwd=REPO,
-        env=dict(served.stack.env, PREFECT_API_URL=served.stack.api_url),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = _trigger(served.stack, "--monitor", "--wait", timeout=300)
     assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n{served.stack.diagnostics()}"
     assert "of 'oodgate-monitor/scheduled'" in out.stdout and "ended Completed" in out.stdout
     run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", out.stdout).group(1)
