@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.monitor import monitor
     from tasks import monitor as monitor_tasks
     from tasks import tracking
+    from tasks.champion import load_champion
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -109,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 t = time.perf_counter()
                 s = monitor(batch=str(path), root=str(root))
                 rows.append((n, time.perf_counter() - t, s["ood_rate"], s["test"]["alert"]))
-            tracking.connect(root=root)
-            model, version = monitor_tasks.load_version("oodgate-classifier", "champion")
+            model, version = load_champion(uri=tracking.connect(root=root))
             x = np.load(paths[-1])["x"][:, None].astype(np.float32) / 255.0
             t = time.perf_counter()
             monitor_tasks.predict(model, x)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     n = np.array([r[0] for r in rows], dtype=float)
     s = np.array([r[1] for r in rows])
     slope, intercept = np.polyfit(n, s, 1)
-    print(f"champion: oodgate-classifier v{version.version}; Prefect test server start-up {startup:.1f} s\n")
+    print(f"champion: oodgate-classifier v{version}; Prefect test server start-up {startup:.1f} s\n")
     print("| images | flow s | images/s | OOD rate | alert |")
     print("|---|---|---|---|---|")
     for size, sec, rate, alert in rows:

@@ -37,8 +37,11 @@ from prefect.runtime import flow_run
 from flows import PROJECT_ROOT, telemetry_off
 from oodgate import monitoring
 from oodgate.config import ConfigError, load_config
+from oodgate.evaluation import THRESHOLD_TPR
 from tasks import monitor as monitor_tasks
 from tasks import tracking
+from tasks.champion import load_champion
+from tasks.data import data_version
 
 FAR_OOD = ("photo_patches", "gaussian_noise")  # what the demo's shifted batch mixes in
 
@@ -48,8 +51,9 @@ class MonitorError(ValueError):
 
 
 @task(name="load-champion", cache_policy=NONE)
-def load_champion_task(name: str, alias: str) -> tuple[Any, Any]:
-    return monitor_tasks.load_version(name, alias)
+def load_champion_task(name: str, alias: str, uri: str) -> tuple[Any, int]:
+    """The version holding ``alias`` now, loaded by its number (a concurrent promotion cannot swap it)."""
+    return load_champion(name, alias, uri)
 
 
 @task(name="read-batch", cache_policy=NONE)
@@ -69,8 +73,8 @@ def _batch_path(batch: str | None, configured: str | None, project: Path) -> Pat
     chosen = batch or configured
     if not chosen:
         raise MonitorError(
-            "no batch to score: pass --batch PATH (a folder of images or an .npz), or set monitor.batch "
-            "in params.yaml"
+            "no batch to score: pass --batch PATH (a folder of images or an .npz), set monitor.batch "
+            "in params.yaml, or run `make monitor` for the demo batches"
         )
     p = Path(chosen)
     return p if p.is_absolute() else project / p
@@ -111,10 +115,9 @@ def monitor(
     cfg = load_config(project / params_path, overrides)
     mon = cfg.monitor
     path = _batch_path(batch, mon.batch, project)
-    tracking.connect(root=project)
+    uri = tracking.connect(root=project)
     name = cfg.registry.model_name
-    model, version = load_champion_task(name, mon.alias)
-    v = int(version.version)
+    model, v = load_champion_task(name, mon.alias, uri)
     info = monitor_tasks.describe(model, f"{name} v{v} ({mon.alias})")
     data = read_batch(str(path), info.shape)
     exp_id = tracking.ensure_experiment(mon.experiment, project)
@@ -142,7 +145,7 @@ def monitor(
 
     staging = out_dir / f".{final.stem}.staging"
     files = _write_outputs(staging, table, report, summary, info.reference, f"{path.name} vs {name} v{v}")
-    dvc_md5 = monitoring.dvc_md5(path)
+    dvc_md5 = data_version(monitoring.dvc_file(path)) if monitoring.dvc_file(path).is_file() else None
     run_id, step = monitor_tasks.log_batch(
         exp_id,
         monitor_tasks.history_run(exp_id, name),
@@ -197,7 +200,7 @@ def _rate_test(mon: Any, summary: dict, ref: dict | None, label: str) -> monitor
         mon.alpha,
         method=mon.test,
         expected=mon.expected_ood_rate,
-        tpr=ref["tpr"] if ref else 0.95,
+        tpr=ref["tpr"] if ref else THRESHOLD_TPR,
         validation=validation,
     )
 
@@ -281,10 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(b)
                 for b in write_demo_batches(root / args.params, root / cfg.workdir / "monitor" / "demo")
             ]
-        elif not (args.batch or cfg.monitor.batch):
-            raise MonitorError(
-                "no batch to score: pass --batch PATH (a folder of images or an .npz), or --demo"
-            )
+        else:
+            _batch_path(args.batch, cfg.monitor.batch, root)  # none named and none configured: fails here
         tracking.connect(root=root)
         for b in batches:
             t0 = time.perf_counter()

@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+from oodgate.data.ood import IMAGE_SUFFIXES  # what an OOD folder is read from, read here too
+
 GRAY_MODES = ("1", "L", "I", "I;16", "F")
 SHOWN = 5  # offending files named in an error
 
@@ -46,11 +47,7 @@ class BatchError(ValueError):
 class Batch:
     x: np.ndarray  # float32 (N, C, H, W) in [0, 1]
     names: list[str]  # file paths relative to the folder, or "x[<i>]" for an .npz
-    source: str  # the resolved path
     digest: str  # SHA-256 of the shape and pixels: the batch's identity
-
-    def __len__(self) -> int:
-        return len(self.x)
 
 
 def _digest(x: np.ndarray) -> str:
@@ -64,11 +61,16 @@ def _describe(shape: tuple[int, int, int]) -> str:
     return f"{h}x{w} {'grayscale' if c == 1 else 'RGB'} ({c} channel{'s' if c > 1 else ''})"
 
 
+def dvc_file(path: str | Path) -> Path:
+    """Where ``dvc add <path>`` records the path's hash: ``<path>.dvc`` beside it."""
+    p = Path(path)
+    return p.with_name(p.name + ".dvc")
+
+
 def _missing(p: Path) -> BatchError:
-    dvc_file = p.with_name(p.name + ".dvc")
-    if dvc_file.is_file():
+    if dvc_file(p).is_file():
         return BatchError(
-            f"batch {str(p)!r} is tracked by DVC ({dvc_file.name}) but not in the workspace; "
+            f"batch {str(p)!r} is tracked by DVC ({dvc_file(p).name}) but not in the workspace; "
             f"run `dvc pull {p}` (or `dvc checkout {p}`) first"
         )
     return BatchError(f"batch {str(p)!r} does not exist; pass a folder of images or an .npz file")
@@ -115,7 +117,7 @@ def _load_npz(p: Path, shape: tuple[int, int, int]) -> Batch:
             + (f" or (N, {h}, {w})" if c == 1 else "")
         )
     x = _to_float(np.ascontiguousarray(nchw), f"batch {str(p)!r}")
-    return Batch(x=x, names=[f"x[{i}]" for i in range(len(x))], source=str(p), digest=_digest(x))
+    return Batch(x=x, names=[f"x[{i}]" for i in range(len(x))], digest=_digest(x))
 
 
 def _load_folder(p: Path, shape: tuple[int, int, int]) -> Batch:
@@ -154,7 +156,7 @@ def _load_folder(p: Path, shape: tuple[int, int, int]) -> Batch:
         )
     x = np.stack(images).astype(np.float32) / 255.0
     names = [str(f.relative_to(p)) for f in files]
-    return Batch(x=x, names=names, source=str(p), digest=_digest(x))
+    return Batch(x=x, names=names, digest=_digest(x))
 
 
 def load_batch(path: str | Path, shape: tuple[int, int, int]) -> Batch:
@@ -169,18 +171,6 @@ def load_batch(path: str | Path, shape: tuple[int, int, int]) -> Batch:
     if p.suffix.lower() == ".npz":
         return _load_npz(p, tuple(shape))
     raise BatchError(f"batch {str(p)!r} must be a folder of images or an .npz file with an array 'x'")
-
-
-def dvc_md5(path: str | Path) -> str | None:
-    """The md5 DVC recorded for ``path`` in ``<path>.dvc``, if it is DVC-tracked that way."""
-    import yaml
-
-    p = Path(path)
-    dvc_file = p.with_name(p.name + ".dvc")
-    if not dvc_file.is_file():
-        return None
-    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
-    return outs[0].get("md5")
 
 
 # ------------------------------------------------------------------ the OOD-rate test

@@ -21,19 +21,6 @@ BATCH = "monitor-batch"
 CHUNK = 1024  # images per predict call: bounded memory for any batch size
 
 
-def load_version(name: str, alias: str) -> tuple[Any, Any]:
-    """``(model, version)``: the model version that holds ``alias`` now, loaded by its number (so a
-    concurrent promotion cannot swap the model between the lookup and the load)."""
-    import mlflow
-
-    from tasks.champion import resolve
-
-    version = resolve(name, alias, mlflow.get_tracking_uri())
-    with tracking.no_pickle():
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
-    return model, version
-
-
 class NotAnOODGateModelError(TypeError):
     """The version under the alias is not a model this project logged (no input shape, classes, score)."""
 
