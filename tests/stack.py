@@ -56,6 +56,26 @@ def stop_process(proc: subprocess.Popen | None, timeout: float) -> bool:
     return graceful
 
 
+def read_events(api_url: str, name: str, wait: float = 30.0) -> list[dict]:
+    """Events named ``name`` from a Prefect server's events API, waiting up to ``wait`` seconds for
+    the first (a client sends them over a websocket; the server persists them shortly after)."""
+    import json
+    import time
+    import urllib.request
+
+    body = json.dumps({"filter": {"event": {"name": [name]}}, "limit": 50}).encode()
+    deadline = time.monotonic() + wait
+    while True:
+        req = urllib.request.Request(
+            f"{api_url}/events/filter", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            events = json.loads(r.read())["events"]
+        if events or time.monotonic() > deadline:
+            return events
+        time.sleep(1)
+
+
 def isolated_env(home: Path) -> dict[str, str]:
     """The environment of a user's shell with a private PREFECT_HOME and no tracking URI set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from stack import REPO, Stack, free_port, isolated_env
+from stack import REPO, Stack, free_port, isolated_env, read_events
 
 pytestmark = pytest.mark.slow
 
@@ -325,27 +325,9 @@ def test_the_monitoring_deployment_scores_the_batch_with_the_champion(served):
     assert list(
         (served.project / "artifacts" / "monitor").glob(f"in_distribution-*-v{champion.version}.parquet")
     )
-    events = _events(served, "oodgate.monitor.scored")
+    events = read_events(served.stack.api_url, "oodgate.monitor.scored")
     assert [e["resource"]["prefect.resource.id"] for e in events] == [f"oodgate.model.{MODEL}"]
     assert events[0]["payload"]["champion_version"] == int(champion.version)
-
-
-def _events(s: Served, name: str) -> list[dict]:
-    """Events by name from the server's events API (they are persisted within a few seconds)."""
-    import json
-    import urllib.request
-
-    body = json.dumps({"filter": {"event": {"name": [name]}}, "limit": 50}).encode()
-    deadline = time.monotonic() + 30
-    while True:
-        req = urllib.request.Request(
-            f"{s.stack.api_url}/events/filter", data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(req, timeout=10) as r:
-            events = json.loads(r.read())["events"]
-        if events or time.monotonic() > deadline:
-            return events
-        time.sleep(1)
 
 
 # ------------------------------------------------------------------ 2. the cron fires a run; 3. it is cached

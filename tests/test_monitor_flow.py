@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from stack import REPO, free_port
+from stack import REPO, free_port, read_events
 
 pytestmark = pytest.mark.slow
 MODEL = "oodgate-classifier"
@@ -124,6 +124,7 @@ def test_in_distribution_images_raise_no_alert(project):
 def test_a_quarter_of_noise_and_photo_patches_raises_the_alert(project):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.settings import PREFECT_API_URL
 
     s = _monitor(project, project.batches["shifted"])
     assert s["test"]["alert"] == "high" and s["test"]["p_value"] < 1e-3, s["test"]
@@ -135,6 +136,10 @@ def test_a_quarter_of_noise_and_photo_patches_raises_the_alert(project):
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["monitor-report"]))
         )
     assert any("ALERT (more OOD than expected)" in a.data and "shifted.npz" in a.data for a in artifacts)
+    # the event an automation triggers on, as the Prefect server stored it
+    (event,) = read_events(PREFECT_API_URL.value(), "oodgate.monitor.alert")
+    assert event["resource"]["prefect.resource.id"] == f"oodgate.model.{MODEL}"
+    assert event["payload"]["alert"] == "high" and event["payload"]["mlflow_run_id"] == run.info.run_id
 
 
 def test_history_has_one_step_per_batch_and_a_rescored_batch_adds_nothing(project):
