@@ -138,7 +138,23 @@ def predict_logits(
     return torch.cat(outs)
 
 
-def _make_optimizer(model: Classifier, cfg: TrainConfig):
+def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of ``train.lr``.
+
+    ``min(1, (step + 1) / (warmup_epochs * steps_per_epoch)) * gamma ** (milestones passed)``: a
+    linear warm-up over the first ``warmup_epochs`` epochs (Goyal et al., 2017), then ``gamma`` at
+    the start of every epoch listed in ``milestones`` (epochs counted from 1, as ``MultiStepLR``).
+    The warm-up matters for scale-invariant losses: LogitNorm's loss ignores ``||z||``, so its
+    gradient scales with ``1 / ||z||``; at initialisation ``||z||`` is below 1, and the first
+    full-size steps throw it to hundreds, after which every step is hundreds of times too small.
+    """
+    warm = cfg.warmup_epochs * steps_per_epoch
+    ramp = min(1.0, (step + 1) / warm) if warm else 1.0
+    epoch = step // steps_per_epoch  # 0-based: milestone m decays from epoch m + 1 on
+    return ramp * cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
+
+
+def _make_optimizer(model: Classifier, cfg: TrainConfig, steps_per_epoch: int):
     # Weight decay on every parameter, prototypes and distance_scale included (the papers' recipe).
     opt = torch.optim.SGD(
         model.parameters(),
@@ -147,7 +163,7 @@ def _make_optimizer(model: Classifier, cfg: TrainConfig):
         nesterov=cfg.nesterov and cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
     )
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.gamma)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps_per_epoch, cfg))
     return opt, sched
 
 
@@ -212,14 +228,16 @@ class _Run:
         )
 
 
-def _start(model_factory: Callable[[], Classifier], cfg: TrainConfig, seed: int) -> _Run:
+def _start(
+    model_factory: Callable[[], Classifier], cfg: TrainConfig, seed: int, steps_per_epoch: int
+) -> _Run:
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model = model_factory().to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt, sched = _make_optimizer(model, cfg)
+    opt, sched = _make_optimizer(model, cfg, steps_per_epoch)
     return _Run(model, opt, sched, torch.Generator().manual_seed(seed), device, history=[])
 
 
@@ -255,6 +273,7 @@ def _train_epoch(
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
         run.opt.step()
+        run.sched.step()  # the schedule is per step: the warm-up ramps within the first epochs
         loss_sum += loss.detach().double() * xb.shape[0]
         correct += (logits.detach().argmax(1) == head.hard_targets(yb)).sum()
         seen += xb.shape[0]
@@ -273,7 +292,7 @@ def train(
     max_epochs: int | None = None,
     fingerprint: str = "",
 ) -> TrainResult:
-    """Train with SGD (+Nesterov) and a multi-step schedule; select the epoch by validation accuracy.
+    """Train with SGD (+Nesterov) and :func:`lr_factor`'s schedule; select the epoch by validation accuracy.
 
     Writes ``last.pt`` (everything needed to resume) and ``best.pt`` (the selected weights) to
     ``out_dir`` every epoch. If ``last.pt`` exists there and carries the same ``fingerprint`` (of
@@ -284,7 +303,7 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out_dir / LAST, out_dir / BEST
-    run = _start(model_factory, cfg, seed)
+    run = _start(model_factory, cfg, seed, steps_per_epoch=math.ceil(len(train_set) / cfg.batch_size))
     run.restore(last_path, fingerprint)
     device = run.device
     on_device = fits_on_device(train_set.x.numel() + val_set.x.numel(), device)
@@ -297,7 +316,6 @@ def train(
         te = time.perf_counter()
         lr = run.sched.get_last_lr()[0]
         train_loss, train_acc = _train_epoch(run, x_all, y_all, cfg, epoch)
-        run.sched.step()
         val_nll, val_acc = _validate(run.model, val_set, cfg, device)
         stats = EpochStats(epoch, lr, train_loss, train_acc, val_nll, val_acc, time.perf_counter() - te)
         run.history.append(stats.as_dict())
@@ -349,6 +367,7 @@ __all__ = [
     "TrainingInterrupted",
     "augment",
     "build_classifier",
+    "lr_factor",
     "predict_logits",
     "resolve_device",
     "train",

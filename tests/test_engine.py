@@ -96,7 +96,7 @@ def test_nan_loss_stops_training_with_a_clear_error(small, tmp_path):
 def test_weight_decay_applies_to_prototypes_and_distance_scale(small):
     bundle, *_ = small
     model = build_classifier(_spec(bundle), 0)
-    opt, _ = engine._make_optimizer(model, CFG)
+    opt, _ = engine._make_optimizer(model, CFG, steps_per_epoch=10)
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert id(model.head.prototypes) in decayed and id(model.head.distance_scale) in decayed
     assert opt.param_groups[0]["nesterov"] is True
@@ -191,3 +191,33 @@ def test_progress_bar_shows_loss_and_accuracy(small, tmp_path, capsys):
     engine.train(lambda: build_classifier(spec, 0), train, val, cfg, 0, tmp_path, progress=True)
     err = capsys.readouterr().err
     assert "epoch" in err and "loss=" in err and "acc=" in err and "val_acc=" in err
+
+
+def test_lr_schedule_warms_up_per_step_then_decays_at_milestones():
+    cfg = TrainConfig(epochs=5, lr=0.1, milestones=[3], gamma=0.1, warmup_epochs=2)
+    factors = [engine.lr_factor(step, 2, cfg) for step in range(10)]  # 2 steps per epoch
+    assert factors == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.1])
+    # without warm-up: MultiStepLR's epochs (milestone 3: epochs 1-3 at lr, 4-5 at lr * gamma)
+    plain = TrainConfig(epochs=5, lr=0.1, milestones=[3], gamma=0.1)
+    assert [engine.lr_factor(s, 2, plain) for s in range(10)] == pytest.approx([1] * 6 + [0.1] * 4)
+
+
+def test_warm_up_keeps_logitnorm_logits_from_blowing_up(small):
+    """LogitNorm's loss ignores ||z||, so its gradient scales with 1 / ||z||: from the small logits of
+    initialisation, one full-size SGD step throws ||z|| up by orders of magnitude (every later step is
+    then far too small); the first step of a warm-up does not."""
+    bundle, train, _ = small
+    x = engine.to_float(train.x[:32], torch.device("cpu"))
+
+    def norm_after_one_step(lr_factor):
+        model = build_classifier(_spec(bundle, method="logitnorm", tau=0.04), 0)
+        before = model(x).norm(dim=1).mean().item()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05 * lr_factor, momentum=0.9, nesterov=True)
+        model.head.loss(model(x), train.y[:32]).backward()
+        opt.step()
+        return before, model(x).norm(dim=1).mean().item()
+
+    before, full = norm_after_one_step(1.0)
+    _, warm = norm_after_one_step(engine.lr_factor(0, 34, TrainConfig(epochs=15, warmup_epochs=3)))
+    assert full > 20 * before  # the blow-up
+    assert warm < 3 * before
