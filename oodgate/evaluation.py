@@ -2,9 +2,11 @@
 
 Metric names are the ones logged everywhere (MLflow, DVC metrics files, the comparison table):
 ``test/accuracy``, ``test/ece``, ``test/ece_uncalibrated``, ``test/nll``, ``test/brier``, ...,
-``ood/<set>/fpr95``, ``ood/<set>/auroc``, ..., ``ood/mean/fpr95``. ``test/*`` without a suffix are
-after calibration; ``*_uncalibrated`` before. The validation split is used for the temperature and
-the OOD threshold; the test split and the OOD test halves only for the numbers reported here.
+``ood/<set>/fpr95``, ``ood/<set>/auroc``, ..., and their summaries over the OOD sets:
+``ood/mean/<k>`` (all sets), ``ood/near/<k>`` and ``ood/far/<k>`` (each group's mean) and
+``ood/worst/<k>`` (the worst set). ``test/*`` without a suffix are after calibration;
+``*_uncalibrated`` before. The validation split is used for the temperature and the OOD threshold;
+the test split and the OOD sets (whole: nothing is tuned on them) only for the numbers reported here.
 """
 
 from __future__ import annotations
@@ -122,14 +124,15 @@ def evaluate(
     threshold = metrics.ood_threshold(val_scores, tpr=THRESHOLD_TPR)
     out["ood/threshold"] = threshold
     ood_scores: dict[str, np.ndarray] = {}
-    for name, ood in data.ood_test.items():
+    for name, ood in data.ood.items():
         s = score_fn(calibrated(ood.x)).numpy()
         ood_scores[name] = s
         for k, v in metrics.ood_report(id_scores, s).items():
             out[f"ood/{name}/{k}"] = v
-    if ood_scores:
-        for k in OOD_KEYS:
-            out[f"ood/mean/{k}"] = float(np.mean([out[f"ood/{n}/{k}"] for n in ood_scores]))
+    for k in OOD_KEYS:
+        per_set = {n: out[f"ood/{n}/{k}"] for n in ood_scores}
+        for summary, v in metrics.ood_summaries(per_set, data.ood_groups, k != "fpr95").items():
+            out[f"ood/{summary}/{k}"] = v
     return Evaluation(
         metrics=out,
         score=score,

@@ -14,6 +14,7 @@ problem) and returns plain Python floats.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from numbers import Real
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "fpr_at_tpr",
     "nll",
     "ood_report",
+    "ood_summaries",
     "ood_threshold",
 ]
 
@@ -277,6 +279,30 @@ def ood_threshold(id_val_scores: Any, tpr: float = 0.95) -> float:
     # Same float comparison as roc_curve's tps / tps[-1] >= tpr, so the two operating points agree.
     k = int(np.argmax(np.arange(1, n + 1) / n >= tpr)) + 1
     return float(np.sort(s)[::-1][k - 1])
+
+
+OOD_GROUPS = ("near", "far")
+#: the names of the summaries over OOD sets; no OOD set may be called one of these
+OOD_SUMMARIES = ("mean", *OOD_GROUPS, "worst")
+
+
+def ood_summaries(
+    per_set: Mapping[str, Any], groups: Mapping[str, str], higher_is_better: bool = False
+) -> dict:
+    """One metric summarised over the OOD sets: ``mean`` over all sets, the mean of each group
+    present (``near``, ``far``) and ``worst`` (the max for a lower-is-better metric such as FPR95,
+    else the min). Values are floats, or arrays summarised elementwise."""
+    if not per_set:
+        return {}
+    values = {k: np.asarray(v, dtype=np.float64) for k, v in per_set.items()}
+    out = {"mean": np.mean(np.stack(list(values.values())), axis=0)}
+    for g in OOD_GROUPS:
+        members = [v for k, v in values.items() if groups[k] == g]
+        if members:
+            out[g] = np.mean(np.stack(members), axis=0)
+    stacked = np.stack(list(values.values()))
+    out["worst"] = stacked.min(axis=0) if higher_is_better else stacked.max(axis=0)
+    return {k: float(v) if np.ndim(v) == 0 else v for k, v in out.items()}
 
 
 # ---------------------------------------------------------------- over seeds

@@ -163,15 +163,21 @@ def test_channel_stats_match_float64_reference(root: Path) -> None:
 ALL_BUILTIN_OOD = ["mnist_unseen", "photo_patches", "gaussian_noise", "uniform_noise"]
 
 
-def test_ood_sets_keep_config_order_and_split_in_halves(root: Path) -> None:
+def test_ood_sets_keep_config_order_are_whole_and_grouped(root: Path) -> None:
     b = load_data(cfg(root, classes=ID_DIGITS, ood=ALL_BUILTIN_OOD))
-    assert list(b.ood_val) == ALL_BUILTIN_OOD and list(b.ood_test) == ALL_BUILTIN_OOD
+    assert list(b.ood) == ALL_BUILTIN_OOD
     sizes = {"mnist_unseen": 2000, "photo_patches": 1000, "gaussian_noise": 1000, "uniform_noise": 1000}
     for name in ALL_BUILTIN_OOD:
-        val, test = b.ood_val[name], b.ood_test[name]
-        assert len(val) == len(test) == sizes[name] // 2
-        assert val.x.shape[1:] == (1, 28, 28) and val.x.dtype == torch.uint8
-        assert torch.all(val.y == -1) and torch.all(test.y == -1)
+        s = b.ood[name]
+        assert len(s) == sizes[name]  # every image is a test image: nothing is tuned on OOD data
+        assert s.x.shape[1:] == (1, 28, 28) and s.x.dtype == torch.uint8
+        assert torch.all(s.y == -1)
+    assert b.ood_groups == {
+        "mnist_unseen": "near",
+        "photo_patches": "far",
+        "gaussian_noise": "far",
+        "uniform_noise": "far",
+    }
 
 
 def test_mnist_unseen_holds_only_the_unseen_digits(
@@ -180,7 +186,7 @@ def test_mnist_unseen_holds_only_the_unseen_digits(
     b = load_data(cfg(root, classes=ID_DIGITS, ood=["mnist_unseen"]))
     images, labels = mnist5k
     unseen = row_keys(torch.from_numpy(images[labels >= 6]))
-    got = row_keys(torch.cat([b.ood_val["mnist_unseen"].x, b.ood_test["mnist_unseen"].x]))
+    got = row_keys(b.ood["mnist_unseen"].x)
     assert got == unseen
 
 
@@ -190,18 +196,17 @@ def test_noise_is_at_the_id_shape_and_deterministic(root: Path) -> None:
     b = load_data(cfg(root, classes=ID_DIGITS, ood=noise, ood_size=40))
     c = load_data(cfg(root, classes=ID_DIGITS, ood=noise, ood_size=40, split_seed=3))
     for name in noise:
-        assert a.ood_val[name].x.shape == (20, 1, 28, 28)
-        assert torch.equal(a.ood_val[name].x, b.ood_val[name].x)
-        assert torch.equal(a.ood_test[name].x, b.ood_test[name].x)
-        assert not torch.equal(a.ood_val[name].x, c.ood_val[name].x)
-    g = torch.cat([a.ood_val["gaussian_noise"].x, a.ood_test["gaussian_noise"].x]).double()
+        assert a.ood[name].x.shape == (40, 1, 28, 28)
+        assert torch.equal(a.ood[name].x, b.ood[name].x)
+        assert not torch.equal(a.ood[name].x, c.ood[name].x)
+    g = a.ood["gaussian_noise"].x.double()
     assert abs(g.mean().item() - 127.5) < 3 and abs(g.std().item() - 0.25 * 255) < 4
-    assert not torch.equal(a.ood_val["gaussian_noise"].x, a.ood_val["uniform_noise"].x)
+    assert not torch.equal(a.ood["gaussian_noise"].x, a.ood["uniform_noise"].x)
 
 
 def test_photo_patches_subset_to_ood_size(root: Path) -> None:
     b = load_data(cfg(root, classes=ID_DIGITS, ood=["photo_patches"], ood_size=100))
-    assert len(b.ood_val["photo_patches"]) == 50 and len(b.ood_test["photo_patches"]) == 50
+    assert len(b.ood["photo_patches"]) == 100
 
 
 def _write_image_folder(folder: Path) -> None:
@@ -230,16 +235,17 @@ def test_folder_and_npz_sources_in_load_data(root: Path, tmp_path: Path) -> None
     np.savez(tmp_path / "rgb.npz", x=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
     np.savez(tmp_path / "gray.npz", x=rng.integers(0, 256, (4, 28, 28), dtype=np.uint8))
     ood = [
-        {"name": "folder", "path": str(tmp_path / "imgs")},
-        {"name": "rgb", "path": str(tmp_path / "rgb.npz")},
-        {"name": "gray", "path": str(tmp_path / "gray.npz")},
+        {"name": "folder", "path": str(tmp_path / "imgs"), "group": "far"},
+        {"name": "rgb", "path": str(tmp_path / "rgb.npz"), "group": "far"},
+        {"name": "gray", "path": str(tmp_path / "gray.npz"), "group": "near"},
     ]
     b = load_data(cfg(root, classes=ID_DIGITS, ood=ood))
-    assert list(b.ood_val) == ["folder", "rgb", "gray"]
-    assert [(len(b.ood_val[k]), len(b.ood_test[k])) for k in b.ood_val] == [(1, 2), (3, 3), (2, 2)]
-    assert all(s.x.shape[1:] == (1, 28, 28) for s in b.ood_test.values())
+    assert list(b.ood) == ["folder", "rgb", "gray"]
+    assert [len(b.ood[k]) for k in b.ood] == [3, 6, 4]
+    assert b.ood_groups == {"folder": "far", "rgb": "far", "gray": "near"}
+    assert all(s.x.shape[1:] == (1, 28, 28) for s in b.ood.values())
     gray_in = np.load(tmp_path / "gray.npz")["x"]
-    got = row_keys(torch.cat([b.ood_val["gray"].x, b.ood_test["gray"].x]))
+    got = row_keys(b.ood["gray"].x)
     assert got == row_keys(torch.from_numpy(gray_in))  # already at the ID shape: unchanged
 
 
@@ -388,9 +394,9 @@ def test_cifar10_class_selection_and_mnist_as_ood(cifar10_root: tuple[Path, np.n
     assert b.class_names == ["dog", "cat"]
     assert torch.equal(b.test.x, torch.from_numpy(test[[3, 5, 13, 15]]))
     assert b.test.y.tolist() == [1, 0, 1, 0]
-    assert (len(b.ood_val["mnist"]), len(b.ood_test["mnist"])) == (10, 10)
-    ood = b.ood_val["mnist"].x
-    assert ood.shape == (10, 3, 32, 32) and torch.equal(ood[:, 0], ood[:, 2])  # gray -> RGB, resized
+    assert len(b.ood["mnist"]) == 20 and b.ood_groups == {"mnist": "far"}  # another kind of image
+    ood = b.ood["mnist"].x
+    assert ood.shape == (20, 3, 32, 32) and torch.equal(ood[:, 0], ood[:, 2])  # gray -> RGB, resized
 
 
 @pytest.mark.parametrize(("dataset", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])

@@ -29,7 +29,7 @@ def params(tmp_path, embedded_root, monkeypatch):
 
 
 def _ood(path: str) -> str:
-    return f"data.ood=[{{name: mine, path: {path}}}]"
+    return f"data.ood=[{{name: mine, path: {path}, group: far}}]"
 
 
 CASES = [

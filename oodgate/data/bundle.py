@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,18 +41,20 @@ class ImageSet:
 class DataBundle:
     """Everything training and evaluation need from the data stage.
 
-    ``ood_val`` and ``ood_test`` are keyed by OOD set name in the order of ``data.ood``. ``mean`` and
+    ``ood`` holds every OOD set whole (nothing is tuned on OOD data, so all of it is test data),
+    keyed by name in the order of ``data.ood``; ``ood_groups`` gives each set's group (``near`` or
+    ``far``). ``mean`` and
     ``std`` are per channel, in ``[0, 1]`` pixel units, computed on ``train`` and rounded to 6 decimals.
     """
 
     train: ImageSet
     val: ImageSet
     test: ImageSet
-    ood_val: dict[str, ImageSet]
-    ood_test: dict[str, ImageSet]
+    ood: dict[str, ImageSet]
     num_classes: int
     in_channels: int
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: list[str]
+    ood_groups: dict[str, str] = field(default_factory=dict)

@@ -9,8 +9,8 @@ import numpy as np
 from oodgate.config import DataConfig
 from oodgate.data.bundle import DataBundle, ImageSet
 from oodgate.data.id_sets import ID_DATASETS
-from oodgate.data.ood import check_ood_sources, load_ood
-from oodgate.data.splits import check_classes, select_classes, split_halves, stratified_carve, subset
+from oodgate.data.ood import check_ood_sources, load_ood, ood_groups
+from oodgate.data.splits import check_classes, select_classes, stratified_carve, subset
 
 
 def channel_stats(x: np.ndarray | ImageSet) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -48,7 +48,8 @@ def load_data(cfg: DataConfig, root: str | Path | None = None) -> DataBundle:
     The ID dataset's classes are filtered and relabelled by ``data.classes``. Datasets without an
     official test split get one carved with ``data.test_fraction``; validation is then carved from
     the training pool with ``data.val_fraction`` (both stratified per class, seeded by
-    ``data.split_seed``). Each OOD set is conformed to the ID shape and split into halves.
+    ``data.split_seed``). Each OOD set is conformed to the ID shape and kept whole: no step tunes
+    anything on OOD data, so every OOD image is a test image.
     """
     root = Path(cfg.root if root is None else root)
     loader = ID_DATASETS.get(cfg.dataset)
@@ -70,22 +71,19 @@ def load_data(cfg: DataConfig, root: str | Path | None = None) -> DataBundle:
     _, channels, height, width = train.x.shape
     if height != width:
         raise ValueError(f"dataset {cfg.dataset!r} has non-square images ({height}x{width}); not supported")
-    ood_val, ood_test = {}, {}
-    for src in cfg.ood:
-        ood = load_ood(src, cfg, root, channels, height)
-        ood_val[src.name], ood_test[src.name] = split_halves(ood, cfg.split_seed, src.name)
+    ood = {src.name: load_ood(src, cfg, root, channels, height) for src in cfg.ood}
 
     mean, std = channel_stats(train)
     return DataBundle(
         train=train,
         val=val,
         test=test,
-        ood_val=ood_val,
-        ood_test=ood_test,
+        ood=ood,
         num_classes=len(class_names),
         in_channels=int(channels),
         image_size=int(height),
         mean=mean,
         std=std,
         class_names=class_names,
+        ood_groups=ood_groups(cfg),
     )

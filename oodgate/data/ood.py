@@ -177,6 +177,36 @@ def check_ood_sources(cfg: DataConfig) -> None:
             unseen_digits(cfg)
 
 
+#: the kind of images each dataset holds: an OOD set of the in-distribution data's kind is near-OOD
+#: (OpenOOD's split: CIFAR-100 is near for CIFAR-10, SVHN and MNIST far; Fashion-MNIST near for MNIST)
+_KINDS = {
+    "embedded_mnist": "handwritten digits",
+    "mnist": "handwritten digits",
+    "fashion_mnist": "handwritten digits",
+    "cifar10": "object photos",
+    "cifar100": "object photos",
+    "svhn": "house numbers",
+}
+#: generated and embedded OOD sets: their group whatever the in-distribution data
+_GROUPS = {"mnist_unseen": "near", "photo_patches": "far", "gaussian_noise": "far", "uniform_noise": "far"}
+
+
+def ood_group(src: OODSource, cfg: DataConfig) -> str:
+    """``near`` or ``far``: the set's ``group`` if given, else its default (``_GROUPS``, or near when
+    the torchvision set holds the same kind of images as the in-distribution dataset)."""
+    if src.group is not None:
+        return src.group
+    if src.name in _GROUPS:
+        return _GROUPS[src.name]
+    same_kind = _KINDS.get(src.name) is not None and _KINDS.get(src.name) == _KINDS.get(cfg.dataset)
+    return "near" if same_kind else "far"
+
+
+def ood_groups(cfg: DataConfig) -> dict[str, str]:
+    """Every OOD set of ``data.ood`` with its group, in order."""
+    return {src.name: ood_group(src, cfg) for src in cfg.ood}
+
+
 def load_ood(src: OODSource, cfg: DataConfig, root: Path, channels: int, size: int) -> ImageSet:
     """One OOD set at the ID shape ``(channels, size, size)``, labelled ``-1``."""
     if src.path is not None:

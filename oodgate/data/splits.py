@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import torch
 
@@ -52,17 +50,3 @@ def check_classes(classes: list[int], num_classes: int, dataset: str) -> None:
             f"data.classes: class index {bad[0]} is out of range for dataset {dataset!r}; "
             f"valid indices are 0..{num_classes - 1}"
         )
-
-
-def name_seed(name: str) -> int:
-    """A stable integer for a set name (``hash()`` is salted per process, crc32 is not)."""
-    return zlib.crc32(name.encode("utf-8"))
-
-
-def split_halves(s: ImageSet, seed: int, name: str) -> tuple[ImageSet, ImageSet]:
-    """Seeded permutation of ``s``: first half (``n // 2``) for validation, the rest for test."""
-    n = len(s)
-    if n < 2:
-        raise ValueError(f"OOD set {name!r} has {n} image(s); it needs at least 2 to split into val and test")
-    perm = np.random.default_rng([seed, name_seed(name)]).permutation(n)
-    return subset(s, np.sort(perm[: n // 2])), subset(s, np.sort(perm[n // 2 :]))

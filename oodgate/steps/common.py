@@ -173,21 +173,21 @@ def load_prepared(prepared_dir: str | Path, with_ood: bool = True) -> DataBundle
     ood = (
         torch.load(verified(summary, prepared_dir, "ood.pt", "prepared data", fix), weights_only=True)
         if with_ood
-        else {"names": [], "val": {}, "test": {}}
+        else {"names": [], "groups": {}, "sets": {}}
     )
     m = d["meta"]
     return DataBundle(
         train=_unpack(d["train"]),
         val=_unpack(d["val"]),
         test=_unpack(d["test"]),
-        ood_val={k: _unpack(ood["val"][k]) for k in ood["names"]},
-        ood_test={k: _unpack(ood["test"][k]) for k in ood["names"]},
+        ood={k: _unpack(ood["sets"][k]) for k in ood["names"]},
         num_classes=m["num_classes"],
         in_channels=m["in_channels"],
         image_size=m["image_size"],
         mean=tuple(m["mean"]),
         std=tuple(m["std"]),
         class_names=list(m["class_names"]),
+        ood_groups=dict(ood["groups"]),
     )
 
 

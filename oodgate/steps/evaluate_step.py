@@ -65,6 +65,7 @@ def evaluate(
             "id_scores": torch.from_numpy(ev.id_scores),
             "val_scores": torch.from_numpy(ev.val_scores),
             "ood_names": list(ev.ood_scores),
+            "ood_groups": dict(bundle.ood_groups),
             "ood_scores": {k: torch.from_numpy(v) for k, v in ev.ood_scores.items()},
             "threshold": ev.threshold,
             "score": ev.score,

@@ -12,7 +12,7 @@ from oodgate.steps.common import output_digests, pack, write_json
 
 
 def prepare(cfg: Config, out_dir: str | Path, root: str | Path | None = None) -> dict[str, Any]:
-    """``id.pt`` (train/val/test and the normalisation stats), ``ood.pt`` (OOD val/test halves) and
+    """``id.pt`` (train/val/test and the normalisation stats), ``ood.pt`` (the whole OOD sets and their groups) and
     ``data.json`` (the sizes, and the digests every later read verifies) in ``out_dir``; returns
     ``data.json``'s content."""
     from oodgate.data.load import load_data
@@ -34,14 +34,14 @@ def prepare(cfg: Config, out_dir: str | Path, root: str | Path | None = None) ->
     )
     torch.save(
         {
-            "names": list(bundle.ood_test),
-            "val": {k: pack(v) for k, v in bundle.ood_val.items()},
-            "test": {k: pack(v) for k, v in bundle.ood_test.items()},
+            "names": list(bundle.ood),
+            "groups": dict(bundle.ood_groups),
+            "sets": {k: pack(v) for k, v in bundle.ood.items()},
         },
         out_dir / "ood.pt",
     )
     sizes = {"train": len(bundle.train.y), "val": len(bundle.val.y), "test": len(bundle.test.y)}
-    sizes.update({f"ood/{k}": len(v.y) for k, v in bundle.ood_test.items()})
+    sizes.update({f"ood/{k}": len(v.y) for k, v in bundle.ood.items()})
     summary = {**meta, "sizes": sizes, "outputs": output_digests(out_dir, ("id.pt", "ood.pt"))}
     write_json(out_dir / "data.json", summary)
     return summary
