@@ -171,7 +171,7 @@ def cmd_gate(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
     for e in evaluated:
         metrics[e.loss].append(e.metrics)
     samples = None
-    if cfg.gate.bootstrap.enabled:
+    if cfg.gate.confidence is not None:
         samples = {k: [steps.load_samples(lay.evaluate(k, s)) for s in cfg.seeds] for k in cfg.loss_ids()}
     scores = {e.loss: e.score for e in evaluated}
     report = steps.gate(cfg, metrics, samples, scores=scores)

@@ -13,6 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+#: summaries over OOD sets (``ood/<summary>/fpr95``); see ``oodgate.metrics.OOD_SUMMARIES``
+OOD_SUMMARY_NAMES = ("mean", "near", "far", "worst", "threshold")
+
 
 class ConfigError(ValueError):
     """``params.yaml`` is missing, unreadable or invalid; the message says what to change."""
@@ -30,6 +33,11 @@ class OODSource(_Frozen):
 
     name: str = Field(min_length=1)
     path: str | None = None
+    group: Literal["near", "far"] | None = Field(
+        default=None,
+        description="near: unseen classes, letters, datasets of the same kind; far: photos, noise. "
+        "Registered sets have a default; a path needs one.",
+    )
 
 
 class DataConfig(_Frozen):
@@ -76,6 +84,7 @@ class TrainConfig(_Frozen):
     weight_decay: float = Field(default=1e-4, ge=0.0, le=1.0)
     milestones: list[int] = Field(default_factory=list, description="epochs at which lr *= gamma")
     gamma: float = Field(default=0.1, gt=0.0, le=1.0)
+    warmup_epochs: int = Field(default=0, ge=0, description="linear learning-rate warm-up, in epochs")
     augment: Literal["none", "crop_flip", "crop"] = "none"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(default=True, description="bf16 autocast on CUDA; ignored on CPU")
@@ -89,6 +98,10 @@ class TrainConfig(_Frozen):
             raise ValueError(
                 f"train.milestones must be increasing epochs in (0, epochs={self.epochs}), "
                 f"got {self.milestones}"
+            )
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"train.warmup_epochs={self.warmup_epochs} must be below train.epochs={self.epochs}"
             )
         return self
 
@@ -105,19 +118,31 @@ class CalibrationConfig(_Frozen):
     objective: Literal["nll", "ece"] = "nll"
 
 
-class BootstrapConfig(_Frozen):
-    enabled: bool = False
-    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
-    samples: int = Field(default=1000, ge=100, le=100_000)
-    seed: int = 0
-
-
 class GateConfig(_Frozen):
+    """The promotion rule (``oodgate/gate.py`` states the test). ``confidence``: each improvement
+    must hold with this confidence over seeds and test samples (null: compare means only);
+    ``samples``: bootstrap resamples of the test and OOD images; ``fpr95``: which FPR95 must improve
+    (``mean`` over all OOD sets, each OOD ``groups`` mean, or the ``worst`` set)."""
+
     baseline: str = "softmax"
     accuracy_margin: float = Field(default=0.0, ge=0.0, le=1.0)
     ece_margin: float = Field(default=0.0, ge=0.0, le=1.0)
     fpr95_margin: float = Field(default=0.0, ge=0.0, le=1.0)
-    bootstrap: BootstrapConfig = BootstrapConfig()
+    confidence: float | None = Field(default=0.95, gt=0.5, lt=1.0)
+    samples: int = Field(default=1000, ge=100, le=100_000)
+    seed: int = Field(default=0, ge=0)
+    fpr95: Literal["mean", "groups", "worst"] = "mean"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bootstrap_section(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "bootstrap" in v:
+            raise ValueError(
+                "gate.bootstrap was replaced: the gate always tests its evidence at gate.confidence "
+                "(default 0.95; null compares means only) with gate.samples bootstrap resamples and "
+                "gate.seed; remove the bootstrap section"
+            )
+        return v
 
 
 class RegistryConfig(_Frozen):
@@ -215,6 +240,16 @@ class Config(_Frozen):
             if source.name in seen:
                 raise ValueError(f"data.ood lists {source.name!r} twice; list each OOD set once")
             seen.add(source.name)
+            if source.name in OOD_SUMMARY_NAMES:
+                raise ValueError(
+                    f"data.ood: {source.name!r} names a summary over OOD sets "
+                    f"({', '.join(OOD_SUMMARY_NAMES)}); give the set another name"
+                )
+            if source.path is not None and source.group is None:
+                raise ValueError(
+                    f"data.ood: {source.name!r} needs a group: near (unseen classes, letters, other "
+                    "datasets of the same kind) or far (photos, noise, unrelated images)"
+                )
             if source.path is None and source.name not in OOD_DATASETS:
                 raise ValueError(
                     f"data.ood: {source.name!r} is not a known OOD set; valid sets: "
@@ -230,6 +265,12 @@ class Config(_Frozen):
                     scores.get(loss.score)
             except ValueError as e:
                 raise ValueError(f"losses.{key}: {e}") from None
+        if self.gate.confidence is not None and len(self.seeds) < 2:
+            raise ValueError(
+                f"gate.confidence={self.gate.confidence} needs at least 2 seeds to measure the seed "
+                f"noise, got seeds={self.seeds}; list more seeds (3 or more recommended) or set "
+                "gate.confidence: null to compare means without evidence"
+            )
         base = self.losses.get(self.gate.baseline)
         if base is None:
             raise ValueError(

@@ -27,7 +27,7 @@ def _samples(cfg: Config, entry: LossResult) -> list:
 @task(name="gate", task_run_name="gate")
 def gate_losses(cfg: Config, logged: dict[str, LossResult]) -> dict:
     metrics = {k: v.metrics_by_seed for k, v in logged.items()}
-    samples = {k: _samples(cfg, v) for k, v in logged.items()} if cfg.gate.bootstrap.enabled else None
+    samples = {k: _samples(cfg, v) for k, v in logged.items()} if cfg.gate.confidence is not None else None
     return steps.gate(
         cfg,
         metrics,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from oodgate.config import GateConfig
-from oodgate.gate import decide
+from oodgate.gate import compare_means
 from tasks import tracking
 
 CHAMPION = "champion"
@@ -95,7 +95,9 @@ def register(
             take, champ_reasons = True, ["no current champion"]
         else:
             champ_metrics = c.get_run(champ.run_id).data.metrics
-            d = decide(metrics, champ_metrics, gate, reference=f"champion v{champ.version}")
+            # Means over seeds: the champion's run may come from another flow run, whose test
+            # samples this one does not hold; the evidence was asked of both against the baseline.
+            d = compare_means(metrics, champ_metrics, gate, reference=f"champion v{champ.version}")
             take, champ_reasons = d.promote, list(d.reasons)
         if take:
             c.set_registered_model_alias(name, CHAMPION, mv.version)

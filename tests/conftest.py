@@ -48,6 +48,9 @@ def tiny_params(root: Path | str, workdir: Path | str, **train) -> dict:
             "softmax": {"method": "softmax"},
             "dismax_fpr": {"method": "dismax", "options": {"fpr": True}},
         },
+        # one seed: no evidence to weigh, so the gate compares means (tests that weigh the evidence
+        # set two seeds and gate.confidence)
+        "gate": {"confidence": None},
         "workdir": str(workdir),
     }
 

@@ -15,7 +15,8 @@ def test_repository_params_are_valid(repo_params):
     cfg = parse_config(repo_params)
     assert cfg.gate.baseline == "softmax"
     assert cfg.losses["dismax_fpr"].options == {"fpr": True, "alpha": 1.0}
-    assert cfg.candidates() == ["isomax", "isomax_plus", "dismax", "dismax_fpr", "logitnorm"]
+    assert cfg.candidates() == ["isomax", "dismax_fpr", "logitnorm"]
+    assert cfg.seeds == [0, 1, 2] and cfg.gate.confidence == 0.95
     with pytest.raises(Exception, match="frozen"):
         cfg.train.epochs = 3  # type: ignore[misc]
 
@@ -45,7 +46,14 @@ def _with(base: dict, dotted: str, value) -> dict:
         ("schedule.cron", "every day", r"schedule\.cron: must be a 5-field cron expression"),
         ("calibration.objective", "brier", r"calibration\.objective: .*'nll' or 'ece' \(got 'brier'\)"),
         ("gate.baseline", "softmax2", r"gate\.baseline='softmax2' is not a key of losses"),
-        ("gate.bootstrap.confidence", 1.5, r"gate\.bootstrap\.confidence"),
+        ("gate.confidence", 1.5, r"gate\.confidence: .*less than 1 \(got 1\.5\)"),
+        ("gate.bootstrap", {"enabled": True}, r"gate: gate\.bootstrap was replaced.*gate\.confidence"),
+        ("gate.fpr95", "median", r"gate\.fpr95: .*'mean', 'groups' or 'worst' \(got 'median'\)"),
+        ("seeds", [0], r"gate\.confidence=0\.95 needs at least 2 seeds.*gate\.confidence: null"),
+        ("train.warmup_epochs", 99, r"train\.warmup_epochs=99 must be below train\.epochs"),
+        ("data.ood", [{"name": "letters", "path": "x.npz"}], r"'letters' needs a group: near .* or far"),
+        ("data.ood", ["mnist_unseen", "worst"], r"data\.ood: 'worst' names a summary over OOD sets"),
+        ("data.ood", [{"name": "x", "path": "x.npz", "group": "middle"}], r"group: .*'near' or 'far'"),
         (
             "losses.dismax",
             {"method": "dismaxx"},
@@ -70,8 +78,8 @@ def test_bad_values_are_named(repo_params, key, value, match):
 
 
 def test_baseline_must_be_softmax(repo_params):
-    raw = _with(repo_params, "gate.baseline", "dismax")
-    with pytest.raises(ConfigError, match=r"gate.baseline='dismax' must use method 'softmax', got 'dismax'"):
+    raw = _with(repo_params, "gate.baseline", "dismax_fpr")
+    with pytest.raises(ConfigError, match=r"gate.baseline='dismax_fpr' must use method 'softmax', got 'dismax'"):
         parse_config(raw)
 
 
@@ -90,7 +98,7 @@ def test_missing_and_unparsable_files(tmp_path):
 def test_overrides_use_dotted_keys(tmp_path, repo_params):
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump(repo_params))
-    cfg = load_config(p, {"train.epochs": 3, "train.milestones": []})
+    cfg = load_config(p, {"train.epochs": 3, "train.milestones": [], "train.warmup_epochs": 1})
     assert cfg.train.epochs == 3
 
 
@@ -149,7 +157,10 @@ def test_names_the_code_cannot_honour_fail_at_load(repo_params, section, value, 
 
 
 def test_an_ood_set_with_a_path_may_have_any_name(repo_params):
-    raw = {**repo_params, "data": {**repo_params["data"], "ood": [{"name": "letters", "path": "x.npz"}]}}
+    raw = {
+        **repo_params,
+        "data": {**repo_params["data"], "ood": [{"name": "letters", "path": "x.npz", "group": "near"}]},
+    }
     assert parse_config(raw).data.ood[0].name == "letters"
 
 

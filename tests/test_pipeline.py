@@ -117,6 +117,35 @@ def test_flow_end_to_end_logs_gates_and_registers(first_run):
         assert versions == [] and result.registered == []
 
 
+def test_flow_weighs_the_evidence_over_seeds_and_logs_it(prefect_harness, project, mlflow_db):
+    """Two seeds and gate.confidence: every reason states the gain, its lower bound, the p-value and
+    the seeds; the same figures are metrics of the child run and of the parent; near- and far-OOD
+    summaries are logged beside the overall mean."""
+    overrides = {"seeds": [0, 1], "gate.confidence": 0.95, "gate.samples": 200, "gate.fpr95": "groups"}
+    result = _pipeline(project, **overrides)
+    reasons = result.report["decisions"]["dismax_fpr"]["reasons"]
+    assert [r.split(" ")[0] for r in reasons] == ["accuracy", "calibrated", "near-OOD", "far-OOD"]
+    assert all(
+        re.search(r"gain [+-]\d\.\d{4}, 95% lower bound [+-]\d\.\d{4}, p = \S+, 2 vs 2 seeds", r)
+        for r in reasons
+    )
+    child = next(
+        r for r in _runs("dismax_fpr") if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id
+    )
+    m, parent = child.data.metrics, MlflowClient().get_run(result.parent_run_id).data.metrics
+    evidence = result.report["decisions"]["dismax_fpr"]["evidence"]
+    for key in ("test/accuracy", "test/ece", "ood/near/fpr95", "ood/far/fpr95"):
+        for stat in ("gain", "lower", "p_value"):
+            assert m[f"gate/{key}/{stat}"] == pytest.approx(evidence[f"gate/{key}/{stat}"])
+            assert parent[f"gate/dismax_fpr/{key}/{stat}"] == pytest.approx(evidence[f"gate/{key}/{stat}"])
+    assert m["ood/near/fpr95"] == pytest.approx(m["ood/mnist_unseen/fpr95"])  # one set per group here
+    assert m["ood/far/fpr95"] == pytest.approx(m["ood/gaussian_noise/fpr95"])
+    assert m["ood/worst/fpr95"] == pytest.approx(
+        max(m["ood/mnist_unseen/fpr95"], m["ood/gaussian_noise/fpr95"])
+    )
+    assert child.data.tags["oodgate.gate_reasons"] == "; ".join(reasons)
+
+
 def test_second_run_reuses_every_finished_child_run(first_run):
     project, first, _ = first_run
     second = _pipeline(project)

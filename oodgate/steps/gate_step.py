@@ -1,4 +1,4 @@
-"""Gate: every candidate against the baseline (means over seeds), and the comparison table."""
+"""Gate: every candidate against the baseline (per-seed metrics and samples), and the comparison table."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from oodgate.config import Config
 from oodgate.gate import Decision, SampleSet, decide, rank_key
-from oodgate.metrics import aggregate
+from oodgate.metrics import OOD_SUMMARIES, aggregate
 from oodgate.steps.common import check_fresh, read_json, read_record, verified
 from oodgate.steps.results import Evaluated
 
@@ -45,6 +45,7 @@ def load_samples(evaluate_dir: str | Path) -> SampleSet:
         labels=d["labels"].numpy(),
         id_scores=d["id_scores"].numpy(),
         ood_scores={k: d["ood_scores"][k].numpy() for k in d["ood_names"]},
+        groups=dict(d["ood_groups"]),
     )
 
 
@@ -55,7 +56,8 @@ def gate(
     scores: Mapping[str, str] | None = None,
     seconds: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Decide every candidate against the baseline (means over seeds). Returns a JSON-able report
+    """Decide every candidate against the baseline (:func:`oodgate.gate.decide`: per-seed metrics,
+    and with ``gate.confidence`` the per-sample arrays of every seed). Returns a JSON-able report
     whose ``table`` is the comparison table (``scores`` and training ``seconds`` per loss optional)."""
     base_id = cfg.gate.baseline
     if base_id not in metrics_by_loss:
@@ -68,8 +70,8 @@ def gate(
         if loss_id == base_id:
             continue
         decisions[loss_id] = decide(
-            means[loss_id],
-            means[base_id],
+            metrics_by_loss[loss_id],
+            metrics_by_loss[base_id],
             cfg.gate,
             candidate_samples=(samples_by_loss or {}).get(loss_id),
             baseline_samples=(samples_by_loss or {}).get(base_id),
@@ -77,7 +79,10 @@ def gate(
     promoted = sorted((k for k, d in decisions.items() if d.promote), key=lambda k: rank_key(means[k]))
     return {
         "baseline": base_id,
-        "decisions": {k: {"promote": d.promote, "reasons": list(d.reasons)} for k, d in decisions.items()},
+        "decisions": {
+            k: {"promote": d.promote, "reasons": list(d.reasons), "evidence": d.metrics()}
+            for k, d in decisions.items()
+        },
         "promoted": promoted,
         "best": promoted[0] if promoted else None,
         "means": means,
@@ -103,6 +108,9 @@ TABLE_COLUMNS = (
     ("ECE uncal.", "test/ece_uncalibrated"),
     ("NLL", "test/nll"),
     ("mean FPR95", "ood/mean/fpr95"),
+    ("near FPR95", "ood/near/fpr95"),
+    ("far FPR95", "ood/far/fpr95"),
+    ("worst FPR95", "ood/worst/fpr95"),
     ("mean AUROC", "ood/mean/auroc"),
 )
 
@@ -114,12 +122,14 @@ def comparison_table(
     seconds: Mapping[str, float] | None = None,
     per_set: bool = True,
 ) -> str:
-    """A markdown table: one row per loss, the gate's metrics first, then FPR95 per OOD set."""
+    """A markdown table: one row per loss, the gate's metrics first (the summaries over OOD sets
+    whose groups are present), then FPR95 per OOD set."""
     first = next(iter(means.values()))
     sets = sorted(
-        {k.split("/")[1] for k in first if k.startswith("ood/") and k.endswith("/fpr95")} - {"mean"}
+        {k.split("/")[1] for k in first if k.startswith("ood/") and k.endswith("/fpr95")} - set(OOD_SUMMARIES)
     )
-    cols = list(TABLE_COLUMNS) + ([(f"FPR95 {s}", f"ood/{s}/fpr95") for s in sets] if per_set else [])
+    cols = [c for c in TABLE_COLUMNS if c[1] in first or not c[1].startswith("ood/")]
+    cols += [(f"FPR95 {s}", f"ood/{s}/fpr95") for s in sets] if per_set else []
     head = ["loss", "score"] + [c for c, _ in cols] + (["train s"] if seconds else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for loss_id, m in means.items():

@@ -51,7 +51,7 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
     "train": ("steps/train_step.py", *_STEP, *_MODEL, "engine.py", "runtime.py"),
     "calibrate": ("steps/calibrate_step.py", *_INFERENCE),
     "evaluate": ("steps/evaluate_step.py", *_INFERENCE, "plots.py"),
-    "gate": ("steps/gate_step.py", *_STEP, "gate.py", "metrics.py", "registry.py"),
+    "gate": ("steps/gate_step.py", *_STEP, "gate.py", "resampling.py", "metrics.py", "registry.py"),
 }
 
 

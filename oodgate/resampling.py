@@ -1,0 +1,104 @@
+"""The gate's metrics under bootstrap resamples of the test samples, all resamples at once.
+
+A resample is a vector of counts (how often each test image was drawn, summing to the set's size);
+``B`` resamples are a ``(B, N)`` count matrix. Every metric here is the one of :mod:`oodgate.metrics`
+computed on the resampled set, so with all counts equal to 1 it equals that function exactly:
+accuracy, ECE (15 equal-width bins, ``(lo, hi]``) and FPR at 95% TPR (the threshold is the score of
+the first ID image, in decreasing score order, at which the cumulative count reaches 95% of ``N``;
+FPR is the count-weighted fraction of OOD scores at or above it). Drawing the counts once and
+applying them to every model makes the comparison paired: all models see the same resampled images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from oodgate import metrics
+
+
+def draw_counts(rng: np.random.Generator, n: int, resamples: int) -> np.ndarray:
+    """``(resamples, n)`` int32 counts: each row is one bootstrap resample of ``n`` items."""
+    idx = rng.integers(0, n, (resamples, n))
+    flat = (idx + (np.arange(resamples) * n)[:, None]).ravel()
+    return np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """One set of resamples, shared by every model: ``test`` for the ID test images and one matrix
+    per OOD set."""
+
+    test: np.ndarray
+    ood: Mapping[str, np.ndarray]
+
+    @classmethod
+    def draw(cls, seed: int, resamples: int, n_test: int, ood_sizes: Mapping[str, int]) -> Counts:
+        rng = np.random.default_rng(seed)
+        test = draw_counts(rng, n_test, resamples)
+        return cls(test, {k: draw_counts(rng, m, resamples) for k, m in ood_sizes.items()})
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray, w: np.ndarray) -> np.ndarray:
+    correct = (logits.argmax(axis=1) == labels).astype(np.float64)
+    return w @ correct / w.shape[1]
+
+
+def ece(logits: np.ndarray, labels: np.ndarray, w: np.ndarray, n_bins: int = 15) -> np.ndarray:
+    """Per resample: ``sum_b |sum_{i in b} w_i (correct_i - conf_i)| / N`` -- the same as
+    ``sum_b (n_b / N) |acc_b - conf_b|`` of :func:`oodgate.metrics.ece`."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    conf = 1.0 / np.exp(z).sum(axis=1)
+    correct = (logits.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    gap = np.zeros((logits.shape[0], n_bins))
+    gap[np.arange(logits.shape[0]), idx] = correct - conf
+    return np.abs(w @ gap).sum(axis=1) / w.shape[1]
+
+
+def id_threshold(id_scores: np.ndarray, w_id: np.ndarray, tpr: float = 0.95) -> np.ndarray:
+    """Per resample: the score of the first ID image, in decreasing score order, at which the
+    cumulative count reaches ``tpr`` of ``N`` (the same comparison as ``roc_curve``'s)."""
+    order = np.argsort(-id_scores, kind="stable")
+    cum = np.cumsum(w_id[:, order], axis=1)
+    return id_scores[order][np.argmax(cum / w_id.shape[1] >= tpr, axis=1)]
+
+
+def accepted_fraction(ood_scores: np.ndarray, w_ood: np.ndarray, threshold: np.ndarray) -> np.ndarray:
+    """Per resample: the count-weighted fraction of OOD scores at or above its threshold."""
+    asc = np.argsort(ood_scores, kind="stable")
+    below = np.searchsorted(ood_scores[asc], threshold, side="left")  # scores < threshold come first
+    cum = np.concatenate([np.zeros((w_ood.shape[0], 1), np.int64), np.cumsum(w_ood[:, asc], axis=1)], axis=1)
+    accepted = cum[:, -1] - np.take_along_axis(cum, below[:, None], axis=1)[:, 0]
+    return accepted / w_ood.shape[1]
+
+
+def fpr_at_tpr(
+    id_scores: np.ndarray, ood_scores: np.ndarray, w_id: np.ndarray, w_ood: np.ndarray, tpr: float = 0.95
+) -> np.ndarray:
+    return accepted_fraction(ood_scores, w_ood, id_threshold(id_scores, w_id, tpr))
+
+
+def gate_metrics(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    id_scores: np.ndarray,
+    ood_scores: Mapping[str, np.ndarray],
+    groups: Mapping[str, str],
+    counts: Counts,
+) -> dict[str, np.ndarray]:
+    """Every metric a gate criterion can use, one value per resample: ``test/accuracy``,
+    ``test/ece``, ``ood/<set>/fpr95``, ``ood/mean/fpr95``, ``ood/<group>/fpr95`` and
+    ``ood/worst/fpr95`` (the names of :func:`oodgate.evaluation.evaluate`)."""
+    out = {
+        "test/accuracy": accuracy(logits, labels, counts.test),
+        "test/ece": ece(logits, labels, counts.test),
+    }
+    threshold = id_threshold(id_scores, counts.test)  # one per model, for every OOD set
+    per_set = {name: accepted_fraction(s, counts.ood[name], threshold) for name, s in ood_scores.items()}
+    out.update({f"ood/{k}/fpr95": v for k, v in per_set.items()})
+    out.update({f"ood/{k}/fpr95": v for k, v in metrics.ood_summaries(per_set, groups).items()})
+    return out
