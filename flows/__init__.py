@@ -16,9 +16,50 @@ TELEMETRY_OFF = {
 }
 
 
+# The temporary Prefect server of a run without PREFECT_API_URL creates its database on the first
+# start; on 2 busy cores that took over Prefect's default 20 s, and the run failed before its first task.
+RUNTIME_DEFAULTS = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+
+
 def telemetry_off() -> None:
-    """Set :data:`TELEMETRY_OFF` where the environment does not already say otherwise."""
+    """Set :data:`TELEMETRY_OFF` and :data:`RUNTIME_DEFAULTS` where the environment does not already
+    say otherwise."""
     import os
 
-    for key, value in TELEMETRY_OFF.items():
+    for key, value in {**TELEMETRY_OFF, **RUNTIME_DEFAULTS}.items():
         os.environ.setdefault(key, value)
+
+
+_server_start = None  # the thread bringing up Prefect's temporary server, if one was started early
+
+
+def start_temporary_prefect_server() -> None:
+    """Start Prefect's temporary server (the one a flow run starts itself when no
+    ``PREFECT_API_URL`` is set) in a background thread, so that it boots while the caller imports
+    the rest; :func:`wait_for_temporary_prefect_server` joins it before the first flow call, which
+    then finds it running (Prefect keeps one such server per process). Does nothing when a server
+    is configured."""
+    global _server_start
+    import threading
+
+    telemetry_off()
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer  # imported here, not in the thread
+
+    def start() -> None:
+        try:
+            SubprocessASGIServer().start()
+        except Exception:  # the flow call starts it again and reports why it fails
+            pass
+
+    _server_start = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    _server_start.start()
+
+
+def wait_for_temporary_prefect_server() -> None:
+    """Return once the server of :func:`start_temporary_prefect_server` answers (at once if none)."""
+    if _server_start is not None:
+        _server_start.join()

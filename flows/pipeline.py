@@ -12,15 +12,24 @@ the flow parameters would fail before the first task. The flow's parameters are 
 """
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+if __name__ == "__main__":
+    # `python -m flows.pipeline` with no PREFECT_API_URL: Prefect's temporary server boots in its own
+    # process (about 5 s) while torch, MLflow and the tasks import below, instead of after them.
+    from flows import start_temporary_prefect_server
+
+    start_temporary_prefect_server()
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -29,7 +38,7 @@ from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import PROJECT_ROOT, telemetry_off
+from flows import PROJECT_ROOT, telemetry_off, wait_for_temporary_prefect_server
 from oodgate import engine  # engine.STOP, by module: a served flow is pickled by value
 from oodgate.config import Config, load_config
 from oodgate.preflight import preflight
@@ -153,7 +162,11 @@ def _prepare(ctx: Context, data_version: str) -> str:
 
 def _train_and_log(ctx: Context) -> tuple[dict[str, LossResult], dict[str, str]]:
     """Every loss: reuse its finished child run with the same fingerprint, or train, calibrate and
-    evaluate all its seeds and log a new child run. A failed loss is reported, not raised."""
+    evaluate all its seeds and log a new child run. A failed loss is reported, not raised.
+
+    Every task is submitted at once (the task runner trains one at a time, in submission order),
+    and each loss is logged as soon as its own tasks are done, while the next loss trains: logging
+    (plots, the model, artifacts) would otherwise wait for the last training and leave a core idle."""
     log = get_run_logger()
     logged: dict[str, LossResult] = {}
     pending: list[LossRun] = []
@@ -168,16 +181,34 @@ def _train_and_log(ctx: Context) -> tuple[dict[str, LossResult], dict[str, str]]
             logged[loss_id] = reused_result(reused)
         else:
             pending.append(_submit(ctx, loss_id, fp, expected))
-    wait([f for lr in pending for f in lr.futures()])
     failed: dict[str, str] = {}
     for lr in pending:
-        result = _log(ctx, lr)
+        wait(lr.futures())
+        with _torch_single_threaded():
+            result = _log(ctx, lr)
         if isinstance(result, str):
             failed[lr.loss_id] = result
             log.error(f"{lr.loss_id} failed: {result}")
         else:
             logged[lr.loss_id] = result
     return logged, failed
+
+
+@contextlib.contextmanager
+def _torch_single_threaded() -> Iterator[None]:
+    """Torch without intra-op threads in this (the flow's) thread, for the logging done while a
+    task-runner thread trains. An OpenMP team of a second thread makes libgomp throttle the
+    spin-waits of every team for the rest of the process (more threads than cores), which made each
+    later training 1.5x slower; ``torch.set_num_threads`` is per thread under OpenMP, and threads
+    that already run keep their count."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _submit(ctx: Context, loss_id: str, fp: str, expected: list[inputs.Expected]) -> LossRun:
@@ -294,7 +325,12 @@ def _record(
         }
         if not logged[loss_id].reused:
             tracking.set_tags(logged[loss_id].run_id, decision)
+            tracking.log_metrics(logged[loss_id].run_id, d["evidence"])
         tracking.set_tags(parent, {f"oodgate.gate.{loss_id}": decision["oodgate.gate"]})
+        # gate/<loss>/<metric>/{gain,lower,p_value}: the evidence side by side in the runs table
+        tracking.log_metrics(
+            parent, {f"gate/{loss_id}/{k.removeprefix('gate/')}": v for k, v in d["evidence"].items()}
+        )
     text = report_markdown(report, registered, failed)
     tracking.log_text(parent, text, "comparison.md")
     tracking.log_text(parent, report["table"], "comparison_table.md")
@@ -358,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_determinism()
     _stop_on_signals()
     try:
+        wait_for_temporary_prefect_server()
         pipeline(params_path=str(params), root=str(root) if root else None, overrides=overrides or None)
     except BaseException as e:
         if engine.STOP.is_set():  # whatever the unwinding raised after (a temporary server already gone)
