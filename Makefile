@@ -13,10 +13,11 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup data run core-run monitor test test-fast lint bench serve trigger serve-model mlflow-ui repro clean help
+.PHONY: setup data run core-run monitor test test-fast lint bench bench-stability bench-flow serve trigger serve-model mlflow-ui repro clean help
 
 help:
-	@echo "make run          set up .venv, write the embedded data, run the pipeline flow once (minutes on CPU)"
+	@echo "make run          set up .venv, write the embedded data, run the pipeline flow once (minutes on CPU;"
+	@echo "                  ARGS='--set key=value ...' overrides params, e.g. --set gate.confidence=null)"
 	@echo "make test         set up and run the whole test suite (what CI runs, with make lint)"
 	@echo "make test-fast    the day-to-day selection: every test not marked slow"
 	@echo "make lint         ruff check + ruff format --check"
@@ -28,6 +29,8 @@ help:
 	@echo "make core-run     the core library alone (no Prefect, no MLflow): train, evaluate, print the table"
 	@echo "make monitor      score a batch with the champion, alert on drift (BATCH=path; default: two demo batches)"
 	@echo "make bench        per-method training/inference time relative to SoftMax"
+	@echo "make bench-stability  the gate's decisions on three disjoint seed sets (about 10 min on CPU)"
+	@echo "make bench-flow   wall time of the Prefect flow against the core alone (same params)"
 	@echo "make setup        only create .venv and install the pinned stack"
 	@echo "make data         only write the embedded data into data/ (skipped if data/ exists)"
 	@echo "make clean        remove the pipeline's working files (not the committed results, not mlflow.db)"
@@ -48,11 +51,11 @@ data: $(STAMP)
 
 # The main job: the Prefect flow on the embedded default (ephemeral Prefect, SQLite MLflow).
 run: data
-	$(PY) -m flows.pipeline
+	$(PY) -m flows.pipeline $(ARGS)
 
 # The core alone, no Prefect/MLflow: train and evaluate every loss, print the table.
 core-run: data
-	$(PY) -m oodgate run
+	$(PY) -m oodgate run $(ARGS)
 
 # The monitoring flow: score BATCH (a folder of images or an .npz) with the registered champion;
 # without BATCH, two demo batches written from the embedded data (after `make run`).
@@ -89,6 +92,12 @@ mlflow-ui: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_methods.py
+
+bench-stability: data
+	PYTHONPATH=. $(PY) benchmarks/bench_stability.py $(ARGS)
+
+bench-flow: data
+	PYTHONPATH=. $(PY) benchmarks/bench_flow.py $(ARGS)
 
 # Exact reproduction: the DVC stages run `python -m oodgate ...`, so the venv's python comes first.
 repro: data

@@ -12,14 +12,12 @@ the flow parameters would fail before the first task. The flow's parameters are 
 """
 
 import argparse
-import contextlib
 import os
 import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +46,7 @@ from tasks.caching import Job
 from tasks.data import check_data, prepare_data
 from tasks.evaluate import calibrate_model, evaluate_model
 from tasks.gate import gate_losses
-from tasks.track import LossResult, log_loss_run, register_model, reused_result
+from tasks.track import LossResult, log_loss_run, package_model, register_model, reused_result
 from tasks.train import train_model
 
 
@@ -80,9 +78,10 @@ class LossRun:
     trained: list[PrefectFuture] = field(default_factory=list)
     calibrated: list[PrefectFuture] = field(default_factory=list)
     evaluated: list[PrefectFuture] = field(default_factory=list)
+    packaged: PrefectFuture | None = None
 
     def futures(self) -> list[PrefectFuture]:
-        return [*self.trained, *self.calibrated, *self.evaluated]
+        return [*self.trained, *self.calibrated, *self.evaluated, *([self.packaged] if self.packaged else [])]
 
 
 @dataclass
@@ -166,7 +165,10 @@ def _train_and_log(ctx: Context) -> tuple[dict[str, LossResult], dict[str, str]]
 
     Every task is submitted at once (the task runner trains one at a time, in submission order),
     and each loss is logged as soon as its own tasks are done, while the next loss trains: logging
-    (plots, the model, artifacts) would otherwise wait for the last training and leave a core idle."""
+    (plots, the model, artifacts) would otherwise wait for the last training and leave a core idle.
+    The flow's thread runs no torch code (the model is exported by a task): a second thread with an
+    OpenMP team makes libgomp throttle the spin-waits of every team, and each later training took
+    1.5x as long."""
     log = get_run_logger()
     logged: dict[str, LossResult] = {}
     pending: list[LossRun] = []
@@ -184,31 +186,13 @@ def _train_and_log(ctx: Context) -> tuple[dict[str, LossResult], dict[str, str]]
     failed: dict[str, str] = {}
     for lr in pending:
         wait(lr.futures())
-        with _torch_single_threaded():
-            result = _log(ctx, lr)
+        result = _log(ctx, lr)
         if isinstance(result, str):
             failed[lr.loss_id] = result
             log.error(f"{lr.loss_id} failed: {result}")
         else:
             logged[lr.loss_id] = result
     return logged, failed
-
-
-@contextlib.contextmanager
-def _torch_single_threaded() -> Iterator[None]:
-    """Torch without intra-op threads in this (the flow's) thread, for the logging done while a
-    task-runner thread trains. An OpenMP team of a second thread makes libgomp throttle the
-    spin-waits of every team for the rest of the process (more threads than cores), which made each
-    later training 1.5x slower; ``torch.set_num_threads`` is per thread under OpenMP, and threads
-    that already run keep their count."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _submit(ctx: Context, loss_id: str, fp: str, expected: list[inputs.Expected]) -> LossRun:
@@ -223,6 +207,8 @@ def _submit(ctx: Context, loss_id: str, fp: str, expected: list[inputs.Expected]
         lr.trained.append(t)
         lr.calibrated.append(c)
         lr.evaluated.append(evaluate_model.submit(cfg, job, c, prepared))
+    out = str(ctx.workdir / "cache" / f"package-{fp}")  # the first seed's model, as it will be logged
+    lr.packaged = package_model.submit(loss_id, lr.calibrated[0], lr.evaluated[0], out)
     return lr
 
 
@@ -280,12 +266,13 @@ def _log(ctx: Context, lr: LossRun) -> LossResult | str:
         trained = [f.result() for f in lr.trained]
         calibrated = [f.result() for f in lr.calibrated]
         evaluated = [f.result() for f in lr.evaluated]
+        packaged = lr.packaged.result()
     except Exception as e:  # NaN loss, crash after retries: this loss fails, the others go on
         reason = f"{type(e).__name__}: {e}"
         tracking.set_tags(run_id, {"oodgate.failure": reason[:4000]})
         tracking.end_run(run_id, "FAILED", end_ms)
         return reason
-    result = log_loss_run(run_id, cfg, lr.loss_id, trained, calibrated, evaluated)
+    result = log_loss_run(run_id, cfg, lr.loss_id, trained, calibrated, evaluated, packaged)
     tracking.end_run(run_id, "FINISHED", end_ms)  # the run's duration is its tasks', not the logging's
     return result
 

@@ -14,6 +14,7 @@ Metric names in a child run follow one scheme, ``<section>/<name>``:
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,36 @@ class LossResult:
     reused: bool = False
 
 
+@dataclass(frozen=True)
+class Packaged:
+    """One loss's serving model exported to files by :func:`package_model` (the first seed's)."""
+
+    dir: str  # what tracking.export_model writes
+    fingerprint: str  # oodgate.serving.fingerprint of the serving model
+
+
+@task(name="package-model", task_run_name="package-{loss_id}")
+def package_model(loss_id: str, calibrated: Calibrated, evaluated: Evaluated, out_dir: str) -> Packaged:
+    """Export the calibrated model of one seed with its OOD threshold and reference into ``out_dir``.
+
+    A task of its own so that it runs on the task runner's thread like training: the flow logs each
+    loss while the next one trains, and torch code run in the flow's thread as well would give that
+    thread an OpenMP team of its own, which makes libgomp throttle every team's spin-waits."""
+    model = with_score(load_classifier(Path(calibrated.dir) / "calibrated.pt"), evaluated.score)
+    serving = ServingModel(model, evaluated.threshold)
+    size = (2, model.spec.in_channels, model.spec.image_size, model.spec.image_size)
+    example = torch.rand(size, generator=torch.Generator().manual_seed(0))  # not the global RNG
+    samples = torch.load(Path(evaluated.dir) / "samples.pt", weights_only=True)
+    reference = {
+        "score": evaluated.score,
+        "threshold": evaluated.threshold,
+        "tpr": THRESHOLD_TPR,
+        "validation_scores": samples["val_scores"].tolist(),
+    }
+    tracking.export_model(Path(out_dir), serving, example, list(model.spec.class_names), reference)
+    return Packaged(out_dir, fingerprint(serving))
+
+
 def _history(trained: Trained) -> tuple[list[dict], list[dict]]:
     """The per-epoch curves, and the per-epoch wall times of the epochs trained in this run."""
     history = json.loads((Path(trained.dir) / "history.json").read_text())
@@ -62,8 +93,16 @@ def log_loss_run(
     trained: list[Trained],
     calibrated: list[Calibrated],
     evaluated: list[Evaluated],
+    packaged: Packaged | None = None,
 ) -> LossResult:
-    """History, metrics, plots and the calibrated model of one loss (all seeds) into its child run."""
+    """History, metrics, plots and the calibrated model of one loss (all seeds) into its child run.
+
+    ``packaged``: the model :func:`package_model` exported (the flow runs it on the task runner's
+    thread); without it, the model is exported here. No torch code runs here otherwise."""
+    if packaged is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            packaged = package_model.fn(loss_id, calibrated[0], evaluated[0], str(Path(tmp) / "model"))
+            return log_loss_run.fn(run_id, cfg, loss_id, trained, calibrated, evaluated, packaged)
     for t in trained:
         history, times = _history(t)
         tracking.log_history(run_id, history, prefix=f"history/seed{t.seed}/")
@@ -82,9 +121,6 @@ def log_loss_run(
         tracking.log_artifacts(run_id, Path(e.dir) / "samples.pt", f"samples/seed{e.seed}")
     tracking.log_text(run_id, json.dumps(reports, indent=1), "metrics_by_seed.json")
     first = evaluated[0]  # the registered model is the first seed's
-    model = with_score(load_classifier(Path(calibrated[0].dir) / "calibrated.pt"), first.score)
-    serving = ServingModel(model, first.threshold)
-    model_fp = fingerprint(serving)
     tracking.set_tags(
         run_id,
         {
@@ -92,25 +128,16 @@ def log_loss_run(
             "oodgate.device": trained[0].device,
             "oodgate.threshold": f"{first.threshold:.6g}",
             "oodgate.temperature": f"{calibrated[0].temperature:.6g}",
-            "oodgate.model_fingerprint": model_fp,
+            "oodgate.model_fingerprint": packaged.fingerprint,
         },
     )
-    size = (2, model.spec.in_channels, model.spec.image_size, model.spec.image_size)
-    example = torch.rand(size, generator=torch.Generator().manual_seed(0))  # not the global RNG
-    samples = torch.load(Path(first.dir) / "samples.pt", weights_only=True)
-    reference = {
-        "score": first.score,
-        "threshold": first.threshold,
-        "tpr": THRESHOLD_TPR,
-        "validation_scores": samples["val_scores"].tolist(),
-    }
-    model_uri = tracking.log_model(run_id, serving, example, list(model.spec.class_names), reference)
+    model_uri = tracking.log_exported_model(run_id, Path(packaged.dir))
     tracking.set_tags(run_id, {"oodgate.model_uri": model_uri})
     return LossResult(
         loss=loss_id,
         run_id=run_id,
         model_uri=model_uri,
-        model_fingerprint=model_fp,
+        model_fingerprint=packaged.fingerprint,
         mean=mean,
         std=std,
         score=first.score,

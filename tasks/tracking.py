@@ -303,6 +303,76 @@ def output_schema(class_names: list[str]) -> Any:
     )
 
 
+def export_model(
+    out_dir: Path,
+    serving_model: Any,
+    example: Any,
+    class_names: list[str],
+    reference: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write what :func:`log_exported_model` logs into ``out_dir`` (replaced): ``torch_model/`` (the
+    ``torch.export`` program, MLflow's pt2 format, with a signature inferred from ``example``),
+    ``meta.json`` (input shape, class names) and ``reference.json`` (the OOD score's name, threshold,
+    its TPR and the validation ID scores it was set on: the monitoring flow tests incoming batches
+    against it). All the torch work of logging a model happens here."""
+    import shutil
+
+    import mlflow
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    example_np = example.numpy()
+    out = serving_model(example).detach().numpy()
+    mlflow.pytorch.save_model(
+        serving_model,
+        str(out_dir / "torch_model"),
+        serialization_format="pt2",
+        signature=infer_signature(example_np, np.asarray(out)),
+        input_example=example_np,
+        pip_requirements=pip_requirements(),
+    )
+    meta = {"input_shape": list(example_np.shape[1:]), "class_names": list(class_names)}
+    (out_dir / "meta.json").write_text(json.dumps(meta))
+    if reference is not None:
+        (out_dir / "reference.json").write_text(json.dumps(dict(reference)))
+    return out_dir
+
+
+def log_exported_model(run_id: str, exported: Path, name: str = "model") -> str:
+    """Log the serving model that :func:`export_model` wrote: a pyfunc from code
+    (``tasks/pyfunc_model.py``, no pickle) around the exported program, with the named output
+    columns as its signature and the input shape in its metadata. Runs no torch code. Re-attaches to
+    the run by id (this may run in a worker thread) and finishes it: call it last. Returns the model
+    URI to register."""
+    import mlflow
+    from mlflow.models import ModelSignature
+
+    exported = Path(exported)
+    meta = json.loads((exported / "meta.json").read_text())
+    shape = meta["input_shape"]
+    artifacts = {"torch_model": str(exported / "torch_model"), "meta": str(exported / "meta.json")}
+    if (exported / "reference.json").is_file():
+        artifacts["reference"] = str(exported / "reference.json")
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # MLflow suggests type hints and an input example; this model checks its input itself.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.pyfunc")
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(PYFUNC_CODE),
+            artifacts=artifacts,
+            signature=ModelSignature(outputs=output_schema(list(meta["class_names"]))),
+            metadata={
+                "input": f"images (batch, {shape[0]}, {shape[1]}, {shape[2]}): float in [0, 1] or uint8",
+                "input_shape": [-1, *shape],
+            },
+            pip_requirements=pip_requirements(),
+        )
+    return info.model_uri
+
+
 def log_model(
     run_id: str,
     serving_model: Any,
@@ -311,46 +381,7 @@ def log_model(
     reference: Mapping[str, Any] | None = None,
     name: str = "model",
 ) -> str:
-    """Log the serving model: a pyfunc from code (``tasks/pyfunc_model.py``, no pickle) around the
-    ``torch.export`` program, with the named output columns as its signature and the input shape
-    in its metadata. ``reference`` (the OOD score's name, threshold, its TPR and the validation ID
-    scores it was set on) travels with the model as ``reference.json``: the monitoring flow tests
-    incoming batches against it. Re-attaches to the run by id (this may run in a worker thread) and
-    finishes it: call it last. Returns the model URI to register."""
-    import mlflow
-    import numpy as np
-    from mlflow.models import ModelSignature, infer_signature
-
-    example_np = example.numpy()
-    shape = list(example_np.shape[1:])
+    """:func:`export_model` then :func:`log_exported_model`, through a temporary directory."""
     with tempfile.TemporaryDirectory() as tmp:
-        torch_dir, meta = Path(tmp) / "torch_model", Path(tmp) / "meta.json"
-        out = serving_model(example).detach().numpy()
-        mlflow.pytorch.save_model(
-            serving_model,
-            str(torch_dir),
-            serialization_format="pt2",
-            signature=infer_signature(example_np, np.asarray(out)),
-            input_example=example_np,
-            pip_requirements=pip_requirements(),
-        )
-        meta.write_text(json.dumps({"input_shape": shape, "class_names": list(class_names)}))
-        artifacts = {"torch_model": str(torch_dir), "meta": str(meta)}
-        if reference is not None:
-            (Path(tmp) / "reference.json").write_text(json.dumps(dict(reference)))
-            artifacts["reference"] = str(Path(tmp) / "reference.json")
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            # MLflow suggests type hints and an input example; this model checks its input itself.
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.pyfunc")
-            info = mlflow.pyfunc.log_model(
-                name=name,
-                python_model=str(PYFUNC_CODE),
-                artifacts=artifacts,
-                signature=ModelSignature(outputs=output_schema(list(class_names))),
-                metadata={
-                    "input": f"images (batch, {shape[0]}, {shape[1]}, {shape[2]}): float in [0, 1] or uint8",
-                    "input_shape": [-1, *shape],
-                },
-                pip_requirements=pip_requirements(),
-            )
-    return info.model_uri
+        exported = export_model(Path(tmp) / "model", serving_model, example, class_names, reference)
+        return log_exported_model(run_id, exported, name)
