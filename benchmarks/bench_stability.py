@@ -83,8 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         agree = len(set(verdicts)) == 1
         agree_all &= agree
         print(f"| {loss_id} | " + " | ".join(verdicts) + f" | {'yes' if agree else 'NO'} |")
-    print("\nOne-sided p-value of each improvement (gain / 95% lower bound), per seed set\n")
-    for loss_id in cfg.candidates():
+    if cfg.gate.confidence is not None:
+        _print_evidence(cfg.candidates(), names, reports)
+    print(f"\nall decisions agree: {'yes' if agree_all else 'NO'}; total {time.perf_counter() - t0:.0f} s")
+    return 0 if agree_all else 1
+
+
+def _print_evidence(candidates: list[str], names: list[str], reports: list[dict]) -> None:
+    print("\nOne-sided p-value of each improvement (gain / lower bound), per seed set\n")
+    for loss_id in candidates:
         for name, r in zip(names, reports):
             ev = r["decisions"][loss_id]["evidence"]
             metrics_ = sorted({k.split("/", 1)[1].rsplit("/", 1)[0] for k in ev})
@@ -93,8 +100,6 @@ def main(argv: list[str] | None = None) -> int:
                 for m in metrics_
             ]
             print(f"- {loss_id}, seeds {name}: " + "; ".join(cells))
-    print(f"\nall decisions agree: {'yes' if agree_all else 'NO'}; total {time.perf_counter() - t0:.0f} s")
-    return 0 if agree_all else 1
 
 
 if __name__ == "__main__":

@@ -344,7 +344,9 @@ def report_markdown(report: dict, registered: list[dict], failed: dict[str, str]
 
     lines = ["# oodgate pipeline", "", report["table"], "", gate_markdown(report), "## Registry", ""]
     if not registered:
-        lines.append("Nothing registered: no candidate beat the baseline on all gate metrics.")
+        lines.append(
+            "Nothing registered: no candidate was shown better than the baseline on every gate criterion."
+        )
     for r in registered:
         if r.get("unchanged"):
             state = "already registered, nothing added"

@@ -115,8 +115,12 @@ def log_loss_run(
     train_seconds = sum(t.train_seconds for t in trained)
     tracking.log_metrics(run_id, {"time/train_seconds": train_seconds})
     for c, e in zip(calibrated, evaluated):
+        # Both hold calibration/temperature: evaluate's is the float32 the model applies (the value
+        # DVC's metrics file holds), calibrate's the float64 fit; log one value per key.
         tracking.log_metrics(run_id, {f"seed{e.seed}/{k}": v for k, v in e.metrics.items()})
-        tracking.log_metrics(run_id, {f"seed{c.seed}/{k}": v for k, v in c.metrics.items()})
+        tracking.log_metrics(
+            run_id, {f"seed{c.seed}/{k}": v for k, v in c.metrics.items() if k not in e.metrics}
+        )
         tracking.log_artifacts(run_id, Path(e.dir) / "plots", f"plots/seed{e.seed}")
         tracking.log_artifacts(run_id, Path(e.dir) / "samples.pt", f"samples/seed{e.seed}")
     tracking.log_text(run_id, json.dumps(reports, indent=1), "metrics_by_seed.json")

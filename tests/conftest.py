@@ -43,7 +43,7 @@ def tiny_params(root: Path | str, workdir: Path | str, **train) -> dict:
             "ood_size": 100,
         },
         "model": {"backbone": "small_cnn", "options": {"width": 8}},
-        "train": {"epochs": 2, "batch_size": 64, "lr": 0.05, "milestones": [], **train},
+        "train": {"epochs": 2, "batch_size": 64, "lr": 0.05, "milestones": [], "warmup_epochs": 0, **train},
         "losses": {
             "softmax": {"method": "softmax"},
             "dismax_fpr": {"method": "dismax", "options": {"fpr": True}},

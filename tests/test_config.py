@@ -79,7 +79,9 @@ def test_bad_values_are_named(repo_params, key, value, match):
 
 def test_baseline_must_be_softmax(repo_params):
     raw = _with(repo_params, "gate.baseline", "dismax_fpr")
-    with pytest.raises(ConfigError, match=r"gate.baseline='dismax_fpr' must use method 'softmax', got 'dismax'"):
+    with pytest.raises(
+        ConfigError, match=r"gate.baseline='dismax_fpr' must use method 'softmax', got 'dismax'"
+    ):
         parse_config(raw)
 
 

@@ -212,7 +212,7 @@ def test_triggered_run_leaves_what_make_run_leaves(served):
                 flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]),
             )
         )
-    assert "## Gate (baseline: softmax)" in artifact.data and "**isomax_plus**: PROMOTE" in artifact.data
+    assert "## Gate (baseline: softmax; " in artifact.data and "**isomax_plus**: PROMOTE" in artifact.data
 
     # `make run` on a copy of the same project: the flow in its own process, temporary Prefect server.
     ref_env = {k: v for k, v in served.stack.env.items() if k != "PREFECT_API_URL"}

@@ -138,10 +138,16 @@ def test_cifar10_resnet34_config_runs_through_the_flow_on_tiny_files(
         "train": 90,
         "val": 10,
         "test": 20,
-        "ood/svhn": 10,
-        "ood/cifar100": 10,
-        "ood/gaussian_noise": 10,
-        "ood/uniform_noise": 10,
+        "ood/svhn": 20,  # every OOD image is a test image
+        "ood/cifar100": 20,
+        "ood/gaussian_noise": 20,
+        "ood/uniform_noise": 20,
+    }
+    assert summary["sizes"] and steps.load_prepared(prepared).ood_groups == {
+        "svhn": "far",  # house numbers are not object photos
+        "cifar100": "near",
+        "gaussian_noise": "far",
+        "uniform_noise": "far",
     }
     assert (summary["in_channels"], summary["image_size"], len(summary["mean"])) == (3, 32, 3)
     assert summary["class_names"] == [f"class{i}" for i in range(10)]

@@ -88,13 +88,20 @@ def gate(
         "means": means,
         "stds": stds,
         "seeds": {k: len(v) for k, v in metrics_by_loss.items()},
+        "confidence": cfg.gate.confidence,
         "table": comparison_table(means, stds, scores, seconds),
     }
 
 
 def gate_markdown(report: Mapping[str, Any]) -> str:
     """The gate's decision for every candidate, with every reason, as a markdown section."""
-    lines = [f"## Gate (baseline: {report['baseline']})", ""]
+    confidence = report.get("confidence")
+    rule = (
+        f"each improvement with {confidence:.0%} confidence over seeds and test samples"
+        if confidence is not None
+        else "means over seeds only (gate.confidence: null)"
+    )
+    lines = [f"## Gate (baseline: {report['baseline']}; {rule})", ""]
     for loss_id, d in report["decisions"].items():
         lines.append(f"- **{loss_id}**: {'PROMOTE' if d['promote'] else 'REJECT'}")
         lines += [f"    - {r}" for r in d["reasons"]]
