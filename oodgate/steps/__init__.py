@@ -7,7 +7,7 @@ on, and so when it re-runs, is :mod:`oodgate.steps.inputs`.
 
 Files a step writes, in the directory it is given::
 
-    prepare    id.pt (train/val/test uint8 tensors + stats), ood.pt (OOD val/test halves), data.json
+    prepare    id.pt (train/val/test uint8 tensors + stats), ood.pt (the whole OOD sets, grouped), data.json
     train      last.pt (resume state), best.pt (selected weights), history.json, train.json
     calibrate  calibrated.pt (best.pt with the fitted temperature), calibration.json
     evaluate   metrics.json, samples.pt (per-sample arrays for the bootstrap), plots/, evaluation.json
