@@ -13,9 +13,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-#: summaries over OOD sets (``ood/<summary>/fpr95``); see ``oodgate.metrics.OOD_SUMMARIES``
-OOD_SUMMARY_NAMES = ("mean", "near", "far", "worst", "threshold")
-
 
 class ConfigError(ValueError):
     """``params.yaml`` is missing, unreadable or invalid; the message says what to change."""
@@ -215,6 +212,9 @@ class Config(_Frozen):
         # Imported here: the registries import torch, the schema itself does not need to.
         from oodgate import methods, models, scores
         from oodgate.data import ID_DATASETS, OOD_DATASETS
+        from oodgate.metrics import OOD_SUMMARIES
+
+        reserved = (*OOD_SUMMARIES, "threshold")  # ood/<name>/... names taken by the evaluation
 
         if self.model.backbone not in models.BACKBONES:
             raise ValueError(
@@ -240,10 +240,10 @@ class Config(_Frozen):
             if source.name in seen:
                 raise ValueError(f"data.ood lists {source.name!r} twice; list each OOD set once")
             seen.add(source.name)
-            if source.name in OOD_SUMMARY_NAMES:
+            if source.name in reserved:
                 raise ValueError(
                     f"data.ood: {source.name!r} names a summary over OOD sets "
-                    f"({', '.join(OOD_SUMMARY_NAMES)}); give the set another name"
+                    f"({', '.join(reserved)}); give the set another name"
                 )
             if source.path is not None and source.group is None:
                 raise ValueError(

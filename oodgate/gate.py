@@ -220,24 +220,35 @@ def welch_evidence(
     )
 
 
+def _counts(sets: Sequence[SampleSet], gate: GateConfig) -> Counts:
+    first = sets[0]
+    sizes = {k: len(v) for k, v in first.ood_scores.items()}
+    return Counts.draw(gate.seed, gate.samples, len(first.labels), sizes)
+
+
+def _resampled_means(
+    sets: Sequence[SampleSet], crits: Sequence[Criterion], counts: Counts
+) -> dict[str, np.ndarray]:
+    """Per criterion: the metric of each resample, averaged over the seeds of one model."""
+    per_seed = [gate_metrics(s.logits, s.labels, s.id_scores, s.ood_scores, s.groups, counts) for s in sets]
+    return {c.metric: np.mean([m[c.metric] for m in per_seed], axis=0) for c in crits}
+
+
 def sample_variances(
     cand: Sequence[SampleSet], base: Sequence[SampleSet], crits: Sequence[Criterion], gate: GateConfig
 ) -> dict[str, float]:
     """Per criterion: the variance of the gain over paired bootstrap resamples of the test images
     and OOD sets, every model held fixed (the same resamples for all seeds and both models)."""
-    first = base[0]
-    counts = Counts.draw(
-        gate.seed, gate.samples, len(first.labels), {k: len(v) for k, v in first.ood_scores.items()}
-    )
+    counts = _counts(base, gate)
+    return _variances(_resampled_means(cand, crits, counts), _resampled_means(base, crits, counts))
 
-    def mean_over_seeds(sets: Sequence[SampleSet]) -> dict[str, np.ndarray]:
-        per_seed = [
-            gate_metrics(s.logits, s.labels, s.id_scores, s.ood_scores, s.groups, counts) for s in sets
-        ]
-        return {c.metric: np.mean([m[c.metric] for m in per_seed], axis=0) for c in crits}
 
-    mc, mb = mean_over_seeds(cand), mean_over_seeds(base)
-    return {c.metric: float(np.var(mc[c.metric] - mb[c.metric], ddof=1)) for c in crits}
+def _variances(cand: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> dict[str, float]:
+    return {k: float(np.var(cand[k] - base[k], ddof=1)) for k in cand}
+
+
+def _means(ms: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([m.get(k, math.nan) for m in ms])) for k in _keys(ms)}
 
 
 def decide(
@@ -253,17 +264,51 @@ def decide(
 
     ``gate.confidence: null`` compares the means.
     """
-    means = [
-        {k: float(np.mean([m.get(k, math.nan) for m in ms])) for k in _keys(ms)}
-        for ms in (candidate, baseline)
-    ]
     if gate.confidence is None:
-        return compare_means(means[0], means[1], gate, reference)
-    crits = criteria(gate, means[1])
+        return compare_means(_means(candidate), _means(baseline), gate, reference)
     if not candidate_samples or not baseline_samples:
         raise ValueError("gate.confidence is set but the per-sample test arrays are missing")
-    reasons, checks, evidence = [], {}, []
+    crits = criteria(gate, _means(baseline))
     var_sample = sample_variances(candidate_samples, baseline_samples, crits, gate)
+    return _with_evidence(candidate, baseline, gate, crits, var_sample, reference)
+
+
+def decide_all(
+    metrics_by_loss: Mapping[str, Sequence[Mapping[str, float]]],
+    baseline_id: str,
+    gate: GateConfig,
+    samples_by_loss: Mapping[str, Sequence[SampleSet]] | None = None,
+) -> dict[str, Decision]:
+    """:func:`decide` for every candidate against ``baseline_id``: the resamples are drawn and the
+    baseline's resampled metrics computed once, not once per candidate."""
+    baseline = metrics_by_loss[baseline_id]
+    candidates = [k for k in metrics_by_loss if k != baseline_id]
+    samples = samples_by_loss or {}
+    if gate.confidence is None or not all(samples.get(k) for k in [baseline_id, *candidates]):
+        return {
+            k: decide(metrics_by_loss[k], baseline, gate, samples.get(k), samples.get(baseline_id))
+            for k in candidates
+        }
+    crits = criteria(gate, _means(baseline))
+    counts = _counts(samples[baseline_id], gate)
+    base_resampled = _resampled_means(samples[baseline_id], crits, counts)
+    out = {}
+    for k in candidates:
+        var_sample = _variances(_resampled_means(samples[k], crits, counts), base_resampled)
+        out[k] = _with_evidence(metrics_by_loss[k], baseline, gate, crits, var_sample, "baseline")
+    return out
+
+
+def _with_evidence(
+    candidate: Sequence[Mapping[str, float]],
+    baseline: Sequence[Mapping[str, float]],
+    gate: GateConfig,
+    crits: Sequence[Criterion],
+    var_sample: Mapping[str, float],
+    reference: str,
+) -> Decision:
+    assert gate.confidence is not None
+    reasons, checks, evidence = [], {}, []
     for c in crits:
         cand = [m.get(c.metric, math.nan) for m in candidate]
         base = [m.get(c.metric, math.nan) for m in baseline]

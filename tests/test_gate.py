@@ -17,6 +17,7 @@ from oodgate.gate import (
     compare_means,
     criteria,
     decide,
+    decide_all,
     rank_key,
     welch_evidence,
 )
@@ -286,3 +287,22 @@ def test_rank_prefers_lower_fpr_then_ece_then_accuracy():
     b = _cand(ood__mean__fpr95=0.3)
     c = _cand(ood__mean__fpr95=0.2, test__ece=0.01)
     assert sorted([a, b, c], key=rank_key) == [c, a, b]
+
+
+def test_decide_all_equals_deciding_each_candidate_alone():
+    rng = np.random.default_rng(5)
+    world = _world(rng)
+    sets = {
+        "base": [_model(rng, world, "base", 2.0, 1.0, 0.15) for _ in range(3)],
+        "a": [_model(rng, world, "cand", 2.5, 2.0, 0.15, 0.5) for _ in range(3)],
+        "b": [_model(rng, world, "cand", 2.0, 1.0, 0.15) for _ in range(3)],
+    }
+    reports = {k: _reports(v) for k, v in sets.items()}
+    gate = GateConfig(samples=200)
+    together = decide_all(reports, "base", gate, sets)
+    assert set(together) == {"a", "b"}
+    for k in ("a", "b"):
+        alone = decide(reports[k], reports["base"], gate, sets[k], sets["base"])
+        assert together[k].reasons == alone.reasons and together[k].metrics() == alone.metrics()
+    means_only = GateConfig(confidence=None)
+    assert decide_all(reports, "base", means_only)["a"] == decide(reports["a"], reports["base"], means_only)

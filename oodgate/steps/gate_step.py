@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from oodgate.config import Config
-from oodgate.gate import Decision, SampleSet, decide, rank_key
+from oodgate.gate import SampleSet, decide_all, rank_key
 from oodgate.metrics import OOD_SUMMARIES, aggregate
 from oodgate.steps.common import check_fresh, read_json, read_record, verified
 from oodgate.steps.results import Evaluated
@@ -65,17 +65,7 @@ def gate(
     aggregated = {k: aggregate(v) for k, v in metrics_by_loss.items()}
     means = {k: mean for k, (mean, _) in aggregated.items()}
     stds = {k: std for k, (_, std) in aggregated.items()}
-    decisions: dict[str, Decision] = {}
-    for loss_id in metrics_by_loss:
-        if loss_id == base_id:
-            continue
-        decisions[loss_id] = decide(
-            metrics_by_loss[loss_id],
-            metrics_by_loss[base_id],
-            cfg.gate,
-            candidate_samples=(samples_by_loss or {}).get(loss_id),
-            baseline_samples=(samples_by_loss or {}).get(base_id),
-        )
+    decisions = decide_all(metrics_by_loss, base_id, cfg.gate, samples_by_loss)
     promoted = sorted((k for k, d in decisions.items() if d.promote), key=lambda k: rank_key(means[k]))
     return {
         "baseline": base_id,
