@@ -1,0 +1,43 @@
+"""The benchmark scripts run (their figures are in the README; tests never assert times)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_stability_benchmark_gates_each_seed_set_and_prints_the_table(embedded_root, tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    raw = tiny_params(embedded_root, tmp_path / "unused", epochs=1)
+    raw["gate"] = {"confidence": 0.95, "samples": 100}
+    params.write_text(yaml.safe_dump(raw))
+    bench = _script("bench_stability")
+    code = bench.main(["--params", str(params), "--workdir", str(tmp_path / "w"), "--sets", "0,1", "2,3"])
+    out = capsys.readouterr().out
+    assert "| candidate | seeds 0,1 | seeds 2,3 | agree |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| dismax_fpr |"))
+    verdicts = [c.strip() for c in row.strip("|").split("|")[1:3]]
+    assert set(verdicts) <= {"PROMOTE", "reject"}
+    assert code == (0 if len(set(verdicts)) == 1 else 1)  # the exit code says whether they agree
+    assert "- dismax_fpr, seeds 0,1: " in out and "p=" in out  # the evidence behind each decision
+    assert (tmp_path / "w" / "evaluate" / "dismax_fpr" / "seed3" / "evaluation.json").is_file()
+
+
+def test_stability_benchmark_refuses_overlapping_seed_sets(capsys):
+    with pytest.raises(SystemExit):
+        _script("bench_stability").main(["--sets", "0,1", "1,2"])
+    assert "disjoint" in capsys.readouterr().err
