@@ -57,8 +57,8 @@ def load_champion_task(name: str, alias: str, uri: str) -> tuple[Any, int]:
 
 
 @task(name="read-batch", cache_policy=NONE)
-def read_batch(path: str, shape: tuple[int, int, int]) -> monitoring.Batch:
-    return monitoring.load_batch(path, shape)
+def read_batch(path: str, shape: tuple[int, int, int], fit: bool = False) -> monitoring.Batch:
+    return monitoring.load_batch(path, shape, fit)
 
 
 @task(name="score-batch", cache_policy=NONE)
@@ -119,7 +119,7 @@ def monitor(
     name = cfg.registry.model_name
     model, v = load_champion_task(name, mon.alias, uri)
     info = monitor_tasks.describe(model, f"{name} v{v} ({mon.alias})")
-    data = read_batch(str(path), info.shape)
+    data = read_batch(str(path), info.shape, getattr(info, "preprocessing", "exact") == "fit")
     exp_id = tracking.ensure_experiment(mon.experiment, project)
     out_dir = (project / cfg.workdir / "monitor").resolve()
     final = out_dir / f"{path.stem}-{data.digest[:12]}-v{v}.parquet"

@@ -109,8 +109,10 @@ def pipeline(
     (``{"train.epochs": 2}``). An invalid config fails the run before any work starts.
     """
     project = Path(root).resolve() if root else PROJECT_ROOT
-    cfg = load_config(project / params_path, overrides)
-    preflight(cfg)  # a missing GPU or OOD file fails the run before its first task
+    cfg = load_config(project / params_path, overrides).in_project(project)
+    preflight(
+        cfg, project=project
+    )  # a missing GPU, OOD file or image folder fails the run before its first task
     t_start = time.perf_counter()
     data_version = check_data(str(project), cfg.data.root)
     tracking.connect(root=project)
@@ -373,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     params = ((root or Path.cwd()) / args.params).resolve()  # --params is relative to --root, else to cwd
     try:
         overrides = parse_overrides(args.set)
-        preflight(load_config(params, overrides))  # a bad config fails here, before Prefect starts
+        # a bad config fails here, before Prefect starts
+        preflight(load_config(params, overrides), project=root or PROJECT_ROOT)
         tracking.connect(root=root or PROJECT_ROOT)  # and an unreachable or read-only MLflow store
     except (ConfigError, tracking.TrackingUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -51,6 +51,9 @@ class ModelSpec:
     backbone_options: dict[str, Any] = field(default_factory=dict)
     method_options: dict[str, Any] = field(default_factory=dict)
     class_names: tuple[str, ...] = ()
+    # How an image file becomes the input: "exact" (it must have the input's size and channels) or
+    # "fit" (folder datasets: oodgate.data.folder.decode_image, shorter side resized, centre crop, RGB)
+    preprocessing: str = "exact"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -36,6 +36,12 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_materialize(args: argparse.Namespace) -> int:
     from oodgate.data import materialize_embedded
 
+    if args.folder:
+        from oodgate.data.embedded import write_digit_folder
+
+        n = write_digit_folder(args.folder)
+        print(f"{n} PNG images in {args.folder}/<digit>/")
+        return 0
     for p in materialize_embedded(args.root):
         print(p)
     return 0
@@ -217,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
         "materialize", help="write the embedded default data (MNIST-5k, photo patches) to data/"
     )
     m.add_argument("--root", default="data")
+    m.add_argument(
+        "--folder",
+        default=None,
+        help="instead: MNIST-5k as PNGs in FOLDER/<digit>/ (to try data.dataset: folder)",
+    )
     for name in COMMANDS:
         helps = {"run": "all steps in one process", "inputs": "what each step depends on (for dvc.yaml)"}
         s = sub.add_parser(name, help=helps.get(name, f"the {name} step"))

@@ -38,10 +38,31 @@ class OODSource(_Frozen):
 
 
 class DataConfig(_Frozen):
+    """``dataset: folder`` reads the user's own images: ``path`` (under ``root`` unless absolute) holds
+    one subfolder per class, or ``train/``, ``val/`` and ``test/`` subfolders each holding the class
+    folders. Folder images are brought to ``image_size`` (shorter side resized, centre crop) and RGB."""
+
     dataset: str = "embedded_mnist"
     root: str = "data"
-    classes: list[int] | None = Field(
-        default=None, description="in-distribution class indices to keep; null keeps all"
+    path: str | None = Field(
+        default=None, description="folder datasets: the class-folder tree, under root (null: root itself)"
+    )
+    classes: list[int] | list[str] | None = Field(
+        default=None,
+        description="in-distribution classes to keep: indices, or folder names for folder datasets; null keeps all",
+    )
+    image_size: int | None = Field(
+        default=None, ge=8, le=4096, description="folder datasets: the side of the square images models see"
+    )
+    on_bad_image: Literal["skip", "fail"] = Field(
+        default="fail",
+        description="folder datasets: an unreadable image fails the prepare step, or is skipped",
+    )
+    workers: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="processes decoding folder images, and loading training batches (0: in this process)",
     )
     ood: list[OODSource] = Field(default_factory=list)
     val_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
@@ -61,15 +82,49 @@ class DataConfig(_Frozen):
 
     @field_validator("classes")
     @classmethod
-    def _classes_unique(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (len(v) < 2 or len(set(v)) != len(v) or min(v) < 0):
-            raise ValueError("needs at least 2 distinct non-negative class indices")
+    def _classes_unique(cls, v: list[int] | list[str] | None) -> list[int] | list[str] | None:
+        if v is None:
+            return v
+        if len(v) < 2 or len(set(v)) != len(v):
+            raise ValueError("needs at least 2 distinct classes")
+        if isinstance(v[0], int) and min(v) < 0:
+            raise ValueError("class indices must be non-negative")
         return v
+
+    @model_validator(mode="after")
+    def _folder_keys(self) -> DataConfig:
+        if self.dataset == "folder":
+            if self.image_size is None:
+                raise ValueError(
+                    "data.dataset: folder needs data.image_size, the side of the square images the model "
+                    "sees (e.g. 64, or 224 for ImageNet-pretrained backbones)"
+                )
+            return self
+        named = {"path": self.path, "image_size": self.image_size}
+        if self.on_bad_image != "fail":
+            named["on_bad_image"] = self.on_bad_image
+        set_keys = [k for k, v in named.items() if v is not None]
+        if set_keys:
+            raise ValueError(
+                f"data.{set_keys[0]} applies to data.dataset: folder only (got dataset {self.dataset!r}); "
+                f"remove it, or set data.dataset: folder"
+            )
+        if self.classes is not None and isinstance(self.classes[0], str):
+            raise ValueError(
+                f"data.classes: {self.dataset!r} selects classes by index (got names {self.classes}); "
+                "names are for folder datasets"
+            )
+        return self
 
 
 class ModelConfig(_Frozen):
+    """``backbone``: a registered backbone, or ``torchvision:<name>`` for any torchvision
+    classification model (its classifier removed; ``options`` go to its builder). ``weights``: a
+    local file of the backbone's pretrained weights (a state dict; never downloaded)."""
+
     backbone: str = "small_cnn"
     options: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(default=None, min_length=1)
 
 
 class TrainConfig(_Frozen):
@@ -82,7 +137,17 @@ class TrainConfig(_Frozen):
     milestones: list[int] = Field(default_factory=list, description="epochs at which lr *= gamma")
     gamma: float = Field(default=0.1, gt=0.0, le=1.0)
     warmup_epochs: int = Field(default=0, ge=0, description="linear learning-rate warm-up, in epochs")
-    augment: Literal["none", "crop_flip", "crop"] = "none"
+    augment: Literal["none", "crop_flip", "crop", "resized_crop_flip", "resized_crop"] = "none"
+    crop_scale: tuple[float, float] = Field(
+        default=(0.25, 1.0),
+        description="resized_crop*: the range of the crop's area, as a fraction of the image",
+    )
+    freeze_backbone_epochs: int = Field(
+        default=0, ge=0, description="fine-tuning: train only the head for this many epochs"
+    )
+    backbone_lr: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="the backbone's learning rate as a fraction of lr"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(default=True, description="bf16 autocast on CUDA; ignored on CPU")
     channels_last: bool = True
@@ -100,6 +165,14 @@ class TrainConfig(_Frozen):
             raise ValueError(
                 f"train.warmup_epochs={self.warmup_epochs} must be below train.epochs={self.epochs}"
             )
+        if self.freeze_backbone_epochs >= self.epochs:
+            raise ValueError(
+                f"train.freeze_backbone_epochs={self.freeze_backbone_epochs} must be below "
+                f"train.epochs={self.epochs}, or the backbone never trains"
+            )
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"train.crop_scale must be 0 < low <= high <= 1, got {list(self.crop_scale)}")
         return self
 
 
@@ -216,19 +289,20 @@ class Config(_Frozen):
 
         reserved = (*OOD_SUMMARIES, "threshold")  # ood/<name>/... names taken by the evaluation
 
-        if self.model.backbone not in models.BACKBONES:
+        if not models.is_known(self.model.backbone):
             raise ValueError(
                 f"model.backbone={self.model.backbone!r} is not a known backbone; "
-                f"valid backbones: {', '.join(models.names())}"
+                f"valid backbones: {', '.join(models.names())}, or torchvision:<name> for a torchvision "
+                "classification model (torchvision:resnet18, torchvision:efficientnet_b0, ...)"
             )
         try:
-            models.check_options(self.model.backbone, self.model.options)
+            models.check_options(self.model.backbone, self.model.options, self.data.image_size)
         except ValueError as e:
             raise ValueError(f"model.options: {e}") from None
-        if self.data.dataset not in ID_DATASETS:
+        if self.data.dataset != "folder" and self.data.dataset not in ID_DATASETS:
             raise ValueError(
                 f"data.dataset={self.data.dataset!r} is not a known dataset; "
-                f"valid datasets: {', '.join(ID_DATASETS.names())}"
+                f"valid datasets: folder (your own images), {', '.join(ID_DATASETS.names())}"
             )
         if not self.data.ood:
             raise ValueError(
@@ -282,6 +356,15 @@ class Config(_Frozen):
                 f"gate.baseline={self.gate.baseline!r} must use method 'softmax', got {base.method!r}"
             )
         return self
+
+    def in_project(self, project: str | Path) -> Config:
+        """This config with ``model.weights`` taken from ``project`` when it is relative (the flow
+        runs from any working directory; fingerprints hold the file's digest, not its path)."""
+        w = self.model.weights
+        if w is None or Path(w).is_absolute():
+            return self
+        model = self.model.model_copy(update={"weights": str(Path(project) / w)})
+        return self.model_copy(update={"model": model})
 
     def loss_ids(self) -> list[str]:
         return list(self.losses)

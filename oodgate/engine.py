@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 
 from oodgate.classifier import Classifier, build_classifier, read_checkpoint, save_classifier
 from oodgate.config import TrainConfig
@@ -66,10 +67,56 @@ def to_float(x: torch.Tensor, device: torch.device, channels_last: bool = False)
     return out
 
 
-def augment(x: torch.Tensor, kind: str, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Per-image random crop (zero padding ``padding``) and/or horizontal flip, driven by ``generator``."""
+def resized_crop(
+    x: torch.Tensor,
+    scale: tuple[float, float],
+    generator: torch.Generator,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """Per-image random resized crop (torchvision's ``RandomResizedCrop`` sampling: area fraction in
+    ``scale``, log-uniform aspect ratio in ``ratio``, up to 10 tries, else the whole image), resized
+    back to the input size by bilinear sampling (``roi_align``), all images of the batch at once."""
+    from torchvision.ops import roi_align
+
+    b, _, h, w = x.shape
+    tries = 10
+    area = h * w * torch.empty(b, tries).uniform_(scale[0], scale[1], generator=generator)
+    log_r = torch.empty(b, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_r)
+    cw = torch.sqrt(area * aspect).round()
+    ch = torch.sqrt(area / aspect).round()
+    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((b,), -1))
+    u = torch.rand(b, 2, generator=generator)
+    rows = torch.arange(b)
+    cw = torch.where(first >= 0, cw[rows, first.clamp(min=0)], torch.full((b,), float(w)))
+    ch = torch.where(first >= 0, ch[rows, first.clamp(min=0)], torch.full((b,), float(h)))
+    x0 = (u[:, 0] * (w - cw + 1)).floor()
+    y0 = (u[:, 1] * (h - ch + 1)).floor()
+    boxes = torch.stack([rows.float(), x0, y0, x0 + cw, y0 + ch], 1).to(x.device, x.dtype)
+    return roi_align(x, boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+
+def _flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def augment(
+    x: torch.Tensor,
+    kind: str,
+    generator: torch.Generator,
+    padding: int = 4,
+    scale: tuple[float, float] = (0.25, 1.0),
+) -> torch.Tensor:
+    """Per-image augmentation driven by ``generator``: ``crop`` (random crop with zero padding
+    ``padding``), ``resized_crop`` (:func:`resized_crop` with area fraction ``scale``), each
+    optionally followed by a horizontal flip (``*_flip``)."""
     if kind == "none":
         return x
+    if kind.startswith("resized_crop"):
+        out = resized_crop(x, scale, generator)
+        return _flip(out, generator) if kind.endswith("_flip") else out
     b, _, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
     dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
@@ -79,10 +126,7 @@ def augment(x: torch.Tensor, kind: str, generator: torch.Generator, padding: int
     batch = torch.arange(b, device=x.device)[:, None, None, None]
     chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     out = padded[batch, chan, rows, cols]
-    if kind == "crop_flip":
-        flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
-    return out
+    return _flip(out, generator) if kind == "crop_flip" else out
 
 
 @dataclass
@@ -156,8 +200,13 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
 
 def _make_optimizer(model: Classifier, cfg: TrainConfig, steps_per_epoch: int):
     # Weight decay on every parameter, prototypes and distance_scale included (the papers' recipe).
+    # Two groups: the backbone at train.backbone_lr * lr (fine-tuning), the head at lr.
+    groups = [
+        {"params": list(model.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr},
+        {"params": [p for n, p in model.named_parameters() if not n.startswith("backbone.")], "lr": cfg.lr},
+    ]
     opt = torch.optim.SGD(
-        model.parameters(),
+        groups,
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov and cfg.momentum > 0,
@@ -241,24 +290,56 @@ def _start(
     return _Run(model, opt, sched, torch.Generator().manual_seed(seed), device, history=[])
 
 
+class _Gather(torch.utils.data.Dataset):
+    """Batch ``i`` of an epoch: the images at ``batches[i]`` (read from a memory map in a worker)."""
+
+    def __init__(self, x: torch.Tensor, batches: list[torch.Tensor]) -> None:
+        self.x, self.batches = x, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x[self.batches[i]]
+
+
+def _batches(x_all: torch.Tensor, perm: torch.Tensor, bs: int, workers: int):
+    """The uint8 batches of one epoch in ``perm`` order: gathered here, or by ``workers`` DataLoader
+    processes that read ahead (images on the CPU only; the batches are the same either way)."""
+    if workers == 0 or x_all.device.type != "cpu":
+        return (x_all[perm[i : i + bs]] for i in range(0, perm.numel(), bs))
+    loader = torch.utils.data.DataLoader(
+        _Gather(x_all, list(perm.split(bs))),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4,
+    )
+    return iter(loader)
+
+
 def _train_epoch(
-    run: _Run, x_all: torch.Tensor, y_all: torch.Tensor, cfg: TrainConfig, epoch: int
+    run: _Run, x_all: torch.Tensor, y_all: torch.Tensor, cfg: TrainConfig, epoch: int, workers: int = 0
 ) -> tuple[float, float]:
     """One pass over the training split; returns (mean loss, accuracy on the hard targets)."""
     model, device, gen, head = run.model, run.device, run.gen, run.model.head
     model.train()
+    frozen = epoch <= cfg.freeze_backbone_epochs
+    model.backbone.requires_grad_(not frozen)  # frozen: no gradients, no updates, no weight decay
+    if frozen:
+        model.backbone.eval()  # and its batch-norm statistics stay those of the pretrained weights
     n, bs = x_all.shape[0], cfg.batch_size
     perm = torch.randperm(n, generator=gen).to(x_all.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    for i in range(0, n, bs):
+    for i, xu in zip(range(0, n, bs), _batches(x_all, perm, bs, workers)):
         if STOP.is_set():
             raise TrainingInterrupted(f"training interrupted at epoch {epoch}, batch {i // bs + 1}")
         idx = perm[i : i + bs]
-        xb = to_float(x_all[idx], device)
+        xb = to_float(xu, device)
         yb = y_all[idx.to(device)]
-        xb = augment(xb, cfg.augment, gen)
+        xb = augment(xb, cfg.augment, gen, scale=cfg.crop_scale)
         xb, yb = head.transform_batch(xb, yb, generator=gen)
         if cfg.channels_last and device.type == "cuda":
             xb = xb.contiguous(memory_format=torch.channels_last)
@@ -291,6 +372,7 @@ def train(
     on_epoch: Callable[[EpochStats], None] | None = None,
     max_epochs: int | None = None,
     fingerprint: str = "",
+    workers: int = 0,
 ) -> TrainResult:
     """Train with SGD (+Nesterov) and :func:`lr_factor`'s schedule; select the epoch by validation accuracy.
 
@@ -298,7 +380,8 @@ def train(
     ``out_dir`` every epoch. If ``last.pt`` exists there and carries the same ``fingerprint`` (of
     everything training depends on), training resumes from it; a ``last.pt`` written under other
     inputs is ignored and overwritten. ``max_epochs`` stops early after that many epochs in total
-    (used to simulate an interruption).
+    (used to simulate an interruption). ``workers`` DataLoader processes read the training batches
+    ahead when the images stay on the CPU (a memory-mapped dataset larger than memory).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -315,7 +398,7 @@ def train(
     for epoch in range(run.start_epoch + 1, last_epoch + 1):
         te = time.perf_counter()
         lr = run.sched.get_last_lr()[0]
-        train_loss, train_acc = _train_epoch(run, x_all, y_all, cfg, epoch)
+        train_loss, train_acc = _train_epoch(run, x_all, y_all, cfg, epoch, workers)
         val_nll, val_acc = _validate(run.model, val_set, cfg, device)
         stats = EpochStats(epoch, lr, train_loss, train_acc, val_nll, val_acc, time.perf_counter() - te)
         run.history.append(stats.as_dict())

@@ -120,9 +120,11 @@ def _load_npz(p: Path, shape: tuple[int, int, int]) -> Batch:
     return Batch(x=x, names=[f"x[{i}]" for i in range(len(x))], digest=_digest(x))
 
 
-def _load_folder(p: Path, shape: tuple[int, int, int]) -> Batch:
+def _load_folder(p: Path, shape: tuple[int, int, int], fit: bool = False) -> Batch:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if fit:
+        return _load_folder_fitted(p, shape)
     files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise BatchError(f"batch folder {str(p)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -159,7 +161,26 @@ def _load_folder(p: Path, shape: tuple[int, int, int]) -> Batch:
     return Batch(x=x, names=names, digest=_digest(x))
 
 
-def load_batch(path: str | Path, shape: tuple[int, int, int]) -> Batch:
+def _load_folder_fitted(p: Path, shape: tuple[int, int, int]) -> Batch:
+    """Images of any size and mode, decoded as the training images of a folder dataset were."""
+    from oodgate.data.folder import decode_files, image_files
+
+    files = image_files(p)
+    if not files:
+        raise BatchError(f"batch folder {str(p)!r} holds no images")
+    c, h, _ = shape
+    x, _, bad = decode_files(files, h, channels=c)
+    if bad:
+        shown = ", ".join(f"{f.relative_to(p)} ({why.split(':')[0]})" for f, why in bad[:SHOWN])
+        raise BatchError(
+            f"batch folder {str(p)!r}: {len(bad)} of {len(files)} files cannot be read as images: "
+            f"{shown}{' ...' if len(bad) > SHOWN else ''}; remove or replace them"
+        )
+    x = x.astype(np.float32) / 255.0
+    return Batch(x=x, names=[str(f.relative_to(p)) for f in files], digest=_digest(x))
+
+
+def load_batch(path: str | Path, shape: tuple[int, int, int], fit: bool = False) -> Batch:
     """The images at ``path`` (a folder or an ``.npz`` with array ``x``) as float32 ``(N, C, H, W)``
     in [0, 1], checked against the model's input ``shape`` = (C, H, W); a :class:`BatchError` says
     what is wrong (and, for a DVC-tracked path not in the workspace, to pull it)."""
@@ -167,7 +188,7 @@ def load_batch(path: str | Path, shape: tuple[int, int, int]) -> Batch:
     if not p.exists():
         raise _missing(p)
     if p.is_dir():
-        return _load_folder(p, tuple(shape))
+        return _load_folder(p, tuple(shape), fit)
     if p.suffix.lower() == ".npz":
         return _load_npz(p, tuple(shape))
     raise BatchError(f"batch {str(p)!r} must be a folder of images or an .npz file with an array 'x'")

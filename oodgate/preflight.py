@@ -115,12 +115,39 @@ def check_ood_path(name: str, path: Path) -> None:
         raise PreflightError(f"data.ood: {str(path)!r}: array 'x' holds no images")
 
 
-def preflight(cfg: Config, training: bool = True) -> None:
+def check_folder(cfg: Config, project: Path) -> None:
+    """A folder dataset's layout: the folder, its class folders, none empty (no image is decoded)."""
+    if cfg.data.dataset != "folder":
+        return
+    from oodgate.data.folder import scan
+
+    try:
+        scan(cfg.data, project / cfg.data.root)
+    except (OSError, ValueError) as e:
+        raise PreflightError(str(e)) from None
+
+
+def check_weights(cfg: Config, project: Path) -> None:
+    if cfg.model.weights is None:
+        return
+    path = project / cfg.model.weights
+    if not path.is_file():
+        raise PreflightError(
+            f"model.weights: {str(path)!r} does not exist; give a local file written by "
+            "torch.save(model.state_dict(), path) (nothing is downloaded)"
+        )
+
+
+def preflight(cfg: Config, training: bool = True, project: str | Path = ".") -> None:
     """Raise :class:`PreflightError` for the first problem found. ``training=False`` skips the device
-    (a step that only reads results)."""
+    and the pretrained weights (a step that only reads results). Relative paths are taken from
+    ``project`` (default: the working directory)."""
+    project = Path(project)
     if training:
         check_device(cfg)
+        check_weights(cfg, project)
     check_classes(cfg)
+    check_folder(cfg, project)
     for source in cfg.data.ood:
         if source.path is not None:
             check_ood_path(source.name, Path(source.path))

@@ -75,6 +75,7 @@ class OODGateModel(PythonModel):
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
         self.shape = tuple(meta["input_shape"])
         self.class_names = list(meta["class_names"])
+        self.preprocessing = meta.get("preprocessing", "exact")  # "fit": files of any size are fitted
         # The threshold's reference (score, TPR, validation ID scores); absent in models logged without one.
         path = context.artifacts.get("reference")
         self.reference = json.loads(Path(path).read_text()) if path else None

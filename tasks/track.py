@@ -73,7 +73,9 @@ def package_model(loss_id: str, calibrated: Calibrated, evaluated: Evaluated, ou
         "tpr": THRESHOLD_TPR,
         "validation_scores": samples["val_scores"].tolist(),
     }
-    tracking.export_model(Path(out_dir), serving, example, list(model.spec.class_names), reference)
+    tracking.export_model(
+        Path(out_dir), serving, example, list(model.spec.class_names), reference, model.spec.preprocessing
+    )
     return Packaged(out_dir, fingerprint(serving))
 
 

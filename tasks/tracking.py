@@ -309,10 +309,11 @@ def export_model(
     example: Any,
     class_names: list[str],
     reference: Mapping[str, Any] | None = None,
+    preprocessing: str = "exact",
 ) -> Path:
     """Write what :func:`log_exported_model` logs into ``out_dir`` (replaced): ``torch_model/`` (the
     ``torch.export`` program, MLflow's pt2 format, with a signature inferred from ``example``),
-    ``meta.json`` (input shape, class names) and ``reference.json`` (the OOD score's name, threshold,
+    ``meta.json`` (input shape, class names, how image files are brought to that shape) and ``reference.json`` (the OOD score's name, threshold,
     its TPR and the validation ID scores it was set on: the monitoring flow tests incoming batches
     against it). All the torch work of logging a model happens here."""
     import shutil
@@ -334,7 +335,11 @@ def export_model(
         input_example=example_np,
         pip_requirements=pip_requirements(),
     )
-    meta = {"input_shape": list(example_np.shape[1:]), "class_names": list(class_names)}
+    meta = {
+        "input_shape": list(example_np.shape[1:]),
+        "class_names": list(class_names),
+        "preprocessing": preprocessing,
+    }
     (out_dir / "meta.json").write_text(json.dumps(meta))
     if reference is not None:
         (out_dir / "reference.json").write_text(json.dumps(dict(reference)))
@@ -367,6 +372,8 @@ def log_exported_model(run_id: str, exported: Path, name: str = "model") -> str:
             metadata={
                 "input": f"images (batch, {shape[0]}, {shape[1]}, {shape[2]}): float in [0, 1] or uint8",
                 "input_shape": [-1, *shape],
+                # image files of any size: oodgate.data.folder.decode_image (shorter side, centre crop)
+                "preprocessing": meta.get("preprocessing", "exact"),
             },
             pip_requirements=pip_requirements(),
         )

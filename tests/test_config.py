@@ -37,7 +37,11 @@ def _with(base: dict, dotted: str, value) -> dict:
         ("train.epochs", 0, r"train\.epochs: Input should be greater than or equal to 1 \(got 0\)"),
         ("train.lr", -0.1, r"train\.lr: .*greater than 0 \(got -0\.1\)"),
         ("train.epochs_typo", 3, r"train\.epochs_typo: unknown key"),
-        ("train.augment", "mixup", r"train\.augment: .*'none', 'crop_flip' or 'crop' \(got 'mixup'\)"),
+        (
+            "train.augment",
+            "mixup",
+            r"train\.augment: .*'none', 'crop_flip', 'crop', 'resized_crop_flip' or 'resized_crop' \(got 'mixup'\)",
+        ),
         ("train.milestones", [20], r"milestones must be increasing epochs in \(0, epochs=15\), got \[20\]"),
         ("data.val_fraction", 0.7, r"data\.val_fraction: .*less than 0\.5 \(got 0\.7\)"),
         ("data.classes", [1, 1], r"data\.classes: needs at least 2 distinct"),

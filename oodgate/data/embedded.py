@@ -121,3 +121,18 @@ def load_embedded(root: str | Path, name: str) -> np.ndarray:
             f"embedded data not found at {path}; run `python -m oodgate materialize` (or `make data`)"
         )
     return np.load(path, allow_pickle=False)
+
+
+def write_digit_folder(folder: str | Path) -> int:
+    """MNIST-5k as PNG files in a class-per-subfolder tree, ``<folder>/<digit>/<row>.png``: an image
+    folder to try ``data.dataset: folder`` on (the layout torchvision's ImageFolder reads). Returns
+    the number of files; the bytes are the same on every machine."""
+    from PIL import Image
+
+    folder = Path(folder)
+    images, labels = mnist5k_arrays()
+    for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+        d = folder / str(int(label))
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, "L").save(d / f"{i:04d}.png", optimize=False)
+    return len(images)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from oodgate.config import DataConfig
 from oodgate.data.bundle import DataBundle, ImageSet
@@ -22,8 +23,11 @@ def channel_stats(x: np.ndarray | ImageSet) -> tuple[tuple[float, ...], tuple[fl
     a = x.x.numpy() if isinstance(x, ImageSet) else x
     values = np.arange(256, dtype=np.int64)
     means, stds = [], []
+    chunk = max(1, (64 << 20) // max(1, a[0, 0].size))  # 64 MiB of one channel at a time (memory maps)
     for c in range(a.shape[1]):
-        counts = np.bincount(a[:, c].reshape(-1), minlength=256).astype(np.int64)
+        counts = np.zeros(256, dtype=np.int64)
+        for i in range(0, a.shape[0], chunk):
+            counts += np.bincount(np.asarray(a[i : i + chunk, c]).reshape(-1), minlength=256)
         n, s, sq = int(counts.sum()), int(counts @ values), int(counts @ (values * values))
         mean = s / (n * 255)
         var = (n * sq - s * s) / (n * n * 255 * 255)  # exact integer numerator, >= 0
@@ -42,7 +46,7 @@ def _carve(pool: ImageSet, fraction: float, rng: np.random.Generator, key: str) 
     return subset(pool, kept), subset(pool, carved)
 
 
-def load_data(cfg: DataConfig, root: str | Path | None = None) -> DataBundle:
+def load_data(cfg: DataConfig, root: str | Path | None = None, scratch: Path | None = None) -> DataBundle:
     """Load the in-distribution splits and the OOD sets named in ``cfg``.
 
     The ID dataset's classes are filtered and relabelled by ``data.classes``. Datasets without an
@@ -52,8 +56,10 @@ def load_data(cfg: DataConfig, root: str | Path | None = None) -> DataBundle:
     anything on OOD data, so every OOD image is a test image.
     """
     root = Path(cfg.root if root is None else root)
-    loader = ID_DATASETS.get(cfg.dataset)
     check_ood_sources(cfg)
+    if cfg.dataset == "folder":
+        return load_folder(cfg, root, scratch)
+    loader = ID_DATASETS.get(cfg.dataset)
     source = loader(cfg, root)
     num_all = len(source.class_names)
     if cfg.classes is not None:
@@ -85,5 +91,81 @@ def load_data(cfg: DataConfig, root: str | Path | None = None) -> DataBundle:
         mean=mean,
         std=std,
         class_names=class_names,
+        ood_groups=ood_groups(cfg),
+    )
+
+
+def _carve_labels(
+    labels: np.ndarray, fraction: float, rng: np.random.Generator, key: str
+) -> tuple[np.ndarray, np.ndarray]:
+    kept, carved = stratified_carve(labels, fraction, rng)
+    if carved.size == 0 or kept.size == 0:
+        raise ValueError(
+            f"data.{key}={fraction} leaves an empty split from {labels.size} images; "
+            f"use a larger data.{key} or more images"
+        )
+    return kept, carved
+
+
+def load_folder(cfg: DataConfig, root: Path, scratch: Path | None = None) -> DataBundle:
+    """A folder dataset (``oodgate.data.folder``): the splits are drawn on the file lists as for the
+    other datasets (test carved first when there is no ``test/`` folder, then validation from the
+    training pool), then each split is decoded once, into ``scratch`` when given."""
+    from oodgate.data import folder
+
+    found = folder.scan(cfg, root)
+    rng = np.random.default_rng(cfg.split_seed)
+    lists: dict[str, tuple[list[Path], np.ndarray]] = {}
+    pool_paths, pool_labels = found.splits.get("all") or found.splits["train"]
+    if "test" in found.splits:
+        lists["test"] = found.splits["test"]
+    else:
+        kept, carved = _carve_labels(pool_labels, cfg.test_fraction, rng, "test_fraction")
+        lists["test"] = ([pool_paths[i] for i in carved], pool_labels[carved])
+        pool_paths, pool_labels = [pool_paths[i] for i in kept], pool_labels[kept]
+    if "val" in found.splits:
+        lists["val"] = found.splits["val"]
+        lists["train"] = (pool_paths, pool_labels)
+    else:
+        kept, carved = _carve_labels(pool_labels, cfg.val_fraction, rng, "val_fraction")
+        lists["val"] = ([pool_paths[i] for i in carved], pool_labels[carved])
+        lists["train"] = ([pool_paths[i] for i in kept], pool_labels[kept])
+
+    size, bad, total = int(cfg.image_size), [], 0
+    sets = {}
+    for split in ("train", "val", "test"):
+        paths, labels = lists[split]
+        x, kept, skipped = folder.decode_files(paths, size, workers=cfg.workers, scratch=scratch, name=split)
+        bad += skipped
+        total += len(paths)
+        sets[split] = ImageSet(folder.as_tensor(x), torch.from_numpy(labels[kept]))
+    folder.report_bad(bad, total, found.base, cfg.on_bad_image)
+
+    ood = {}
+    for src in cfg.ood:
+        p = Path(src.path) if src.path is not None else None
+        if p is not None and p.is_dir():
+            files = folder.image_files(p)
+            if not files:
+                raise ValueError(f"data.ood: folder {str(p)!r} holds no images")
+            x, _, skipped = folder.decode_files(
+                files, size, workers=cfg.workers, scratch=scratch, name=f"ood-{len(ood)}"
+            )
+            folder.report_bad(skipped, len(files), p, cfg.on_bad_image)
+            ood[src.name] = ImageSet(folder.as_tensor(x), torch.full((x.shape[0],), -1, dtype=torch.int64))
+        else:
+            ood[src.name] = load_ood(src, cfg, root, 3, size)
+    mean, std = channel_stats(sets["train"])
+    return DataBundle(
+        train=sets["train"],
+        val=sets["val"],
+        test=sets["test"],
+        ood=ood,
+        num_classes=len(found.class_names),
+        in_channels=3,
+        image_size=size,
+        mean=mean,
+        std=std,
+        class_names=list(found.class_names),
         ood_groups=ood_groups(cfg),
     )

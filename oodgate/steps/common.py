@@ -169,9 +169,15 @@ def load_prepared(prepared_dir: str | Path, with_ood: bool = True) -> DataBundle
     if not (prepared_dir / "data.json").is_file():
         raise FileNotFoundError(f"prepared data not found in {str(prepared_dir)!r}; {fix}")
     summary = read_json(prepared_dir / "data.json")
-    d = torch.load(verified(summary, prepared_dir, "id.pt", "prepared data", fix), weights_only=True)
+    # Memory-mapped: the images are read from the file as they are used, so a prepared dataset larger
+    # than memory trains (a small one ends up in the page cache, at the speed of memory).
+    d = torch.load(
+        verified(summary, prepared_dir, "id.pt", "prepared data", fix), weights_only=True, mmap=True
+    )
     ood = (
-        torch.load(verified(summary, prepared_dir, "ood.pt", "prepared data", fix), weights_only=True)
+        torch.load(
+            verified(summary, prepared_dir, "ood.pt", "prepared data", fix), weights_only=True, mmap=True
+        )
         if with_ood
         else {"names": [], "groups": {}, "sets": {}}
     )

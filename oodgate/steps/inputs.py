@@ -32,7 +32,17 @@ from oodgate.config import Config
 from oodgate.steps.common import digest, write_json
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-ID_SECTIONS = ("dataset", "classes", "val_fraction", "test_fraction", "split_seed", "download")
+ID_SECTIONS = (
+    "dataset",
+    "path",
+    "classes",
+    "image_size",
+    "on_bad_image",
+    "val_fraction",
+    "test_fraction",
+    "split_seed",
+    "download",
+)
 EVAL_ONLY_TRAIN_KEYS = ("eval_batch_size",)  # train.* keys that only calibration/evaluation read
 
 _MODEL = (
@@ -103,8 +113,25 @@ def resolved_score(cfg: Config, loss_id: str) -> str:
     return loss.score or methods.METHODS.get(loss.method).default_score
 
 
+def weights_digest(cfg: Config) -> str | None:
+    """The digest of ``model.weights``' bytes (training restarts when the file changes), or None."""
+    if cfg.model.weights is None:
+        return None
+    from oodgate.models.torchvision_models import WeightsError
+    from oodgate.steps.common import file_digest
+
+    try:
+        return file_digest(cfg.model.weights)
+    except OSError as e:
+        raise WeightsError(
+            f"model.weights: {cfg.model.weights!r} cannot be read ({e.strerror or e}); give a local file "
+            "written by torch.save(model.state_dict(), path)"
+        ) from None
+
+
 def prepare_inputs(cfg: Config) -> dict[str, Any]:
-    data = {k: v for k, v in _dump(cfg)["data"].items() if k != "root"}  # the bytes are data.dvc's
+    # data.root: the bytes are data.dvc's; data.workers: how many processes decode, not what
+    data = {k: v for k, v in _dump(cfg)["data"].items() if k not in ("root", "workers")}
     return {"step": "prepare", "data": data, "code": code_version("prepare")}
 
 
@@ -114,7 +141,8 @@ def train_inputs(cfg: Config, loss_id: str, seed: int) -> dict[str, Any]:
     return {
         "step": "train",
         "data": {k: d["data"][k] for k in ID_SECTIONS},
-        "model": d["model"],
+        "model": {k: v for k, v in d["model"].items() if k != "weights"},  # its bytes, not its path:
+        "weights": weights_digest(cfg),
         "train": {k: v for k, v in d["train"].items() if k not in EVAL_ONLY_TRAIN_KEYS},
         "method": loss["method"],
         "options": loss["options"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,16 @@ def prepare(cfg: Config, out_dir: str | Path, root: str | Path | None = None) ->
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bundle = load_data(cfg.data, root)
+    # Folder images are decoded into memory maps here, never held whole in memory; removed once saved.
+    scratch = out_dir / ".scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        return _save(load_data(cfg.data, root, scratch=scratch), out_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _save(bundle, out_dir: Path) -> dict[str, Any]:
     meta = {
         "num_classes": bundle.num_classes,
         "in_channels": bundle.in_channels,

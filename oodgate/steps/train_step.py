@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from oodgate import engine
-from oodgate.classifier import ModelSpec, build_classifier
+from oodgate.classifier import Classifier, ModelSpec, build_classifier
 from oodgate.config import Config
 from oodgate.data.bundle import DataBundle
 from oodgate.steps.common import file_digest, load_prepared, output_digests, reusable, write_json
@@ -35,7 +35,19 @@ def model_spec(cfg: Config, loss_id: str, bundle: DataBundle) -> ModelSpec:
         backbone_options=dict(cfg.model.options),
         method_options=dict(loss.options),
         class_names=tuple(bundle.class_names),
+        preprocessing="fit" if cfg.data.dataset == "folder" else "exact",
     )
+
+
+def new_model(cfg: Config, spec: ModelSpec, seed: int) -> Classifier:
+    """The model training starts from: initialised by ``seed``, then the backbone's pretrained
+    weights from ``model.weights`` when set (the head always starts from ``seed``)."""
+    model = build_classifier(spec, seed)
+    if cfg.model.weights is not None:
+        from oodgate.models.torchvision_models import load_weights
+
+        load_weights(model.backbone, cfg.model.weights)
+    return model
 
 
 def train(
@@ -70,7 +82,7 @@ def train(
     bundle = load_prepared(prepared_dir, with_ood=False)
     spec = model_spec(cfg, loss_id, bundle)
     result = engine.train(
-        lambda: build_classifier(spec, seed),
+        lambda: new_model(cfg, spec, seed),
         bundle.train,
         bundle.val,
         cfg.train,
@@ -80,6 +92,7 @@ def train(
         on_epoch=on_epoch,
         max_epochs=max_epochs,
         fingerprint=fingerprint,
+        workers=cfg.data.workers,
     )
     # Wall-clock times go into the returned result only, never into the files: the same inputs
     # write the same bytes (a re-run under `dvc repro` leaves dvc.lock unchanged).

@@ -1,0 +1,177 @@
+"""Any torchvision classification model as a backbone: ``model.backbone: torchvision:<name>``.
+
+``torchvision.models.get_model(name, weights=None, **model.options)`` builds the network (nothing is
+downloaded), and its classification layer -- the last ``nn.Linear`` it holds (``fc`` of a ResNet,
+``classifier[-1]`` of EfficientNet and ConvNeXt, ``heads.head`` of a ViT) -- is replaced by the
+identity, so the network returns the features that layer read; the loss method attaches its own head.
+Single-channel images are repeated to the three channels these networks take. Convolutional models
+with global pooling accept any input size (32 and up); a ViT needs ``options: {image_size: ...}``.
+
+:func:`load_weights` loads a local state dict into a backbone (``model.weights``): the file
+torchvision's ``model.state_dict()`` writes, with or without its classification layer.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+PREFIX = "torchvision:"
+
+
+def is_torchvision(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+@cache
+def available() -> tuple[str, ...]:
+    """torchvision's classification models (``resnet18``, ``efficientnet_b0``, ``convnext_tiny``, ...)."""
+    import torchvision
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def _classifier_name(net: nn.Module) -> str | None:
+    """The qualified name of the network's last ``nn.Linear`` (its classification layer)."""
+    last = None
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Linear):
+            last = name
+    return last
+
+
+def _replace(net: nn.Module, qualified: str, new: nn.Module) -> None:
+    parent_name, _, child = qualified.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    setattr(parent, child, new)
+
+
+class TorchvisionBackbone(nn.Module):
+    """A torchvision classification network without its classification layer."""
+
+    def __init__(self, arch: str, in_channels: int, options: dict[str, Any]) -> None:
+        super().__init__()
+        import torchvision
+
+        if arch not in available():
+            raise ValueError(
+                f"torchvision has no classification model {arch!r}; e.g. resnet18, resnet50, "
+                f"efficientnet_b0, convnext_tiny (all: torchvision.models.list_models(module=torchvision.models))"
+            )
+        if in_channels not in (1, 3):
+            raise ValueError(f"torchvision backbones take 1- or 3-channel images, got {in_channels} channels")
+        try:
+            net = torchvision.models.get_model(arch, weights=None, **options)
+        except TypeError as e:
+            raise ValueError(
+                f"option(s) {', '.join(map(repr, options))} rejected by torchvision's {arch}: {e}"
+            ) from None
+        head = _classifier_name(net)
+        if head is None:
+            raise ValueError(
+                f"torchvision's {arch} has no nn.Linear classification layer to remove; choose another model"
+            )
+        linear = net.get_submodule(head)
+        _replace(net, head, nn.Identity())
+        self.net = net
+        self.arch = arch
+        self.classifier = head  # its weights are dropped from pretrained files
+        self.repeat = in_channels == 1
+        self.out_features = int(linear.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.repeat:
+            x = x.expand(-1, 3, -1, -1)
+        out = self.net(x)
+        if isinstance(out, tuple):  # GoogLeNet/Inception in training mode: (logits, aux...)
+            out = out[0]
+        return out
+
+
+def check(arch: str, options: dict[str, Any], image_size: int | None = None) -> None:
+    """Build the network on the meta device (no memory, no time) and, given ``image_size``, run a
+    forward pass of that size; raises ``ValueError`` naming what is wrong."""
+    with torch.device("meta"):
+        net = TorchvisionBackbone(arch, 3, options)
+        if image_size is not None:
+            try:
+                net.eval()(torch.empty(1, 3, image_size, image_size))
+            except Exception as e:  # shape errors surface as RuntimeError, AssertionError, ...
+                raise ValueError(
+                    f"torchvision's {arch} does not take {image_size}x{image_size} images ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}); choose another data.image_size or model"
+                ) from None
+
+
+# ---------------------------------------------------------------- pretrained weights
+class WeightsError(ValueError):
+    """``model.weights`` is missing, unreadable or does not fit the backbone."""
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsError(
+            f"model.weights: {str(path)!r} does not exist; give a local file written by "
+            "torch.save(model.state_dict(), path) (nothing is downloaded)"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle refused (weights_only), not a torch file, truncated
+        raise WeightsError(
+            f"model.weights: {str(path)!r} cannot be loaded as plain tensors ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); save it with torch.save(model.state_dict(), path)"
+        ) from None
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(
+            f"model.weights: {str(path)!r} holds a {type(obj).__name__}, not a state dict of tensors; "
+            "save it with torch.save(model.state_dict(), path)"
+        )
+    return {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel/DDP prefixes
+
+
+def _listed(keys: list[str]) -> str:
+    return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def load_weights(backbone: nn.Module, path: str | Path) -> dict[str, int]:
+    """Load ``path`` into ``backbone`` (a torchvision network's own keys, or the backbone's);
+    the classification layer's weights are ignored. Missing, unexpected or mis-shaped keys are a
+    :class:`WeightsError` naming them. Returns the counts of loaded and ignored tensors."""
+    path = Path(path)
+    target = backbone.net if isinstance(backbone, TorchvisionBackbone) else backbone
+    state = _state_dict(path)
+    ignored = []
+    if isinstance(backbone, TorchvisionBackbone):
+        prefix = backbone.classifier + "."
+        ignored = [k for k in state if k.startswith(prefix)]
+        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    own = target.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    what = getattr(backbone, "arch", type(backbone).__name__)
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_listed(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_listed(unexpected)})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (file vs model: {_listed(shapes)})")
+        raise WeightsError(
+            f"model.weights: {str(path)!r} does not fit backbone {what}: {'; '.join(parts)}; "
+            "use weights saved from the same architecture (and model.options)"
+        )
+    target.load_state_dict(state, strict=True)
+    return {"loaded": len(state), "ignored": len(ignored)}
