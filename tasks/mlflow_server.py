@@ -98,7 +98,7 @@ class Postgres:
             pw = pwd.getpwnam(self.run_as)
             os.chown(path, pw.pw_uid, pw.pw_gid)
 
-    def _check_reachable(self) -> None:
+    def check_reachable(self) -> None:
         """As root, the cluster's user must be able to enter every parent of the directory."""
         if self.run_as is None:
             return
@@ -117,7 +117,7 @@ class Postgres:
     def init(self, password: str) -> bool:
         """Create the cluster unless it exists; True if it was created."""
         self.root.mkdir(parents=True, exist_ok=True)
-        self._check_reachable()
+        self.check_reachable()
         self.socket_dir.mkdir(exist_ok=True)
         self._own(self.socket_dir)
         if (self.data / "PG_VERSION").exists():
@@ -336,6 +336,7 @@ def running(
     else:
         pg_user = None
     pg = Postgres(root, pg_port, pg_bin, pg_user)
+    pg.check_reachable()  # before anything is written there
     password = _password(root)
     pg.init(password)
     artifacts = root / "artifacts"

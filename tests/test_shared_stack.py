@@ -13,7 +13,11 @@ mean FPR95. Then:
   nothing in the projects' local stores; the champion loads through the server;
 - the registry holds two versions, exactly one champion (the better model), both decisions;
 - both registrations held the Prefect global concurrency limit, one after the other (its
-  acquired/released events), and the limit exists on the server with one slot.
+  acquired/released events), and the limit exists on the server with one slot;
+- Ctrl-C stops MLflow, then PostgreSQL.
+
+Two quick tests check the refusals before anything starts: no PostgreSQL installed, and (as root)
+a directory the cluster's user cannot enter.
 """
 
 from __future__ import annotations
@@ -31,8 +35,6 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from stack import REPO, Stack, free_port, isolated_env, read_events, stop_process
-
-pytestmark = pytest.mark.slow
 
 MODEL = "oodgate-classifier"
 LIMIT = f"oodgate-registry-{MODEL}"
@@ -195,6 +197,7 @@ def _candidate(s: Shared, parent) -> object:
     return child
 
 
+@pytest.mark.slow
 def test_both_flows_complete_against_the_shared_servers(shared):
     for name, proc in shared.procs.items():
         out = proc.stdout + proc.stderr
@@ -211,6 +214,7 @@ def test_both_flows_complete_against_the_shared_servers(shared):
     assert len(runs) == 2 and {r.state.type.value for r in runs} == {"COMPLETED"}, [r.state for r in runs]
 
 
+@pytest.mark.slow
 def test_runs_live_in_postgres_and_artifacts_in_the_served_directory(shared):
     import psycopg2
 
@@ -242,6 +246,7 @@ def test_runs_live_in_postgres_and_artifacts_in_the_served_directory(shared):
         assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()
 
 
+@pytest.mark.slow
 def test_exactly_one_champion_the_better_model_and_both_decisions(shared):
     from oodgate.config import GateConfig
     from oodgate.gate import compare_means
@@ -271,6 +276,7 @@ def test_exactly_one_champion_the_better_model_and_both_decisions(shared):
     )
 
 
+@pytest.mark.slow
 def test_the_champion_loads_through_the_server(shared, monkeypatch):
     from tasks.champion import load_champion
 
@@ -297,6 +303,7 @@ def _limit_events(api_url: str, wait: float = 30.0) -> list[tuple[str, str]]:
         time.sleep(1)
 
 
+@pytest.mark.slow
 def test_registrations_held_the_prefect_limit_one_after_the_other(shared):
     with shared.prefect() as client:
         limit = client.read_global_concurrency_limit_by_name(LIMIT)
@@ -308,6 +315,7 @@ def test_registrations_held_the_prefect_limit_one_after_the_other(shared):
     assert [phase for _, phase in events] == ["acquired", "released", "acquired", "released"], events
 
 
+@pytest.mark.slow
 def test_a_limit_widened_by_hand_is_refused(shared):
     """A limit someone set to two slots would no longer serialise: the registry refuses it and says
     how to restore it, instead of registering unprotected."""
@@ -329,6 +337,7 @@ def test_a_limit_widened_by_hand_is_refused(shared):
             client.update_global_concurrency_limit(LIMIT, GlobalConcurrencyLimitUpdate(limit=1))
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_mlflow_then_postgres(shared):
     """Last: Ctrl-C (SIGINT to the foreground process) stops MLflow, then PostgreSQL's fast shutdown;
     nothing is left listening."""
@@ -344,3 +353,31 @@ def test_ctrl_c_stops_mlflow_then_postgres(shared):
     for port in (server.port, server.pg_port):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"
+
+
+# ------------------------------------------------------------------ refusals, before anything starts
+def test_without_postgresql_the_server_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    from tasks import mlflow_server
+
+    monkeypatch.setenv("OODGATE_PG_BIN", str(tmp_path))  # no initdb there
+    assert mlflow_server.main(["--dir", str(tmp_path / "server")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: PostgreSQL is not installed") and "apt-get install postgresql" in err
+    assert not (tmp_path / "server").exists()
+
+
+def test_as_root_a_directory_the_cluster_user_cannot_enter_is_refused(tmp_path, capsys):
+    import os
+
+    from tasks import mlflow_server
+
+    if os.geteuid() != 0:
+        pytest.skip("only root hands the cluster to another user")
+    if mlflow_server.postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed")
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    assert mlflow_server.main(["--dir", str(closed / "server")]) == 2
+    err = capsys.readouterr().err
+    assert "runs as user 'nobody', which cannot enter" in err and "--dir" in err, err
+    assert list((closed / "server").iterdir()) == []  # nothing written
