@@ -30,7 +30,7 @@ CHAMPION = "champion"
 FINGERPRINT_TAG = "oodgate.model_fingerprint"
 SERIALISED_TAG = "oodgate.registry_lock"  # on each new version: what serialised its registration
 LIMIT_PREFIX = "oodgate-registry-"
-LEASE_SECONDS = 60  # a slot whose holder died frees itself after this long (renewed while held)
+LEASE_SECONDS = 60  # renewed while held; the slot of a holder that died is freed when it runs out
 WAIT_SECONDS = 600.0
 
 
@@ -107,8 +107,8 @@ def serialised(model_name: str, lock_path: Path) -> Iterator[str]:
             except TimeoutError:
                 raise RegistryBusyError(
                     f"waited {WAIT_SECONDS:.0f} s for the Prefect concurrency limit {name!r} at {api}; another "
-                    f"flow holds it (see prefect gcl inspect {name}); a slot whose holder died frees itself "
-                    f"after {LEASE_SECONDS} s"
+                    f"flow holds it (see prefect gcl inspect {name}); the slot of a holder that died is freed "
+                    f"when its {LEASE_SECONDS} s lease runs out"
                 ) from None
             how = f"Prefect concurrency limit {name!r} at {api} + {how}"
         stack.enter_context(exclusive(lock_path))
