@@ -23,6 +23,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -305,6 +306,16 @@ def _stop_mlflow(proc: subprocess.Popen, timeout: float = 20.0) -> None:
         proc.wait(timeout=10)
 
 
+def _check_free(port: int, flag: str) -> None:
+    with socket.socket() as s:
+        s.settimeout(2)
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            raise ServerError(
+                f"port {port} on 127.0.0.1 is already in use (a make mlflow-server killed with SIGKILL "
+                f"leaves its servers running; see the logs in its directory); stop what listens there or pass {flag}"
+            )
+
+
 def default_pg_user() -> str | None:
     """None when not root (the cluster runs as the caller); else ``nobody``."""
     return "nobody" if os.geteuid() == 0 else None
@@ -329,6 +340,8 @@ def running(
             "PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin or on PATH); "
             "install it (Debian/Ubuntu: apt-get install postgresql) or set OODGATE_PG_BIN to its bin directory"
         )
+    _check_free(pg_port, "--pg-port")
+    _check_free(port, "--port")  # else an old server's /health would pass for the new one's
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:

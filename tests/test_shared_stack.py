@@ -377,7 +377,26 @@ def test_as_root_a_directory_the_cluster_user_cannot_enter_is_refused(tmp_path, 
         pytest.skip("PostgreSQL is not installed")
     closed = tmp_path / "closed"
     closed.mkdir(mode=0o700)
-    assert mlflow_server.main(["--dir", str(closed / "server")]) == 2
+    ports = ["--port", str(free_port()), "--pg-port", str(free_port())]
+    assert mlflow_server.main(["--dir", str(closed / "server"), *ports]) == 2
     err = capsys.readouterr().err
     assert "runs as user 'nobody', which cannot enter" in err and "--dir" in err, err
     assert list((closed / "server").iterdir()) == []  # nothing written
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(tmp_path, capsys):
+    import socket
+
+    from tasks import mlflow_server
+
+    if mlflow_server.postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = ["--dir", str(tmp_path / "server"), "--port", str(port), "--pg-port", str(free_port())]
+        assert mlflow_server.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"port {port} on 127.0.0.1 is already in use" in err and "--port" in err, err
+    assert not (tmp_path / "server").exists()
