@@ -342,12 +342,19 @@ def running(
         )
     _check_free(pg_port, "--pg-port")
     _check_free(port, "--port")  # else an old server's /health would pass for the new one's
-    root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         pg_user = pg_user or default_pg_user()
+        try:
+            pwd.getpwnam(pg_user)
+        except KeyError:
+            raise ServerError(
+                f"PostgreSQL refuses to run as root, and there is no OS user {pg_user!r} to run it as; "
+                "pass --pg-user an existing unprivileged user (make mlflow-server ARGS='--pg-user ...')"
+            ) from None
     else:
         pg_user = None
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
     pg = Postgres(root, pg_port, pg_bin, pg_user)
     pg.check_reachable()  # before anything is written there
     password = _password(root)

@@ -400,3 +400,18 @@ def test_a_port_in_use_is_refused_before_anything_starts(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"port {port} on 127.0.0.1 is already in use" in err and "--port" in err, err
     assert not (tmp_path / "server").exists()
+
+
+def test_as_root_an_unknown_cluster_user_is_refused(tmp_path, capsys):
+    import os
+
+    from tasks import mlflow_server
+
+    if os.geteuid() != 0 or mlflow_server.postgres_bin() is None:
+        pytest.skip("only root hands the cluster to another user; needs PostgreSQL")
+    ports = ["--port", str(free_port()), "--pg-port", str(free_port())]
+    args = ["--dir", str(tmp_path / "server"), "--pg-user", "no-such-user-oodgate", *ports]
+    assert mlflow_server.main(args) == 2
+    err = capsys.readouterr().err
+    assert "there is no OS user 'no-such-user-oodgate'" in err and "--pg-user" in err, err
+    assert not (tmp_path / "server").exists()
