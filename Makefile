@@ -13,7 +13,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup data run core-run monitor test test-fast lint bench bench-stability bench-flow serve trigger serve-model mlflow-ui repro clean help
+.PHONY: setup data run core-run monitor test test-fast lint bench bench-stability bench-flow serve trigger serve-model mlflow-ui mlflow-server repro clean help
 
 help:
 	@echo "make run          set up .venv, write the embedded data, run the pipeline flow once (minutes on CPU;"
@@ -25,6 +25,7 @@ help:
 	@echo "make trigger      start a run of the served deployment now; prints its Prefect UI address"
 	@echo "make serve-model  serve the registered champion over REST on 127.0.0.1:5001 (mlflow models serve)"
 	@echo "make mlflow-ui    MLflow UI on 127.0.0.1:5000 over ./mlflow.db"
+	@echo "make mlflow-server  shared MLflow on 127.0.0.1:5050: PostgreSQL in .mlflow-server/, proxied artifacts (Ctrl-C stops both)"
 	@echo "make repro        reproduce with DVC (dvc repro), then dvc metrics show"
 	@echo "make core-run     the core library alone (no Prefect, no MLflow): train, evaluate, print the table"
 	@echo "make monitor      score a batch with the champion, alert on drift (BATCH=path; default: two demo batches)"
@@ -89,6 +90,11 @@ mlflow-ui: $(STAMP)
 	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the Model training view)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts
+
+# A shared tracking server: PostgreSQL (Debian's postgresql package) in .mlflow-server/, proxied
+# artifacts; flows use it with MLFLOW_TRACKING_URI=http://127.0.0.1:5050.
+mlflow-server: $(STAMP)
+	$(PY) -m tasks.mlflow_server --port 5050 $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_methods.py

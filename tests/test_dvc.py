@@ -366,6 +366,35 @@ def test_push_pull_round_trip_then_exp_run_reruns_only_the_gate(dvc_project, tmp
 
 
 @pytest.mark.slow
+def test_another_machine_pulls_the_outputs_and_retrains_nothing(dvc_project, tmp_path):
+    """What a second machine does with the README's commands: `dvc push` from the clone that ran
+    the pipeline, then on a fresh `git clone` `dvc remote add` + `dvc pull`: `dvc status` is up to
+    date and `dvc repro` runs no stage (nothing is retrained); the workspace is what git committed."""
+    src = dvc_project.root
+    remote = tmp_path / "dvc-store"
+    t0 = time.perf_counter()
+    dvc(src, "remote", "add", "--local", "-d", "shared", str(remote))
+    try:
+        dvc(src, "push")
+        assert "in sync" in dvc(src, "status", "--cloud").stdout  # everything cached is on the remote
+    finally:
+        dvc(src, "remote", "remove", "--local", "shared")
+
+    other = tmp_path / "other-machine"
+    _run(["git", "clone", "-q", str(src), str(other)], tmp_path)
+    dvc(other, "remote", "add", "--local", "-d", "shared", str(remote))
+    dvc(other, "pull")
+    assert "Data and pipelines are up to date." in dvc(other, "status").stdout
+    out = logged(dvc(other, "repro"))
+    assert ran(out) == [] and skipped(out) == set(STAGES), out
+    assert (other / "artifacts/train/softmax/seed0/best.pt").read_bytes() == (
+        src / "artifacts/train/softmax/seed0/best.pt"
+    ).read_bytes()
+    assert git(other, "status", "--porcelain") == ""  # dvc.lock and the committed results unchanged
+    print(f"push, clone, pull, status, no-op repro: {time.perf_counter() - t0:.1f} s")
+
+
+@pytest.mark.slow
 def test_each_change_reruns_exactly_the_stages_that_depend_on_it(dvc_project):
     """Real `dvc repro` after each change, then back to the committed state (git + `dvc checkout`).
     A score re-evaluates, never retrains; a new seed trains only that seed; a docstring re-runs nothing."""
