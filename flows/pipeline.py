@@ -96,6 +96,38 @@ class Outcome:
     seconds: float = 0.0
 
 
+def task_runner_for(cfg: Config) -> Any:
+    """The task runner ``orchestration`` names: one thread (one training at a time: a CPU training
+    already keeps every core busy), or prefect-dask's runner on the scheduler at
+    ``orchestration.address`` or on a local cluster of ``orchestration.workers`` processes (one
+    task at a time each, bound to 127.0.0.1, no dashboard). Every task's inputs are paths, configs
+    and fingerprints, so they travel to any worker that sees the work directory."""
+    o = cfg.orchestration
+    if o.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=1)
+    import dask.config
+    import torch
+    from prefect_dask import DaskTaskRunner
+
+    if o.address is not None:
+        return DaskTaskRunner(address=o.address)
+    # Dask starts its workers with OMP_NUM_THREADS=1; a CPU training's results depend on its thread
+    # count, so the workers get this process's, and a Dask run gives the thread runner's metrics.
+    threads = str(torch.get_num_threads())
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
+    environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads)
+    dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": o.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": None,
+        }
+    )
+
+
 @flow(name="oodgate-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
 def pipeline(
     params_path: str = "params.yaml",
@@ -376,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_overrides(args.set)
         # a bad config fails here, before Prefect starts
-        preflight(load_config(params, overrides), project=root or PROJECT_ROOT)
+        cfg = load_config(params, overrides)
+        preflight(cfg, project=root or PROJECT_ROOT)
         tracking.connect(root=root or PROJECT_ROOT)  # and an unreachable or read-only MLflow store
     except (ConfigError, tracking.TrackingUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -387,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     _stop_on_signals()
     try:
         wait_for_temporary_prefect_server()
-        pipeline(params_path=str(params), root=str(root) if root else None, overrides=overrides or None)
+        run = pipeline.with_options(task_runner=task_runner_for(cfg))
+        run(params_path=str(params), root=str(root) if root else None, overrides=overrides or None)
     except BaseException as e:
         if engine.STOP.is_set():  # whatever the unwinding raised after (a temporary server already gone)
             print(f"error: {_interrupted_by}: stopped; the MLflow runs are marked KILLED", file=sys.stderr)

@@ -260,6 +260,28 @@ class MonitorConfig(_Frozen):
         return self
 
 
+class OrchestrationConfig(_Frozen):
+    """Where the flow's tasks run (no result depends on it): ``threads`` (one training at a time in
+    the flow's process) or ``dask``: the Dask scheduler at ``address``, or a local cluster of
+    ``workers`` processes when no address is given. The work directory must be a path every Dask
+    worker sees (a shared file system on several machines)."""
+
+    task_runner: Literal["threads", "dask"] = "threads"
+    address: str | None = Field(
+        default=None, min_length=1, description="tcp://host:8786 of a running scheduler"
+    )
+    workers: int = Field(default=2, ge=1, le=1024, description="processes of the local Dask cluster")
+
+    @model_validator(mode="after")
+    def _address_for_dask(self) -> OrchestrationConfig:
+        if self.address is not None and self.task_runner != "dask":
+            raise ValueError(
+                f"orchestration.address={self.address!r} is a Dask scheduler, but task_runner is "
+                f"{self.task_runner!r}; set orchestration.task_runner: dask, or remove the address"
+            )
+        return self
+
+
 class Config(_Frozen):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     data: DataConfig = DataConfig()
@@ -271,6 +293,7 @@ class Config(_Frozen):
     registry: RegistryConfig = RegistryConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     monitor: MonitorConfig = MonitorConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
     workdir: str = "artifacts"
 
     @field_validator("seeds")

@@ -25,6 +25,7 @@ from oodgate import metrics
 from oodgate.classifier import load_classifier, with_score
 from oodgate.config import Config
 from oodgate.evaluation import THRESHOLD_TPR
+from oodgate.runtime import configure_determinism
 from oodgate.serving import ServingModel, fingerprint
 from oodgate.steps.results import Calibrated, Evaluated, Trained
 from tasks import registry, tracking
@@ -62,6 +63,7 @@ def package_model(loss_id: str, calibrated: Calibrated, evaluated: Evaluated, ou
     A task of its own so that it runs on the task runner's thread like training: the flow logs each
     loss while the next one trains, and torch code run in the flow's thread as well would give that
     thread an OpenMP team of its own, which makes libgomp throttle every team's spin-waits."""
+    configure_determinism()  # in this process, which may be a Dask worker
     model = with_score(load_classifier(Path(calibrated.dir) / "calibrated.pt"), evaluated.score)
     serving = ServingModel(model, evaluated.threshold)
     size = (2, model.spec.in_channels, model.spec.image_size, model.spec.image_size)

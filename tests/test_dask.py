@@ -1,0 +1,81 @@
+"""The (loss, seed) fan-out on a Dask cluster: ``orchestration.task_runner: dask``.
+
+The user's path: ``python -m flows.pipeline --set orchestration.task_runner=dask`` in its own
+process (prefect-dask's runner on a real local cluster of 2 worker processes, a temporary Prefect
+server, its own SQLite MLflow store) against the same project run by the thread runner in this
+process (Prefect test server): every evaluation file is byte-identical.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from stack import isolated_env
+
+from oodgate.config import ConfigError, parse_config
+
+SEEDS = "seeds=[0, 1]"
+
+
+def _evaluations(project: Path) -> dict[str, bytes]:
+    files = sorted((project / "artifacts" / "cache").glob("evaluate-*/metrics.json"))
+    return {f.parent.name: f.read_bytes() for f in files}
+
+
+@pytest.mark.slow
+def test_a_local_dask_cluster_gives_the_thread_runner_s_metrics(
+    prefect_harness, project_template, mlflow_template, mlflow_db, tmp_path
+):
+    from flows.pipeline import pipeline
+
+    threads, dask = tmp_path / "threads", tmp_path / "dask"
+    shutil.copytree(project_template, threads, symlinks=True)
+    shutil.copytree(project_template, dask, symlinks=True)
+
+    result = pipeline(root=str(threads), overrides={"seeds": [0, 1]})
+    assert not result.failed
+
+    shutil.copy(mlflow_template, tmp_path / "dask.db")
+    env = isolated_env(tmp_path / "prefect-home")
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'dask.db'}"
+    cmd = [sys.executable, "-m", "flows.pipeline", "--root", str(dask), "--set", SEEDS]
+    cmd += ["--set", "orchestration.task_runner=dask", "--set", "orchestration.workers=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "DaskTaskRunner" in out or "dask" in out.lower()
+
+    a, b = _evaluations(threads), _evaluations(dask)
+    assert len(a) == 4 and a.keys() == b.keys()  # 2 losses x 2 seeds, the same fingerprints
+    for name in a:
+        assert a[name] == b[name], name
+
+
+def test_the_runner_is_chosen_in_params_and_an_address_needs_dask():
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.pipeline import task_runner_for
+
+    base = {
+        "losses": {"softmax": {"method": "softmax"}},
+        "gate": {"confidence": None},
+        "data": {"ood": ["gaussian_noise"]},
+    }
+    assert isinstance(task_runner_for(parse_config(base)), ThreadPoolTaskRunner)
+    local = task_runner_for(parse_config({**base, "orchestration": {"task_runner": "dask", "workers": 3}}))
+    assert isinstance(local, DaskTaskRunner) and local.cluster_kwargs["n_workers"] == 3
+    assert local.cluster_kwargs["host"] == "127.0.0.1"
+    import dask.config
+    import torch
+
+    environ = dask.config.get("distributed.nanny.pre-spawn-environ")
+    assert environ["OMP_NUM_THREADS"] == str(torch.get_num_threads())  # the thread runner's, not 1
+    remote = {"task_runner": "dask", "address": "tcp://10.0.0.5:8786"}
+    assert task_runner_for(parse_config({**base, "orchestration": remote})).address == "tcp://10.0.0.5:8786"
+    with pytest.raises(ConfigError, match=r"orchestration.address='tcp://x:1' is a Dask scheduler"):
+        parse_config({**base, "orchestration": {"address": "tcp://x:1"}})
