@@ -7,6 +7,7 @@ core library's own train-and-evaluate entry point (no Prefect, no MLflow).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -253,6 +254,13 @@ def main(argv: list[str] | None = None) -> int:
 
         preflight(cfg, training=args.command in ("train", "calibrate", "evaluate", "run"))
         configure_determinism()
+        if args.command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
+            import torch
+            import torch.distributed as td
+
+            td.init_process_group(
+                backend="nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
+            )
         return COMMANDS[args.command](cfg, Layout(Path(cfg.workdir)), args)
     except (ConfigError, FileNotFoundError, ValueError, StaleResultError, CorruptResultError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -148,6 +148,13 @@ class TrainConfig(_Frozen):
     backbone_lr: float = Field(
         default=1.0, gt=0.0, le=1.0, description="the backbone's learning rate as a fraction of lr"
     )
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=4096,
+        description="data-parallel training processes (DistributedDataParallel through torchrun); "
+        "batch_size is the global batch",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(default=True, description="bf16 autocast on CUDA; ignored on CPU")
     channels_last: bool = True
@@ -169,6 +176,17 @@ class TrainConfig(_Frozen):
             raise ValueError(
                 f"train.freeze_backbone_epochs={self.freeze_backbone_epochs} must be below "
                 f"train.epochs={self.epochs}, or the backbone never trains"
+            )
+        if self.processes > 1 and self.freeze_backbone_epochs:
+            raise ValueError(
+                f"train.freeze_backbone_epochs={self.freeze_backbone_epochs} with train.processes="
+                f"{self.processes}: freezing the backbone is not supported in distributed training; "
+                "fine-tune in one process, or set freeze_backbone_epochs: 0"
+            )
+        if self.batch_size < self.processes:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} is the global batch: it must be at least "
+                f"train.processes={self.processes}"
             )
         low, high = self.crop_scale
         if not 0.0 < low <= high <= 1.0:

@@ -45,11 +45,37 @@ STOP = threading.Event()
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
+    """``cuda`` (the local rank's GPU under ``torchrun``) or ``cpu``."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device(requested)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a ``torchrun`` launch: ``rank`` of ``world`` processes (1: alone)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed() -> Distributed:
+    """The initialised default process group, if any (``oodgate.distributed`` initialises it)."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        return Distributed(td.get_rank(), td.get_world_size())
+    return Distributed()
 
 
 def fits_on_device(nbytes: int, device: torch.device, fraction: float = 0.5) -> bool:
@@ -240,6 +266,8 @@ class _Run:
     best_acc: float = -1.0
     best_epoch: int = 0
     start_epoch: int = 0
+    net: torch.nn.Module | None = None  # what the forward pass goes through: the model, or its DDP wrapper
+    dist: Distributed = Distributed()
 
     def restore(self, last_path: Path, fingerprint: str) -> None:
         """Resume from ``last.pt`` if it was written under the same ``fingerprint``; an unreadable
@@ -287,7 +315,25 @@ def _start(
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt, sched = _make_optimizer(model, cfg, steps_per_epoch)
-    return _Run(model, opt, sched, torch.Generator().manual_seed(seed), device, history=[])
+    return _Run(
+        model, opt, sched, torch.Generator().manual_seed(seed), device, history=[], dist=distributed()
+    )
+
+
+def _wrap(run: _Run, cfg: TrainConfig) -> None:
+    """Under ``torchrun``: DistributedDataParallel around the model (after a resume restored its
+    weights); on CUDA its batch-norm layers synchronise their statistics across processes."""
+    if run.dist.world == 1:
+        run.net = run.model
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = run.model
+    if run.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        run.net = DistributedDataParallel(model, device_ids=[run.device.index])
+    else:
+        run.net = DistributedDataParallel(model)
 
 
 class _Gather(torch.utils.data.Dataset):
@@ -329,10 +375,11 @@ def _train_epoch(
     if frozen:
         model.backbone.eval()  # and its batch-norm statistics stay those of the pretrained weights
     n, bs = x_all.shape[0], cfg.batch_size
+    net, dist = run.net or model, run.dist
     perm = torch.randperm(n, generator=gen).to(x_all.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
+    seen = torch.zeros((), dtype=torch.int64, device=device)
     for i, xu in zip(range(0, n, bs), _batches(x_all, perm, bs, workers)):
         if STOP.is_set():
             raise TrainingInterrupted(f"training interrupted at epoch {epoch}, batch {i // bs + 1}")
@@ -340,12 +387,27 @@ def _train_epoch(
         xb = to_float(xu, device)
         yb = y_all[idx.to(device)]
         xb = augment(xb, cfg.augment, gen, scale=cfg.crop_scale)
-        xb, yb = head.transform_batch(xb, yb, generator=gen)
+        weight = 1.0
+        if dist.world > 1:
+            # Every process draws the whole global batch's permutation and augmentation from the same
+            # generator, then trains on its contiguous share; mosaics (DisMax) are formed within the
+            # share from a generator of its own, seeded from the shared one (which all keep in step).
+            # Its loss is weighted by its share of the batch, so DDP's mean of the gradients is the
+            # gradient of the global batch's mean loss (equal shares but for the last batch).
+            share = torch.tensor_split(torch.arange(xb.shape[0]), dist.world)[dist.rank].to(device)
+            weight = share.numel() * dist.world / xb.shape[0]
+            xb, yb = xb[share], yb[share]
+            local = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + dist.rank)
+            xb, yb = head.transform_batch(xb, yb, generator=local)
+        else:
+            xb, yb = head.transform_batch(xb, yb, generator=gen)
         if cfg.channels_last and device.type == "cuda":
             xb = xb.contiguous(memory_format=torch.channels_last)
         with _autocast(device, cfg.amp):
-            logits = model(xb)
+            logits = net(xb)
             loss = head.loss(logits.float(), yb)
+            if weight != 1.0:
+                loss = loss * weight
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite training loss {loss.item()} at epoch {epoch}, batch {i // bs + 1} "
@@ -355,10 +417,16 @@ def _train_epoch(
         loss.backward()
         run.opt.step()
         run.sched.step()  # the schedule is per step: the warm-up ramps within the first epochs
-        loss_sum += loss.detach().double() * xb.shape[0]
+        loss_sum += loss.detach().double() / weight * xb.shape[0]
         correct += (logits.detach().argmax(1) == head.hard_targets(yb)).sum()
         seen += xb.shape[0]
-    return (loss_sum / seen).item(), correct.item() / seen
+    if dist.world > 1:  # the epoch's figures over every process's share
+        import torch.distributed as td
+
+        totals = torch.stack([loss_sum, correct.double(), seen.double()])
+        td.all_reduce(totals)
+        loss_sum, correct, seen = totals[0], totals[1], totals[2]
+    return (loss_sum / seen).item(), correct.item() / seen.item()
 
 
 def train(
@@ -388,17 +456,21 @@ def train(
     last_path, best_path = out_dir / LAST, out_dir / BEST
     run = _start(model_factory, cfg, seed, steps_per_epoch=math.ceil(len(train_set) / cfg.batch_size))
     run.restore(last_path, fingerprint)
-    device = run.device
+    _wrap(run, cfg)
+    device, main = run.device, run.dist.main
     on_device = fits_on_device(train_set.x.numel() + val_set.x.numel(), device)
     x_all = train_set.x.to(device) if on_device else train_set.x
     y_all = train_set.y.to(device)
-    bar = _progress_bar(cfg.epochs, run.start_epoch, progress)
+    bar = _progress_bar(cfg.epochs, run.start_epoch, progress and main)
     t0 = time.perf_counter()
     last_epoch = cfg.epochs if max_epochs is None else min(cfg.epochs, max_epochs)
     for epoch in range(run.start_epoch + 1, last_epoch + 1):
         te = time.perf_counter()
         lr = run.sched.get_last_lr()[0]
         train_loss, train_acc = _train_epoch(run, x_all, y_all, cfg, epoch, workers)
+        if not main:  # the first process validates, selects and writes; the others only train
+            run.history.append({"epoch": epoch, "train_loss": train_loss})
+            continue
         val_nll, val_acc = _validate(run.model, val_set, cfg, device)
         stats = EpochStats(epoch, lr, train_loss, train_acc, val_nll, val_acc, time.perf_counter() - te)
         run.history.append(stats.as_dict())
@@ -413,7 +485,7 @@ def train(
             bar.update(1)
     if bar is not None:
         bar.close()
-    if not math.isfinite(run.best_acc) or run.best_acc < 0:
+    if main and (not math.isfinite(run.best_acc) or run.best_acc < 0):
         raise RuntimeError(f"no epoch finished in {out_dir}; nothing to select")
     return TrainResult(
         best_checkpoint=best_path,

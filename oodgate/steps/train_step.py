@@ -3,6 +3,7 @@ weights), ``history.json`` and, once finished, ``train.json`` (the record, with 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,9 +77,39 @@ def train(
     previous = reusable(out_dir, RECORD, fingerprint)  # same inputs, files intact
     if previous is not None:
         return Trained(**previous, dir=str(out_dir))  # training is a pure function of its inputs
-    if done.is_file():  # finished under other inputs, or its files are damaged: train from scratch
+    if done.is_file() and engine.distributed().main:  # finished under other inputs, or damaged: retrain
         for name in (RECORD, engine.BEST, engine.LAST):
             (out_dir / name).unlink(missing_ok=True)
+    dist = engine.distributed()
+    n = cfg.train.processes
+    if n > 1 and dist.world == 1:  # launch n processes; the first writes the record read below
+        from oodgate.distributed import launch
+        from oodgate.steps.common import read_json
+
+        t0 = time.perf_counter()
+        launch(
+            cfg.model_dump(mode="json"),
+            loss_id,
+            seed,
+            Path(prepared_dir),
+            out_dir,
+            fingerprint,
+            n,
+            max_epochs,
+        )
+        record = read_json(done) if done.is_file() else None
+        if max_epochs is not None and max_epochs < cfg.train.epochs and record is None:  # stopped on purpose
+            return Trained(
+                loss_id, cfg.losses[loss_id].method, seed, fingerprint, str(out_dir), 0, float("nan"), 0, ""
+            )
+        if record is None or record.get("fingerprint") != fingerprint:
+            raise RuntimeError(f"distributed training of {loss_id} seed {seed} wrote no record in {out_dir}")
+        return Trained(**record, dir=str(out_dir), train_seconds=round(time.perf_counter() - t0, 3))
+    if dist.world != n:
+        raise ValueError(
+            f"train.processes={n}, but this training runs in {dist.world} processes; launch it with "
+            f"torchrun with {n} processes in all, or set train.processes: {dist.world}"
+        )
     bundle = load_prepared(prepared_dir, with_ood=False)
     spec = model_spec(cfg, loss_id, bundle)
     result = engine.train(
@@ -94,6 +125,18 @@ def train(
         fingerprint=fingerprint,
         workers=cfg.data.workers,
     )
+    if not dist.main:  # the first process writes the history and the record
+        return Trained(
+            loss=loss_id,
+            method=spec.method,
+            seed=seed,
+            fingerprint=fingerprint,
+            dir=str(out_dir),
+            best_epoch=0,
+            best_val_accuracy=float("nan"),
+            epochs=len(result.history),
+            device=result.device,
+        )
     # Wall-clock times go into the returned result only, never into the files: the same inputs
     # write the same bytes (a re-run under `dvc repro` leaves dvc.lock unchanged).
     write_json(out_dir / "history.json", [engine.without_timing(h) for h in result.history])
