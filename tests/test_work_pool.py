@@ -1,0 +1,245 @@
+"""The deployments on a Prefect work pool, the way a team runs them: real parts only.
+
+A real Prefect server (its own PREFECT_HOME), ``python -m flows.workpool deploy`` (``make deploy``)
+against a small project, one real worker (``python -m flows.workpool worker``, which becomes
+``prefect worker start --pool <pool> --type process``), and ``python -m flows.trigger --wait``
+(``make trigger``): the run must reach Completed on the server, executed by the worker, with its
+MLflow runs in the tracking store the worker was given. Then the worker and the server stop, in
+that order, without being killed. The fast test: a bad params file is refused before the server
+is asked anything.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from stack import REPO, Stack, free_port, isolated_env, stop_process
+
+POOL = "test-pool"
+FULL_NAME = "oodgate-pipeline/scheduled"
+MONITOR_NAME = "oodgate-monitor/scheduled"
+SET_WORKING_DIRECTORY = "prefect.deployments.steps.set_working_directory"
+
+
+def _client(api_url: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        return get_client(sync_client=True)
+
+
+def _wait_for_worker(stack: Stack, worker: subprocess.Popen, timeout: float = 60) -> None:
+    """Until the pool has an ONLINE worker (it polls, so a run it misses waits for the next poll)."""
+    deadline = time.monotonic() + timeout
+    with _client(stack.api_url) as client:
+        while time.monotonic() < deadline:
+            if worker.poll() is not None:
+                pytest.fail(f"the worker exited (rc={worker.returncode})\n{stack.diagnostics()}")
+            if [w for w in client.read_workers_for_work_pool(POOL) if w.status == "ONLINE"]:
+                return
+            time.sleep(0.5)
+    pytest.fail(f"no worker came online in pool {POOL!r}\n{stack.diagnostics()}")
+
+
+@pytest.mark.slow
+def test_a_worker_runs_the_pool_deployment_to_completed(project, mlflow_template, tmp_path):
+    from prefect.client.schemas.objects import StateType
+
+    from flows.deploy import wait_healthy
+
+    t_start = time.perf_counter()
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["schedule"] = {"cron": "30 4 * * 1", "timezone": "Europe/Berlin"}  # never due in the test
+    raw["monitor"] = {"batch": "incoming/batch.npz", "schedule": {"cron": "0 0 1 1 *"}}
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    db = tmp_path / "tracking" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(mlflow_template, db)
+    tracking_uri = f"sqlite:///{db}"
+
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    env = isolated_env(home)
+    env.update(PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_HEARTBEAT_SECONDS="5")
+    stack = Stack(home=home, port=free_port(), env=env)
+    api_env = dict(env, PREFECT_API_URL=stack.api_url)
+    worker = None
+    seconds = {}
+    try:
+        stack.start_server()
+        try:
+            wait_healthy(stack.api_url, timeout=120)
+        except TimeoutError:
+            pytest.fail(f"Prefect server never became healthy\n{stack.diagnostics()}")
+
+        # make deploy: the pool does not exist yet, so it is created
+        t0 = time.perf_counter()
+        deployed = subprocess.run(
+            [sys.executable, "-m", "flows.workpool", "deploy", "--pool", POOL, "--root", str(project)],
+            cwd=REPO,
+            env=api_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        seconds["deploy"] = time.perf_counter() - t0
+        assert deployed.returncode == 0, f"{deployed.stdout}\n{deployed.stderr}\n{stack.diagnostics()}"
+        assert f"Created work pool '{POOL}' (type process)" in deployed.stdout
+        assert f"workers take the code from {REPO} on their machine" in deployed.stdout
+
+        parameters = {"params_path": "params.yaml", "root": str(project)}
+        with _client(stack.api_url) as client:
+            assert client.read_work_pool(POOL).type == "process"
+            pipeline_d = client.read_deployment_by_name(FULL_NAME)
+            monitor_d = client.read_deployment_by_name(MONITOR_NAME)
+        for d, entrypoint, cron, tz in (
+            (pipeline_d, "flows/pipeline.py:pipeline", "30 4 * * 1", "Europe/Berlin"),
+            (monitor_d, "flows/monitor.py:monitor", "0 0 1 1 *", "UTC"),
+        ):
+            assert d.work_pool_name == POOL
+            assert d.entrypoint == entrypoint
+            assert d.pull_steps == [{SET_WORKING_DIRECTORY: {"directory": str(REPO)}}]
+            assert d.parameters == parameters
+            assert d.global_concurrency_limit.limit == 1  # one run at a time, as served
+            assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in d.schedules] == [
+                (cron, tz, True)
+            ]
+
+        # make worker: one process worker, with the tracking store it hands to its runs
+        worker_log = home / "worker.log"
+        stack.logs["worker"] = worker_log
+        t0 = time.perf_counter()
+        with worker_log.open("w") as fh:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "flows.workpool", "worker", "--pool", POOL],
+                cwd=tmp_path,  # not the project: the run must change into --checkout by itself
+                env=dict(api_env, MLFLOW_TRACKING_URI=tracking_uri),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _wait_for_worker(stack, worker)
+        seconds["worker online"] = time.perf_counter() - t0
+
+        # make trigger ARGS=--wait
+        t0 = time.perf_counter()
+        trigger = subprocess.run(
+            [sys.executable, "-m", "flows.trigger", "--wait"],
+            cwd=REPO,
+            env=api_env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        seconds["trigger to Completed"] = time.perf_counter() - t0
+        assert trigger.returncode == 0, f"{trigger.stdout}\n{trigger.stderr}\n{stack.diagnostics()}"
+        assert "ended Completed" in trigger.stdout
+        flow_run_id = trigger.stdout.split("/runs/flow-run/", 1)[1].split()[0]
+
+        with _client(stack.api_url) as client:
+            run = client.read_flow_run(flow_run_id)
+        assert run.state.type == StateType.COMPLETED, run.state
+        assert run.deployment_id == pipeline_d.id
+        assert run.work_pool_name == POOL  # a worker of the pool ran it, not a serve process
+        assert run.parameters == parameters
+        assert f"submitting flow run '{flow_run_id}'" in worker_log.read_text()
+
+        # the MLflow runs where the worker's tracking URI says, none in the project
+        mlflow = MlflowClient(tracking_uri=tracking_uri)
+        exp = mlflow.get_experiment_by_name("oodgate")
+        (parent,) = mlflow.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`oodgate.prefect_flow_run_id` = '{flow_run_id}' "
+            "and tags.`oodgate.role` = 'pipeline'",
+        )
+        assert parent.info.status == "FINISHED"
+        children = mlflow.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
+        assert {c.info.run_name for c in children} == set(raw["losses"])
+        assert all(c.info.status == "FINISHED" for c in children)
+        assert not (project / "mlflow.db").exists()
+        assert list((project / "artifacts" / "cache").glob("train-*"))  # the project's workdir
+
+        t0 = time.perf_counter()
+        graceful = {"worker": stop_process(worker, timeout=30)}
+        graceful.update(stack.stop())
+        seconds["stop"] = time.perf_counter() - t0
+        assert graceful == {"worker": True, "serve": True, "server": True}, (
+            f"{graceful}\n{stack.diagnostics()}"
+        )
+    finally:
+        stop_process(worker, timeout=30)
+        stack.stop()
+    seconds["total"] = time.perf_counter() - t_start
+    print("work pool: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Answers every request with 200 and an empty JSON object, and remembers it."""
+
+    requests: ClassVar[list[str]] = []
+
+    def _answer(self) -> None:
+        type(self).requests.append(f"{self.command} {self.path}")
+        body = json.dumps({}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def recorder():
+    _Recorder.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/api", _Recorder.requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    "change, key, value",
+    [
+        ({"train": {"epochs": 0}}, "train.epochs", "0"),
+        ({"schedule": {"cron": "every day", "timezone": "UTC"}}, "schedule.cron", "every day"),
+    ],
+)
+def test_invalid_params_fail_before_anything_is_registered(tmp_path, capsys, recorder, change, key, value):
+    import flows.workpool
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in change.items():
+        raw[section] = {**raw[section], **values}
+    bad: Path = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw, sort_keys=False))
+    api_url, requests = recorder
+
+    rc = flows.workpool.main(["deploy", "--params", str(bad), "--api-url", api_url, "--pool", POOL])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert key in err and value in err and "nothing was deployed" in err
+    assert "Traceback" not in err
+    assert requests == []  # the server was not asked anything: no pool, no deployment
