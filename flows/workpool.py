@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -176,7 +177,10 @@ def _worker_main(args: argparse.Namespace, extra: list[str]) -> int:
     env = {**os.environ, **TELEMETRY_OFF, "PREFECT_API_URL": api}
     cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", POOL_TYPE, *extra]
     print(f"Worker for pool '{pool}' at {api}: {' '.join(cmd[1:])}", flush=True)
-    sys.stdout.flush()
+    # The worker stops on SIGTERM by sending itself SIGINT; a shell that starts it in the background
+    # (`make worker &`, a script) leaves SIGINT ignored, and an ignored signal stays ignored across
+    # exec: the worker would then never stop on SIGTERM. Restore the default first.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.execve(sys.executable, cmd, env)  # the worker itself handles Ctrl-C and SIGTERM
     return 0  # not reached
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -51,6 +52,10 @@ def _wait_for_worker(stack: Stack, worker: subprocess.Popen, timeout: float = 60
                 return
             time.sleep(0.5)
     pytest.fail(f"no worker came online in pool {POOL!r}\n{stack.diagnostics()}")
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.mark.slow
@@ -129,6 +134,9 @@ def test_a_worker_runs_the_pool_deployment_to_completed(project, mlflow_template
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # as a shell starts `make worker &`: SIGINT ignored, which the worker's own SIGTERM
+                # handling relies on; it must stop on SIGTERM all the same
+                preexec_fn=_ignore_sigint,
             )
         _wait_for_worker(stack, worker)
         seconds["worker online"] = time.perf_counter() - t0
@@ -243,3 +251,19 @@ def test_invalid_params_fail_before_anything_is_registered(tmp_path, capsys, rec
     assert key in err and value in err and "nothing was deployed" in err
     assert "Traceback" not in err
     assert requests == []  # the server was not asked anything: no pool, no deployment
+
+
+@pytest.mark.parametrize("command", ["deploy", "worker"])
+def test_without_a_server_deploy_and_worker_say_how_to_start_one(command, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/api"
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.workpool", command, "--api-url", url],
+        cwd=REPO,
+        env=isolated_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"no Prefect server answers at {url}" in out.stderr and "make server" in out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
