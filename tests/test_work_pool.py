@@ -2,10 +2,11 @@
 
 A real Prefect server (its own PREFECT_HOME), ``python -m flows.workpool deploy`` (``make deploy``)
 against a small project, one real worker (``python -m flows.workpool worker``, which becomes
-``prefect worker start --pool <pool> --type process``), and ``python -m flows.trigger --wait``
-(``make trigger``): the run must reach Completed on the server, executed by the worker, with its
-MLflow runs in the tracking store the worker was given. Then the worker and the server stop, in
-that order, without being killed. The fast test: a bad params file is refused before the server
+``prefect worker start --pool <pool> --type process``), and ``python -m flows.trigger``
+(``make trigger``) twice at once: both runs must reach Completed on the server, executed by the
+worker one after the other (the deployment's concurrency limit of 1, as served), with their MLflow
+runs in the tracking store the worker was given and the later run reusing what the earlier one
+trained. Then the worker and the server stop, in that order, without being killed. The fast test: a bad params file is refused before the server
 is asked anything.
 """
 
@@ -54,6 +55,33 @@ def _wait_for_worker(stack: Stack, worker: subprocess.Popen, timeout: float = 60
     pytest.fail(f"no worker came online in pool {POOL!r}\n{stack.diagnostics()}")
 
 
+def _trigger(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """``python -m flows.trigger ARGS`` (what ``make trigger ARGS=...`` runs)."""
+    return subprocess.run(
+        [sys.executable, "-m", "flows.trigger", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def _run_id(trigger_output: str) -> str:
+    return trigger_output.split("/runs/flow-run/", 1)[1].split()[0]
+
+
+def _final(stack: Stack, flow_run_id: str, timeout: float = 240):
+    """The flow run once its state is final."""
+    deadline = time.monotonic() + timeout
+    with _client(stack.api_url) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state.is_final() or time.monotonic() > deadline:
+                return run
+            time.sleep(0.5)
+
+
 def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -77,7 +105,12 @@ def test_a_worker_runs_the_pool_deployment_to_completed(project, mlflow_template
     home = tmp_path / "prefect-home"
     home.mkdir()
     env = isolated_env(home)
-    env.update(PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_HEARTBEAT_SECONDS="5")
+    env.update(
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_HEARTBEAT_SECONDS="5",
+        # a run held back by the concurrency limit is retried after this (default 30 s)
+        PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="2",
+    )
     stack = Stack(home=home, port=free_port(), env=env)
     api_env = dict(env, PREFECT_API_URL=stack.api_url)
     worker = None
@@ -141,43 +174,49 @@ def test_a_worker_runs_the_pool_deployment_to_completed(project, mlflow_template
         _wait_for_worker(stack, worker)
         seconds["worker online"] = time.perf_counter() - t0
 
-        # make trigger ARGS=--wait
+        # make trigger, twice at once: one worker takes both runs, the deployment's concurrency limit
+        # (held by the server, whichever workers there are) runs them one after the other
         t0 = time.perf_counter()
-        trigger = subprocess.run(
-            [sys.executable, "-m", "flows.trigger", "--wait"],
-            cwd=REPO,
-            env=api_env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        seconds["trigger to Completed"] = time.perf_counter() - t0
-        assert trigger.returncode == 0, f"{trigger.stdout}\n{trigger.stderr}\n{stack.diagnostics()}"
-        assert "ended Completed" in trigger.stdout
-        flow_run_id = trigger.stdout.split("/runs/flow-run/", 1)[1].split()[0]
+        first = _trigger(api_env)
+        assert first.returncode == 0, f"{first.stdout}\n{first.stderr}\n{stack.diagnostics()}"
+        second = _trigger(api_env, "--wait")
+        assert second.returncode == 0, f"{second.stdout}\n{second.stderr}\n{stack.diagnostics()}"
+        assert "ended Completed" in second.stdout
+        ids = [_run_id(first.stdout), _run_id(second.stdout)]
+        runs = [_final(stack, run_id) for run_id in ids]
+        seconds["two triggers to both Completed"] = time.perf_counter() - t0
 
+        for run in runs:
+            assert run.state.type == StateType.COMPLETED, f"{run.state}\n{stack.diagnostics()}"
+            assert run.deployment_id == pipeline_d.id
+            assert run.work_pool_name == POOL  # a worker of the pool ran it, not a serve process
+            assert run.parameters == parameters
+            assert f"submitting flow run '{run.id}'" in worker_log.read_text()
+        earlier, later = sorted(runs, key=lambda r: r.start_time)
+        assert earlier.end_time <= later.start_time  # one at a time
         with _client(stack.api_url) as client:
-            run = client.read_flow_run(flow_run_id)
-        assert run.state.type == StateType.COMPLETED, run.state
-        assert run.deployment_id == pipeline_d.id
-        assert run.work_pool_name == POOL  # a worker of the pool ran it, not a serve process
-        assert run.parameters == parameters
-        assert f"submitting flow run '{flow_run_id}'" in worker_log.read_text()
+            waited = {s.name for s in client.read_flow_run_states(later.id)}
+        assert "AwaitingConcurrencySlot" in waited, waited
 
-        # the MLflow runs where the worker's tracking URI says, none in the project
+        # the MLflow runs where the worker's tracking URI says, none in the project; the later run
+        # trained nothing: it reused the earlier run's child runs
         mlflow = MlflowClient(tracking_uri=tracking_uri)
         exp = mlflow.get_experiment_by_name("oodgate")
-        (parent,) = mlflow.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.`oodgate.prefect_flow_run_id` = '{flow_run_id}' "
-            "and tags.`oodgate.role` = 'pipeline'",
-        )
-        assert parent.info.status == "FINISHED"
-        children = mlflow.search_runs(
-            [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
-        )
-        assert {c.info.run_name for c in children} == set(raw["losses"])
+        parents = {
+            run.id: mlflow.search_runs(
+                [exp.experiment_id],
+                filter_string=f"tags.`oodgate.prefect_flow_run_id` = '{run.id}' "
+                "and tags.`oodgate.role` = 'pipeline'",
+            )
+            for run in runs
+        }
+        assert all(len(p) == 1 and p[0].info.status == "FINISHED" for p in parents.values()), parents
+        children = mlflow.search_runs([exp.experiment_id], filter_string="tags.`oodgate.role` != 'pipeline'")
+        assert sorted(c.info.run_name for c in children) == sorted(raw["losses"])  # each trained once
         assert all(c.info.status == "FINISHED" for c in children)
+        assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[earlier.id][0].info.run_id}
+        reused = parents[later.id][0].data.tags["oodgate.reused_runs"]
+        assert {item.split("=")[0] for item in reused.split(",")} == set(raw["losses"])
         assert not (project / "mlflow.db").exists()
         assert list((project / "artifacts" / "cache").glob("train-*"))  # the project's workdir
 
