@@ -155,6 +155,20 @@ def test_a_worker_runs_the_pool_deployment_to_completed(project, mlflow_template
                 (cron, tz, True)
             ]
 
+        # a pool of that name but another type is refused, not used
+        from prefect.client.schemas.actions import WorkPoolCreate
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        import flows.workpool
+
+        with _client(stack.api_url) as client:
+            client.create_work_pool(WorkPoolCreate(name="other", type="kubernetes", base_job_template={}))
+        with temporary_settings({PREFECT_API_URL: stack.api_url}):
+            with pytest.raises(
+                flows.workpool.PoolError, match="'other' is of type 'kubernetes', not 'process'"
+            ):
+                flows.workpool.ensure_pool("other")
+
         # make worker: one process worker, with the tracking store it hands to its runs
         worker_log = home / "worker.log"
         stack.logs["worker"] = worker_log
