@@ -142,6 +142,13 @@ def _deploy_main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}\nnothing was deployed", file=sys.stderr)
         return 2
+    if args.checkout and not Path(args.checkout).expanduser().is_absolute():
+        print(
+            f"error: --checkout must be an absolute path on the worker machines, got {args.checkout!r}\n"
+            "nothing was deployed",
+            file=sys.stderr,
+        )
+        return 2
     if problem := _bad_pool_name(pool):
         print(f"error: {problem}\nnothing was deployed", file=sys.stderr)
         return 2

@@ -320,3 +320,21 @@ def test_without_a_server_deploy_and_worker_say_how_to_start_one(command, tmp_pa
     assert out.returncode == 1, out.stdout + out.stderr
     assert f"no Prefect server answers at {url}" in out.stderr and "make server" in out.stderr
     assert "Traceback" not in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--checkout", "relative/path"], "--checkout must be an absolute path on the worker machines"),
+        (["--pool", "a/b"], "work pool name 'a/b' is not valid"),
+    ],
+)
+def test_bad_deploy_options_fail_before_anything_is_registered(capsys, recorder, args, message):
+    import flows.workpool
+
+    api_url, requests = recorder
+    rc = flows.workpool.main(["deploy", "--api-url", api_url, *args])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert message in err and "nothing was deployed" in err
+    assert requests == []
