@@ -13,7 +13,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup data run core-run monitor test test-fast lint bench bench-stability bench-flow serve trigger serve-model mlflow-ui mlflow-server repro clean help
+.PHONY: setup data run core-run monitor test test-fast lint bench bench-stability bench-flow bench-images bench-scaling serve trigger server deploy worker serve-model mlflow-ui mlflow-server repro clean help
 
 help:
 	@echo "make run          set up .venv, write the embedded data, run the pipeline flow once (minutes on CPU;"
@@ -22,7 +22,11 @@ help:
 	@echo "make test-fast    the day-to-day selection: every test not marked slow"
 	@echo "make lint         ruff check + ruff format --check"
 	@echo "make serve        Prefect server on 127.0.0.1:4200 + the scheduled deployment (Ctrl-C stops both)"
-	@echo "make trigger      start a run of the served deployment now; prints its Prefect UI address"
+	@echo "make trigger      start a run of the scheduled deployment now (served or on the pool); prints its UI address"
+	@echo "make server       a Prefect server alone on 127.0.0.1:4200 (SERVER_HOST=0.0.0.0 for workers elsewhere)"
+	@echo "make deploy       the scheduled deployments on the process work pool POOL (default oodgate; created"
+	@echo "                  if absent) of the server at PREFECT_API_URL (default 127.0.0.1:4200), then exit"
+	@echo "make worker       a Prefect worker on this machine that runs the pool's flow runs (POOL, PREFECT_API_URL)"
 	@echo "make serve-model  serve the registered champion over REST on 127.0.0.1:5001 (mlflow models serve)"
 	@echo "make mlflow-ui    MLflow UI on 127.0.0.1:5000 over ./mlflow.db"
 	@echo "make mlflow-server  shared MLflow on 127.0.0.1:5050: PostgreSQL in .mlflow-server/, proxied artifacts (Ctrl-C stops both)"
@@ -32,6 +36,8 @@ help:
 	@echo "make bench        per-method training/inference time relative to SoftMax"
 	@echo "make bench-stability  the gate's decisions on three disjoint seed sets (about 10 min on CPU)"
 	@echo "make bench-flow   wall time of the Prefect flow against the core alone (same params)"
+	@echo "make bench-images torchvision resnet18 on a folder of JPEGs at 64 and 224: decode, train, eval images/s"
+	@echo "make bench-scaling  the fan-out per task runner (threads, Dask), per-task overhead, DDP step time"
 	@echo "make setup        only create .venv and install the pinned stack"
 	@echo "make data         only write the embedded data into data/ (skipped if data/ exists)"
 	@echo "make clean        remove the pipeline's working files (not the committed results, not mlflow.db)"
@@ -77,9 +83,26 @@ lint: $(STAMP)
 serve: data
 	$(PY) -m flows.deploy --host 127.0.0.1 --port 4200
 
-# Start a run of the served deployment now (against PREFECT_API_URL, default the server of `make serve`).
+# Start a run of the scheduled deployment now (against PREFECT_API_URL, default the server of `make serve`
+# or `make server`), whether `make serve` serves it or `make deploy` put it on a work pool.
 trigger: $(STAMP)
 	$(PY) -m flows.trigger $(ARGS)
+
+# A Prefect server alone, for the work pool: loopback unless SERVER_HOST says otherwise.
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 4200
+server: $(STAMP)
+	$(PY) -m prefect server start --host $(SERVER_HOST) --port $(SERVER_PORT)
+
+# The scheduled deployments on the process work pool POOL (default $$OODGATE_POOL, else oodgate) of
+# the server at PREFECT_API_URL (default http://127.0.0.1:4200/api); workers load the code from this
+# checkout's path on their machine (ARGS="--checkout /path/on/workers" when it differs).
+deploy: $(STAMP)
+	$(PY) -m flows.workpool deploy $(if $(POOL),--pool $(POOL)) $(ARGS)
+
+# A worker of POOL on this machine: it runs the pool's flow runs in subprocesses, here.
+worker: data
+	$(PY) -m flows.workpool worker $(if $(POOL),--pool $(POOL)) $(ARGS)
 
 # The champion over REST (mlflow models serve, this .venv's packages, 127.0.0.1:5001).
 serve-model: $(STAMP)
@@ -104,6 +127,12 @@ bench-stability: data
 
 bench-flow: data
 	PYTHONPATH=. $(PY) benchmarks/bench_flow.py $(ARGS)
+
+bench-images: $(STAMP)
+	PYTHONPATH=. $(PY) benchmarks/bench_images.py $(ARGS)
+
+bench-scaling: data
+	PYTHONPATH=. $(PY) benchmarks/bench_scaling.py $(ARGS)
 
 # Exact reproduction: the DVC stages run `python -m oodgate ...`, so the venv's python comes first.
 repro: data

@@ -55,18 +55,21 @@ def trigger_hint(api_url: str) -> str:
     )
 
 
-def serve(params_path: str, root: str | None = None, api_url: str = "") -> None:
-    from prefect import serve as serve_all
+def deployments(params_path: str, project: Path, root_param: str | None = None) -> tuple[list, str]:
+    """The pipeline's deployment and, when ``monitor.batch`` is set, the monitoring one (each one
+    run at a time, on its cron schedule, with the parameters ``params_path`` and ``root``), plus a
+    line that says what they are. ``project`` is where this machine reads the params file; a bad
+    one fails here, before anything is registered. ``root_param`` is the ``root`` the runs get
+    (default: ``project``)."""
     from prefect.schedules import Cron
 
     from flows.monitor import monitor
     from flows.pipeline import pipeline
     from oodgate.config import load_config
 
-    project = Path(root).resolve() if root else PROJECT_ROOT
     cfg = load_config(project / params_path)  # a bad params.yaml fails here, before registering
-    parameters = {"params_path": params_path, "root": str(project)}
-    deployments = [
+    parameters = {"params_path": params_path, "root": root_param or str(project)}
+    built = [
         pipeline.to_deployment(
             name=DEPLOYMENT_NAME,
             schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)],
@@ -77,10 +80,10 @@ def serve(params_path: str, root: str | None = None, api_url: str = "") -> None:
             concurrency_limit=1,
         )
     ]
-    served = f"Serving deployment '{FULL_NAME}' (cron '{cfg.schedule.cron}' {cfg.schedule.timezone})"
+    what = f"'{FULL_NAME}' (cron '{cfg.schedule.cron}' {cfg.schedule.timezone})"
     if cfg.monitor.batch:
         schedule = cfg.monitor.schedule
-        deployments.append(
+        built.append(
             monitor.to_deployment(
                 name=DEPLOYMENT_NAME,
                 schedules=[Cron(schedule.cron, timezone=schedule.timezone)],
@@ -90,12 +93,21 @@ def serve(params_path: str, root: str | None = None, api_url: str = "") -> None:
                 concurrency_limit=1,
             )
         )
-        served += (
+        what += (
             f" and '{MONITOR_NAME}' (cron '{schedule.cron}' {schedule.timezone}, batch {cfg.monitor.batch})"
         )
+    return built, what
+
+
+def serve(params_path: str, root: str | None = None, api_url: str = "") -> None:
+    from prefect import serve as serve_all
+
+    project = Path(root).resolve() if root else PROJECT_ROOT
+    built, what = deployments(params_path, project)
+    served = f"Serving deployment {what}"
     print(f"{served}, params {project / params_path}; Ctrl-C stops it.\n{trigger_hint(api_url)}", flush=True)
     serve_all(
-        *deployments,
+        *built,
         pause_on_shutdown=False,
         print_starting_message=False,  # its hint omits PREFECT_API_URL, and fails without it
     )

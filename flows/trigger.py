@@ -1,7 +1,8 @@
-"""Trigger one run of the served deployment now and print where to watch it.
+"""Trigger one run of the scheduled deployment now and print where to watch it.
 
 ``python -m flows.trigger`` (``make trigger``) talks to ``PREFECT_API_URL``, by default the server
-that ``make serve`` starts (http://127.0.0.1:4200/api). It prints the run's name, id and UI address;
+that ``make serve`` or ``make server`` starts (http://127.0.0.1:4200/api); the deployment is the
+one ``make serve`` serves or ``make deploy`` put on a work pool (same name). It prints the run's name, id and UI address;
 ``--wait`` follows it to its final state (exit 0 only if it Completed). ``--set KEY=VALUE`` passes
 params overrides to this run only (``--set train.epochs=2``). ``--monitor`` triggers the monitoring
 deployment instead (served when ``monitor.batch`` is set), ``--batch PATH`` scores another batch.
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_healthy(api, timeout=5)
     except TimeoutError:
         print(
-            f"error: no Prefect server answers at {api}; start it with `make serve` "
+            f"error: no Prefect server answers at {api}; start it with `make serve` (or `make server`) "
             "(or point PREFECT_API_URL / --api-url at yours)",
             file=sys.stderr,
         )
@@ -113,9 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except ObjectNotFound:
             print(
-                f"error: the Prefect server at {api} has no deployment '{deployment}'; start it with "
-                "`make serve` (it registers the deployment"
-                + ("; the monitoring one only when params.yaml sets monitor.batch)" if args.monitor else ")"),
+                f"error: the Prefect server at {api} has no deployment '{deployment}'; register it with "
+                "`make serve` or `make deploy`"
+                + (
+                    " (they register the monitoring one only when params.yaml sets monitor.batch)"
+                    if args.monitor
+                    else ""
+                ),
                 file=sys.stderr,
             )
             return 1
