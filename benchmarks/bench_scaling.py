@@ -84,12 +84,19 @@ def overhead(args: argparse.Namespace) -> list[str]:
         futures = [noop.submit(i) for i in range(n)]
         assert [f.result() for f in futures] == list(range(n))
 
-    base = {"losses": {"softmax": {"method": "softmax"}}, "gate": {"confidence": None}, "data": {"ood": ["gaussian_noise"]}}
+    base = {
+        "losses": {"softmax": {"method": "softmax"}},
+        "gate": {"confidence": None},
+        "data": {"ood": ["gaussian_noise"]},
+    }
     rows = []
     with prefect_test_harness(server_startup_timeout=60):
         for name, runner in (
             ("threads (1 thread, as the flow)", ThreadPoolTaskRunner(max_workers=1)),
-            ("dask, 2 workers", task_runner_for(parse_config({**base, "orchestration": {"task_runner": "dask"}}))),
+            (
+                "dask, 2 workers",
+                task_runner_for(parse_config({**base, "orchestration": {"task_runner": "dask"}})),
+            ),
         ):
             f = flow(name="overhead", task_runner=runner)(run)
             f(2)  # start-up: the cluster, the first task of each kind
@@ -113,8 +120,14 @@ def ddp(args: argparse.Namespace, tmp: Path) -> list[str]:
     for n in (1, 2):
         times = {}
         for epochs in (1, args.ddp_epochs):
-            overrides = {"data.root": str(tmp / "data"), "train.epochs": epochs, "train.milestones": [],
-                         "train.warmup_epochs": 0, "train.processes": n, "workdir": str(tmp / "w")}
+            overrides = {
+                "data.root": str(tmp / "data"),
+                "train.epochs": epochs,
+                "train.milestones": [],
+                "train.warmup_epochs": 0,
+                "train.processes": n,
+                "workdir": str(tmp / "w"),
+            }
             cfg = load_config(REPO / "params.yaml", overrides)
             prepared = tmp / "prepared"
             if not (prepared / "data.json").exists():
@@ -140,7 +153,9 @@ def ddp(args: argparse.Namespace, tmp: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override (fan-out)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="params override (fan-out)"
+    )
     p.add_argument("--tasks", type=int, default=50)
     p.add_argument("--ddp-epochs", type=int, default=4)
     p.add_argument("--skip", action="append", default=[], choices=("fan-out", "overhead", "ddp"))
@@ -155,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             print("\n| task runner | tasks | wall s | ms per task |\n|---|---|---|---|\n" + "\n".join(rows))
         if "ddp" not in args.skip:
             rows = ddp(args, tmp)
-            print("\n| processes | global batch | ms per step | 1-epoch run, s |\n|---|---|---|---|\n" + "\n".join(rows))
+            print(
+                "\n| processes | global batch | ms per step | 1-epoch run, s |\n|---|---|---|---|\n"
+                + "\n".join(rows)
+            )
     return 0
 
 

@@ -19,7 +19,6 @@ from stack import isolated_env
 from oodgate.config import ConfigError, parse_config
 
 
-
 def _evaluations(project: Path) -> dict[str, bytes]:
     files = sorted((project / "artifacts" / "cache").glob("evaluate-*/metrics.json"))
     return {f.parent.name: f.read_bytes() for f in files}
