@@ -97,13 +97,19 @@ def test_flow_end_to_end_logs_gates_and_registers(first_run):
         assert [h.step for h in history] == [1]
         plots = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots/seed0")}
         assert {"plots/seed0/reliability.png", "plots/seed0/roc.png", "plots/seed0/scores.png"} <= plots
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from uuid import UUID
 
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    flow_run_id = UUID(parent.data.tags["oodgate.prefect_flow_run_id"])  # this run's, not another test's
     with get_client(sync_client=True) as client:
         (artifact,) = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["gate-decision"]))
-        )[-1:]
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["gate-decision"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+            )
+        )
     assert (
         "## Gate (baseline: softmax; means over seeds only" in artifact.data and "dismax_fpr" in artifact.data
     )

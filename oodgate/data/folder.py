@@ -227,7 +227,16 @@ def decode_files(
         from torch.utils.data import DataLoader
 
         # In order, whatever the number of workers; an error is returned as a string, not raised.
-        loader = DataLoader(jobs, batch_size=None, num_workers=workers, collate_fn=_identity, prefetch_factor=8)
+        # Spawned, not forked: the caller may be a flow whose threads (Prefect's, the server's) a
+        # forked child would inherit mid-operation; a forked decoding worker once exited at start.
+        loader = DataLoader(
+            jobs,
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=_identity,
+            prefetch_factor=8,
+            multiprocessing_context="spawn",
+        )
         _collect(loader, paths, out, kept, bad)
     else:
         _collect((jobs[i] for i in range(len(jobs))), paths, out, kept, bad)
