@@ -136,6 +136,14 @@ def task_runner_for(cfg: Config) -> Any:
     )
 
 
+def _on_dask() -> bool:
+    """Whether this flow run's tasks go to prefect-dask's runner."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return ctx is not None and type(ctx.task_runner).__name__ == "DaskTaskRunner"
+
+
 @flow(name="oodgate-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
 def pipeline(
     params_path: str = "params.yaml",
@@ -150,9 +158,11 @@ def pipeline(
     """
     project = Path(root).resolve() if root else PROJECT_ROOT
     cfg = load_config(project / params_path, overrides).in_project(project)
-    preflight(
-        cfg, project=project
-    )  # a missing GPU, OOD file or image folder fails the run before its first task
+    preflight(cfg, project=project)  # a missing GPU, OOD file or image folder fails before any task
+    if cfg.orchestration.task_runner == "dask" and not _on_dask():
+        # However the run was started (python -m flows.pipeline, a served or work-pool deployment,
+        # the UI), params choose the engine: the run goes on as a nested flow run on Dask.
+        return pipeline.with_options(task_runner=task_runner_for(cfg))(params_path, root, overrides)
     t_start = time.perf_counter()
     data_version = check_data(str(project), cfg.data.root)
     tracking.connect(root=project)
@@ -428,8 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     _stop_on_signals()
     try:
         wait_for_temporary_prefect_server()
-        run = pipeline.with_options(task_runner=task_runner_for(cfg))
-        run(params_path=str(params), root=str(root) if root else None, overrides=overrides or None)
+        pipeline(params_path=str(params), root=str(root) if root else None, overrides=overrides or None)
     except BaseException as e:
         if engine.STOP.is_set():  # whatever the unwinding raised after (a temporary server already gone)
             print(f"error: {_interrupted_by}: stopped; the MLflow runs are marked KILLED", file=sys.stderr)
