@@ -37,12 +37,7 @@ def channel_stats(x: np.ndarray | ImageSet) -> tuple[tuple[float, ...], tuple[fl
 
 
 def _carve(pool: ImageSet, fraction: float, rng: np.random.Generator, key: str) -> tuple[ImageSet, ImageSet]:
-    kept, carved = stratified_carve(pool.y.numpy(), fraction, rng)
-    if carved.size == 0 or kept.size == 0:
-        raise ValueError(
-            f"data.{key}={fraction} leaves an empty split from {len(pool)} images; "
-            f"use a larger data.{key} or more data"
-        )
+    kept, carved = _carve_labels(pool.y.numpy(), fraction, rng, key)
     return subset(pool, kept), subset(pool, carved)
 
 
