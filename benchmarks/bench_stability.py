@@ -19,11 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from oodgate import steps
-from oodgate.cli import parse_overrides
-from oodgate.config import load_config
+from oodgate import numerics, steps
+from oodgate.config import load_config, parse_overrides
 from oodgate.layout import Layout
-from oodgate.runtime import configure_determinism
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(every) != sum(map(len, seed_sets)):
         p.error(f"the seed sets must be disjoint, got {args.sets}")
     overrides = {**parse_overrides(args.set), "seeds": every, "workdir": args.workdir}
+    numerics.apply_from_params(args.params, overrides)  # before torch loads
     cfg = load_config(args.params, overrides)
-    configure_determinism()
     lay = Layout(Path(args.workdir))
 
     t0 = time.perf_counter()

@@ -42,6 +42,8 @@ def start_temporary_prefect_server() -> None:
     global _server_start
     import threading
 
+    if _server_start is not None:  # started already (by the program's preamble)
+        return
     telemetry_off()
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 

@@ -102,7 +102,11 @@ def deployments(params_path: str, project: Path, root_param: str | None = None) 
 def serve(params_path: str, root: str | None = None, api_url: str = "") -> None:
     from prefect import serve as serve_all
 
+    from oodgate import numerics
+
     project = Path(root).resolve() if root else PROJECT_ROOT
+    # before the flows import torch: every run (a subprocess of this one) inherits the numerics
+    numerics.apply_from_params(project / params_path)
     built, what = deployments(params_path, project)
     served = f"Serving deployment {what}"
     print(f"{served}, params {project / params_path}; Ctrl-C stops it.\n{trigger_hint(api_url)}", flush=True)

@@ -27,6 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":  # before NumPy and torch load: the numerics of the params (oodgate.numerics)
+    from flows import PROJECT_ROOT as _ROOT
+    from oodgate import numerics as _numerics
+
+    _numerics.apply_from_argv(sys.argv[1:], default_root=_ROOT)
+
 import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -117,6 +123,9 @@ def monitor(
     path = _batch_path(batch, mon.batch, project)
     uri = tracking.connect(root=project)
     name = cfg.registry.model_name
+    from oodgate import numerics
+
+    numerics.activate(cfg.numerics.mode, cfg.numerics.threads)  # the champion scores under them
     model, v = load_champion_task(name, mon.alias, uri)
     info = monitor_tasks.describe(model, f"{name} v{v} ({mon.alias})")
     data = read_batch(str(path), info.shape, getattr(info, "preprocessing", "exact") == "fit")
@@ -270,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default=None, help="the project directory (default: this repository)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a params key")
     args = p.parse_args(argv)
-    from oodgate.cli import parse_overrides
+    from oodgate.config import parse_overrides
     from oodgate.data import DataNotFoundError
     from tasks.champion import ChampionNotFoundError
 

@@ -22,9 +22,64 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+
+def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m flows.pipeline", description="Run the pipeline flow once.")
+    p.add_argument(
+        "--params", default="params.yaml", help="relative to --root, else to the working directory"
+    )
+    p.add_argument("--root", default=None, help="the project directory (default: this repository)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a params key")
+    return p.parse_args(argv)
+
+
+def _checked(argv: list[str] | None) -> tuple[argparse.Namespace, Path, dict, Any]:
+    """The arguments, the params file, the overrides and the config, checked before any server
+    starts: the numerics in force (before torch loads, when run as a program), the config, the
+    preflight and the MLflow store; raises what a user must fix."""
+    from flows import telemetry_off as _telemetry_off
+    from oodgate import numerics
+    from oodgate.config import load_config as _load_config
+    from oodgate.config import parse_overrides
+    from oodgate.preflight import preflight as _preflight
+    from tasks import tracking as _tracking
+
+    _telemetry_off()
+    args = _arguments(argv)
+    root = Path(args.root).resolve() if args.root else None
+    params = ((root or Path.cwd()) / args.params).resolve()  # --params is relative to --root, else to cwd
+    overrides = parse_overrides(args.set)
+    numerics.apply_from_params(params, overrides)
+    cfg = _load_config(params, overrides)
+    _preflight(cfg, project=root or _project_root())
+    _tracking.connect(root=root or _project_root())  # an unreachable or read-only MLflow store fails here
+    return args, params, overrides, cfg
+
+
+def _project_root() -> Path:
+    from flows import PROJECT_ROOT as root
+
+    return root
+
+
+def _refusals() -> tuple[type[BaseException], ...]:
+    from oodgate.config import ConfigError
+    from oodgate.numerics import NumericsError
+    from tasks.tracking import TrackingUnavailableError
+
+    return (ConfigError, TrackingUnavailableError, NumericsError)
+
+
 if __name__ == "__main__":
-    # `python -m flows.pipeline` with no PREFECT_API_URL: Prefect's temporary server boots in its own
-    # process (about 5 s) while torch, MLflow and the tasks import below, instead of after them.
+    # As a program: the arguments, the numerics (before torch loads), the params and the MLflow store
+    # are checked first, so that --help or a refusal answers in seconds with no server started; then
+    # Prefect's temporary server (without PREFECT_API_URL) boots in its own process while Prefect,
+    # MLflow and the tasks import below.
+    try:
+        _checked(sys.argv[1:])
+    except _refusals() as _e:
+        print(f"error: {_e}", file=sys.stderr)
+        sys.exit(2)
     from flows import start_temporary_prefect_server
 
     start_temporary_prefect_server()
@@ -36,8 +91,12 @@ from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import PROJECT_ROOT, telemetry_off, wait_for_temporary_prefect_server
-from oodgate import engine  # engine.STOP, by module: a served flow is pickled by value
+from flows import (
+    PROJECT_ROOT,
+    start_temporary_prefect_server,
+    wait_for_temporary_prefect_server,
+)
+from oodgate import engine, numerics  # engine.STOP, by module: a served flow is pickled by value
 from oodgate.config import Config, load_config
 from oodgate.preflight import preflight
 from oodgate.steps import inputs
@@ -109,16 +168,19 @@ def task_runner_for(cfg: Config) -> Any:
     import torch
     from prefect_dask import DaskTaskRunner
 
-    if o.address is not None:
+    from oodgate import numerics
+
+    if o.address is not None:  # its workers were started with `python -m oodgate numerics`'s variables
         return DaskTaskRunner(address=o.address)
-    # Dask starts its workers with OMP_NUM_THREADS=1; a CPU training's results depend on its thread
-    # count, so the workers get this process's, and a Dask run gives the thread runner's metrics.
+    # Dask starts its workers with OMP_NUM_THREADS=1; a CPU result depends on the thread count and
+    # the kernels, so the workers get the params' numerics (or, with numerics.threads: null, this
+    # process's count), and a Dask run gives the thread runner's metrics.
     # And without MALLOC_TRIM_THRESHOLD_=65536: returning freed memory at once made each training
     # step allocate anew, and a training took 3.2x as long in a worker (2.35 s against 0.74 s).
-    threads = str(torch.get_num_threads())
+    n = cfg.numerics
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads)
+    environ.update(numerics.environment(n.mode, n.threads or torch.get_num_threads()))
     if o.workers > 1:
         # Several workers with this many threads each share the cores: OpenMP threads that spin while
         # they wait took the cores from each other (4 trainings on 2 workers of 2 threads on 2 cores:
@@ -174,6 +236,7 @@ def pipeline(
         "oodgate.code_version": inputs.digest(inputs.code_versions()),
         "oodgate.data_version": data_version,
         "oodgate.prefect_flow_run_id": flow_run.get_id() or "none",
+        **tracking.numerics_tags(numerics.provenance(cfg.numerics.mode, cfg.numerics.threads)),
     }
     parent = tracking.start_run(
         exp_id, f"pipeline-{flow_run.get_name() or 'local'}", {**lineage, "oodgate.role": "pipeline"}
@@ -412,29 +475,16 @@ def report_markdown(report: dict, registered: list[dict], failed: dict[str, str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    telemetry_off()
-    p = argparse.ArgumentParser(prog="python -m flows.pipeline", description="Run the pipeline flow once.")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--root", default=None, help="the project directory (default: this repository)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a params key")
-    args = p.parse_args(argv)
-    from oodgate.cli import parse_overrides
-    from oodgate.config import ConfigError
+    from oodgate import numerics
 
-    root = Path(args.root).resolve() if args.root else None
-    params = ((root or Path.cwd()) / args.params).resolve()  # --params is relative to --root, else to cwd
     try:
-        overrides = parse_overrides(args.set)
-        # a bad config fails here, before Prefect starts
-        cfg = load_config(params, overrides)
-        preflight(cfg, project=root or PROJECT_ROOT)
-        tracking.connect(root=root or PROJECT_ROOT)  # and an unreachable or read-only MLflow store
-    except (ConfigError, tracking.TrackingUnavailableError) as e:
+        args, params, overrides, cfg = _checked(argv)  # a bad config fails here, before Prefect starts
+    except _refusals() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from oodgate.runtime import configure_determinism
-
-    configure_determinism()
+    root = Path(args.root).resolve() if args.root else None
+    print(numerics.banner(cfg.numerics.mode, cfg.numerics.threads), flush=True)
+    start_temporary_prefect_server()  # started already when run as a program: then this returns at once
     _stop_on_signals()
     try:
         wait_for_temporary_prefect_server()

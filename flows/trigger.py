@@ -31,7 +31,14 @@ def check_overrides(overrides: dict, deployment: str = FULL_NAME) -> None:
     bad value fails here, with the key and the rule, before a run is created on the server."""
     from prefect.client.orchestration import get_client
 
-    from oodgate.config import load_config
+    from oodgate.config import ConfigError, load_config
+
+    fixed = sorted(k for k in overrides if k == "numerics" or k.startswith("numerics."))
+    if fixed:
+        raise ConfigError(
+            f"{', '.join(fixed)}: the numerics of a deployment's runs are fixed when `make serve` or `make "
+            "deploy` starts (they are in force before torch loads); set them in params.yaml and restart it"
+        )
 
     with get_client(sync_client=True) as client:
         params = client.read_deployment_by_name(deployment).parameters or {}
@@ -84,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch and not args.monitor:
         p.error("--batch needs --monitor")
     deployment = MONITOR_NAME if args.monitor else FULL_NAME
-    from oodgate.cli import parse_overrides
-    from oodgate.config import ConfigError
+    from oodgate.config import ConfigError, parse_overrides
 
     try:
         overrides = parse_overrides(args.set)

@@ -90,6 +90,7 @@ def deploy(
     if not Path(code).is_absolute():
         raise PoolError(f"--checkout must be an absolute path on the worker machines, got {checkout!r}")
     built, what = deployments(params_path, project, root_param=str(project) if root else code)
+    numerics_env = numerics_environment(project / params_path)
     created = ensure_pool(pool)
     ids = []
     for d in built:
@@ -97,9 +98,19 @@ def deploy(
         # LocalStorage) and loads the flow from its file there, as a flow run started there would.
         d.storage = LocalStorage(path=code)
         d.entrypoint = ENTRYPOINTS[d.flow_name]
-        d.job_variables = {"env": dict(TELEMETRY_OFF)}  # also with a bare `prefect worker start`
+        # also with a bare `prefect worker start`: nothing phones home, the params' numerics
+        d.job_variables = {"env": {**TELEMETRY_OFF, **numerics_env}}
         ids.append(str(d.apply(work_pool_name=pool)))
     return ids, what, created
+
+
+def numerics_environment(params: Path) -> dict[str, str]:
+    """The variables that pin the numerics of ``params`` (:func:`oodgate.numerics.environment`)."""
+    from oodgate import numerics
+    from oodgate.config import load_config
+
+    n = load_config(params).numerics
+    return numerics.environment(n.mode, n.threads)
 
 
 def _pool_name(value: str | None) -> str:

@@ -12,22 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from oodgate.config import Config, ConfigError, load_config
+from oodgate.config import Config, ConfigError, load_config, parse_overrides
 from oodgate.layout import Layout
+from oodgate.numerics import NumericsError
 from oodgate.steps.results import CorruptResultError, StaleResultError
-
-
-def parse_overrides(items: list[str] | None) -> dict:
-    """``["train.epochs=2", "seeds=[0,1]"]`` -> ``{"train.epochs": 2, "seeds": [0, 1]}`` (YAML values)."""
-    import yaml
-
-    overrides = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.epochs=2), got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -229,8 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="instead: MNIST-5k as PNGs in FOLDER/<digit>/ (to try data.dataset: folder)",
     )
-    for name in COMMANDS:
-        helps = {"run": "all steps in one process", "inputs": "what each step depends on (for dvc.yaml)"}
+    for name in (*COMMANDS, "numerics"):
+        helps = {
+            "run": "all steps in one process",
+            "inputs": "what each step depends on (for dvc.yaml)",
+            "numerics": "the variables that pin the numerics of params.yaml (export them to start a worker by hand)",
+        }
         s = sub.add_parser(name, help=helps.get(name, f"the {name} step"))
         s.add_argument("--params", default="params.yaml")
         s.add_argument(
@@ -243,17 +235,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cmd_numerics(args: argparse.Namespace) -> int:
+    """The numerics the params ask for: the variables to export before starting a computing process
+    by hand (a Dask worker, torchrun on another machine), then what this process found."""
+    from oodgate import numerics
+
+    cfg = _config(args)
+    mode, threads = cfg.numerics.mode, cfg.numerics.threads
+    print(numerics.shell_exports(mode, threads))
+    if not args.quiet:
+        import json
+
+        numerics.activate(mode, threads)
+        print("# " + numerics.banner(mode, threads))
+        print("# in this process: " + json.dumps(numerics.provenance(mode, threads)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "materialize":
             return cmd_materialize(args)
+        from oodgate import numerics
+
+        # before torch loads (loading the config imports it): the kernels every result depends on
+        numerics.apply_from_params(args.params, parse_overrides(args.set))
+        if args.command == "numerics":
+            return cmd_numerics(args)
         cfg = _config(args)
         from oodgate.preflight import preflight
-        from oodgate.runtime import configure_determinism
 
         preflight(cfg, training=args.command in ("train", "calibrate", "evaluate", "run"))
-        configure_determinism()
         if args.command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
             import torch
             import torch.distributed as td
@@ -262,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
                 backend="nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
             )
         return COMMANDS[args.command](cfg, Layout(Path(cfg.workdir)), args)
-    except (ConfigError, FileNotFoundError, ValueError, StaleResultError, CorruptResultError) as e:
+    except (
+        ConfigError,
+        FileNotFoundError,
+        ValueError,
+        StaleResultError,
+        CorruptResultError,
+        NumericsError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

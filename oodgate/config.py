@@ -300,6 +300,30 @@ class OrchestrationConfig(_Frozen):
         return self
 
 
+class NumericsConfig(_Frozen):
+    """How the CPU computes (:mod:`oodgate.numerics`). ``portable``: the same bits on any x86-64 CPU
+    with AVX2 (MKL, oneDNN, ATen and NumPy pinned to their AVX2 kernels, ``threads`` threads);
+    ``native``: this machine's fastest kernels, results repeatable on the same CPU model only.
+    Results depend on both keys, so both are in every fingerprint."""
+
+    mode: Literal["portable", "native"] = "portable"
+    threads: int | None = Field(
+        default=2,
+        ge=1,
+        le=1024,
+        description="intra-op threads of every computing process (null, native only: torch's default)",
+    )
+
+    @model_validator(mode="after")
+    def _fixed_threads_when_portable(self) -> NumericsConfig:
+        if self.mode == "portable" and self.threads is None:
+            raise ValueError(
+                "numerics.threads: null (the machine's core count) would make results depend on the "
+                "machine; portable numerics need a fixed count (e.g. 2), or set numerics.mode: native"
+            )
+        return self
+
+
 class Config(_Frozen):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     data: DataConfig = DataConfig()
@@ -312,6 +336,7 @@ class Config(_Frozen):
     schedule: ScheduleConfig = ScheduleConfig()
     monitor: MonitorConfig = MonitorConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    numerics: NumericsConfig = NumericsConfig()
     workdir: str = "artifacts"
 
     @field_validator("seeds")
@@ -434,6 +459,23 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> Config:
         return Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["train.epochs=2", "seeds=[0,1]"]`` -> ``{"train.epochs": 2, "seeds": [0, 1]}`` (YAML values)."""
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.epochs=2), got {item!r}")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise ConfigError(
+                f"--set {item!r}: {value!r} is not a YAML value ({problem}); quote it, or write a list as [0, 1]"
+            ) from None
+    return overrides
 
 
 def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:

@@ -72,7 +72,12 @@ def launch(
         fingerprint,
         *(["--max-epochs", str(max_epochs)] if max_epochs is not None else []),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(_threads_per_process(n))))
+    from oodgate import numerics
+
+    # every process computes under the params' numerics, with its share of the threads
+    mode, threads = cfg_json["numerics"]["mode"], cfg_json["numerics"]["threads"]
+    per_process = max(1, threads // n) if threads is not None else _threads_per_process(n)
+    env = dict(os.environ, **numerics.environment(mode, per_process))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
@@ -83,7 +88,8 @@ def launch(
 
 
 def _threads_per_process(n: int) -> int:
-    """The CPU threads each of ``n`` processes gets: this process's share (torch's default is all)."""
+    """The CPU threads each of ``n`` processes gets with ``numerics.threads: null``: this process's
+    share (torch's default is all)."""
     import torch
 
     return max(1, torch.get_num_threads() // n)
@@ -95,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from oodgate import steps
     from oodgate.config import parse_config
-    from oodgate.runtime import configure_determinism
 
     p = argparse.ArgumentParser(prog="torchrun ... -m oodgate.distributed")
     p.add_argument("--config", required=True)
@@ -107,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-epochs", type=int, default=None, help="stop after this many epochs (tests)")
     args = p.parse_args(argv)
     cfg = parse_config(json.loads(Path(args.config).read_text()), args.config)
-    configure_determinism()
     td.init_process_group(
         backend="nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
     )

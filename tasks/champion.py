@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=5001)
     args = p.parse_args(argv)
     telemetry_off()
+    from oodgate import numerics
+
+    # before NumPy and torch load: the server (a child of this process) computes under params.yaml's numerics
+    numerics.apply_from_params(tracking.PROJECT_ROOT / "params.yaml")
     uri = tracking.default_tracking_uri()
     try:
         version = resolve(args.name, args.alias, uri)

@@ -10,7 +10,6 @@ from prefect import task
 
 from oodgate import steps
 from oodgate.config import Config
-from oodgate.runtime import configure_determinism
 from oodgate.steps.results import Calibrated, Evaluated, Trained
 from tasks.caching import Job, by_fingerprint
 
@@ -22,7 +21,6 @@ from tasks.caching import Job, by_fingerprint
     persist_result=True,
 )
 def calibrate_model(cfg: Config, job: Job, trained: Trained, prepared_dir: str) -> Calibrated:
-    configure_determinism()  # in this process, which may be a Dask worker
     return steps.calibrate(cfg, job.loss_id, job.seed, trained.dir, prepared_dir, job.out_dir)
 
 
@@ -33,5 +31,4 @@ def calibrate_model(cfg: Config, job: Job, trained: Trained, prepared_dir: str) 
     persist_result=True,
 )
 def evaluate_model(cfg: Config, job: Job, calibrated: Calibrated, prepared_dir: str) -> Evaluated:
-    configure_determinism()
     return steps.evaluate(cfg, job.loss_id, job.seed, calibrated.dir, prepared_dir, job.out_dir)

@@ -25,8 +25,8 @@ from oodgate import metrics
 from oodgate.classifier import load_classifier, with_score
 from oodgate.config import Config
 from oodgate.evaluation import THRESHOLD_TPR
-from oodgate.runtime import configure_determinism
 from oodgate.serving import ServingModel, fingerprint
+from oodgate.steps.common import PROVENANCE
 from oodgate.steps.results import Calibrated, Evaluated, Trained
 from tasks import registry, tracking
 
@@ -63,7 +63,6 @@ def package_model(loss_id: str, calibrated: Calibrated, evaluated: Evaluated, ou
     A task of its own so that it runs on the task runner's thread like training: the flow logs each
     loss while the next one trains, and torch code run in the flow's thread as well would give that
     thread an OpenMP team of its own, which makes libgomp throttle every team's spin-waits."""
-    configure_determinism()  # in this process, which may be a Dask worker
     model = with_score(load_classifier(Path(calibrated.dir) / "calibrated.pt"), evaluated.score)
     serving = ServingModel(model, evaluated.threshold)
     size = (2, model.spec.in_channels, model.spec.image_size, model.spec.image_size)
@@ -128,6 +127,12 @@ def log_loss_run(
         tracking.log_artifacts(run_id, Path(e.dir) / "plots", f"plots/seed{e.seed}")
         tracking.log_artifacts(run_id, Path(e.dir) / "samples.pt", f"samples/seed{e.seed}")
     tracking.log_text(run_id, json.dumps(reports, indent=1), "metrics_by_seed.json")
+    for t, c, e in zip(trained, calibrated, evaluated):  # what computed each result, on which machine
+        for step, d in (("train", t.dir), ("calibrate", c.dir), ("evaluate", e.dir)):
+            tracking.log_artifacts(run_id, Path(d) / PROVENANCE, f"provenance/seed{t.seed}/{step}")
+    provenance = Path(trained[0].dir) / PROVENANCE
+    if provenance.is_file():
+        tracking.set_tags(run_id, tracking.numerics_tags(json.loads(provenance.read_text())))
     first = evaluated[0]  # the registered model is the first seed's
     tracking.set_tags(
         run_id,

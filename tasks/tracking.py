@@ -134,6 +134,20 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def numerics_tags(provenance: Mapping[str, Any]) -> dict[str, str]:
+    """``oodgate.numerics.*`` tags from :func:`oodgate.numerics.provenance`: the mode, the threads,
+    what was in force, the CPU and the software that computed."""
+    cpu = provenance.get("cpu", {})
+    return {
+        "oodgate.numerics.mode": str(provenance.get("mode")),
+        "oodgate.numerics.threads": str(provenance.get("threads")),
+        "oodgate.numerics.in_force": json.dumps(provenance.get("in_force", {}), sort_keys=True),
+        "oodgate.numerics.cpu": f"{cpu.get('model', '?')} ({cpu.get('architecture', '?')}; "
+        f"{' '.join(cpu.get('flags', []))})",
+        "oodgate.numerics.software": json.dumps(provenance.get("software", {}), sort_keys=True),
+    }
+
+
 def start_run(
     experiment_id: str,
     name: str,

@@ -7,7 +7,6 @@ from prefect import get_run_logger, task
 from oodgate import steps
 from oodgate.config import Config
 from oodgate.engine import EpochStats, NonFiniteLossError, TrainingInterrupted
-from oodgate.runtime import configure_determinism
 from oodgate.steps.results import Trained
 from tasks.caching import Job, by_fingerprint
 
@@ -33,7 +32,6 @@ def _retry_helps(task, task_run, state) -> bool:
     persist_result=True,
 )
 def train_model(cfg: Config, job: Job, prepared_dir: str) -> Trained:
-    configure_determinism()  # in this process, which may be a Dask worker
     log = get_run_logger()
     epochs = cfg.train.epochs
 

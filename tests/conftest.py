@@ -8,9 +8,13 @@ import pytest
 import yaml
 
 from flows import telemetry_off
+from oodgate import numerics
 
 # Nothing phones home from the test suite.
 telemetry_off()
+# The default numerics (portable, 2 threads), in force before torch loads: the tests' in-process
+# steps compute as the pipeline's processes do, and their subprocesses inherit them.
+numerics.apply()
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -270,13 +270,11 @@ def test_metrics_equal_an_in_process_run_of_the_same_steps(dvc_project, embedded
     from oodgate import steps
     from oodgate.config import load_config
     from oodgate.layout import Layout
-    from oodgate.runtime import configure_determinism
 
     root = dvc_project.root
     cfg = load_config(root / "params.yaml", {"data.root": str(embedded_root), "workdir": str(tmp_path / "w")})
     lay = Layout(Path(cfg.workdir))
     deterministic = torch.are_deterministic_algorithms_enabled()
-    configure_determinism()
     try:
         steps.prepare(cfg, lay.prepared)
         metrics = {}

@@ -39,7 +39,9 @@ def _fps(cfg, loss="dismax_fpr", seed=0, id_digest="i", ood_digest="o"):
 def test_training_depends_on_its_keys_and_not_on_scores_calibration_ood_or_the_gate(repo_params):
     cfg = parse_config(repo_params)
     record = inputs.train_inputs(cfg, "dismax_fpr", 0)
-    assert set(record) == {"step", "data", "model", "weights", "train", "method", "options", "seed", "code"}
+    assert set(record) == {
+        *("step", "data", "model", "weights", "train", "method", "options", "seed", "numerics", "code")
+    }
     assert set(record["data"]) == set(inputs.ID_SECTIONS)  # no OOD sets, sizes or data root
     assert "eval_batch_size" not in record["train"] and record["options"] == {"fpr": True, "alpha": 1.0}
     train, cal, ev = _fps(cfg)
@@ -68,6 +70,8 @@ def test_training_depends_on_its_keys_and_not_on_scores_calibration_ood_or_the_g
     for change in (
         {"train__epochs": 30},
         {"train__lr": 0.01},
+        {"numerics": {"threads": 1}},
+        {"numerics": {"mode": "native"}},
         {"model__options": {"width": 8}},
         {"data__split_seed": 1},
     ):

@@ -10,6 +10,7 @@ from oodgate import engine, evaluation
 from oodgate.classifier import load_classifier, save_classifier
 from oodgate.config import Config
 from oodgate.steps.common import (
+    activate_numerics,
     check_fresh,
     inference_device,
     load_prepared,
@@ -18,6 +19,7 @@ from oodgate.steps.common import (
     reusable,
     verified,
     write_json,
+    write_provenance,
 )
 from oodgate.steps.results import Calibrated
 
@@ -45,6 +47,7 @@ def calibrate(
         return Calibrated(**previous, dir=str(out_dir))
     (out_dir / RECORD).unlink(missing_ok=True)
     t0 = time.perf_counter()
+    activate_numerics(cfg)
     model = load_classifier(best)
     bundle = load_prepared(prepared_dir, with_ood=False)
     device, amp = inference_device(cfg)
@@ -63,5 +66,6 @@ def calibrate(
         outputs=output_digests(out_dir, (MODEL,)),
         seconds=round(time.perf_counter() - t0, 3),
     )
+    write_provenance(cfg, out_dir)
     write_json(out_dir / RECORD, result.record())  # last: the record marks a finished result
     return result

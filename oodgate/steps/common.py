@@ -197,6 +197,30 @@ def load_prepared(prepared_dir: str | Path, with_ood: bool = True) -> DataBundle
     )
 
 
+# ---------------------------------------------------------------- numerics
+PROVENANCE = "provenance.json"  # beside a result: what computed it (machine-specific, not hashed by DVC)
+
+
+def activate_numerics(cfg: Config, processes: int = 1) -> None:
+    """Compute under ``cfg.numerics`` in this process (:func:`oodgate.numerics.activate`), each of
+    ``processes`` data-parallel processes with its share of the threads."""
+    from oodgate import numerics
+    from oodgate.engine import resolve_device
+
+    threads = cfg.numerics.threads
+    if threads is not None and processes > 1:
+        threads = max(1, threads // processes)
+    numerics.activate(cfg.numerics.mode, threads, resolve_device(cfg.train.device).type)
+
+
+def write_provenance(cfg: Config, out_dir: Path) -> None:
+    """``provenance.json`` in ``out_dir``: the numerics in force, the CPU and the software
+    (``.dvcignore`` keeps it out of the directory's hash: the result is the same bits anywhere)."""
+    from oodgate import numerics
+
+    write_json(Path(out_dir) / PROVENANCE, numerics.provenance(cfg.numerics.mode, cfg.numerics.threads))
+
+
 # ---------------------------------------------------------------- device
 def inference_device(cfg: Config) -> tuple[str, bool]:
     """Where calibration, evaluation and export run: the device training resolved

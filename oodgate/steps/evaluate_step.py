@@ -12,6 +12,7 @@ from oodgate import evaluation
 from oodgate.classifier import load_classifier, with_score
 from oodgate.config import Config
 from oodgate.steps.common import (
+    activate_numerics,
     check_fresh,
     inference_device,
     load_prepared,
@@ -21,6 +22,7 @@ from oodgate.steps.common import (
     reusable,
     verified,
     write_json,
+    write_provenance,
 )
 from oodgate.steps.results import Evaluated
 
@@ -52,6 +54,7 @@ def evaluate(
     if previous is not None:
         return Evaluated(**previous, dir=str(out_dir), metrics=read_json(out_dir / "metrics.json"))
     (out_dir / RECORD).unlink(missing_ok=True)
+    activate_numerics(cfg)
     score = resolved_score(cfg, loss_id)
     model = with_score(load_classifier(model_file), score)
     bundle = load_prepared(prepared_dir)
@@ -87,5 +90,6 @@ def evaluate(
         inputs=want.inputs["evaluate"],
         outputs=output_digests(out_dir, OUTPUTS),
     )
+    write_provenance(cfg, out_dir)
     write_json(out_dir / RECORD, result.record())  # last: the record marks a finished result
     return result

@@ -59,6 +59,9 @@ def gate(
     """Decide every candidate against the baseline (:func:`oodgate.gate.decide`: per-seed metrics,
     and with ``gate.confidence`` the per-sample arrays of every seed). Returns a JSON-able report
     whose ``table`` is the comparison table (``scores`` and training ``seconds`` per loss optional)."""
+    from oodgate import numerics
+
+    numerics.activate(cfg.numerics.mode, cfg.numerics.threads)  # the bootstrap and tests: NumPy, SciPy
     base_id = cfg.gate.baseline
     if base_id not in metrics_by_loss:
         raise ValueError(f"no metrics for the baseline {base_id!r}; evaluate it before gating")

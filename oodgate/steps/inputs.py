@@ -4,10 +4,13 @@ A step's *inputs record* holds exactly the params keys it reads and the version 
 its *fingerprint* adds the upstream results: ::
 
     train      record(data split keys, model, train less eval-only keys, the loss's method and options,
-               seed, code) + digest of prepared/id.pt
-    calibrate  record(calibration, eval_batch_size, device, code) + the train fingerprint
-    evaluate   record(OOD score, eval_batch_size, device, code) + the calibrate fingerprint
+               seed, numerics, code) + digest of prepared/id.pt
+    calibrate  record(calibration, eval_batch_size, device, numerics, code) + the train fingerprint
+    evaluate   record(OOD score, eval_batch_size, device, numerics, code) + the calibrate fingerprint
                + digest of prepared/ood.pt
+
+``numerics`` is :func:`oodgate.numerics.fingerprint_record`: the mode, the thread count, the pinned
+kernels and the software versions (and, in native mode, the CPU whose kernels computed).
 
 So an OOD score, calibration, an OOD set, the gate or a plot never retrains. The Prefect flow keys its
 cache on these fingerprints; the DVC stage ``inputs`` writes the records to ``<workdir>/inputs/`` and
@@ -54,11 +57,11 @@ _MODEL = (
     "data/__init__.py",
     "data/bundle.py",
 )
-_STEP = ("steps/common.py", "steps/results.py")
-_INFERENCE = (*_STEP, *_MODEL, "engine.py", "runtime.py", "evaluation.py", "calibration.py", "metrics.py")
+_STEP = ("steps/common.py", "steps/results.py", "numerics.py")
+_INFERENCE = (*_STEP, *_MODEL, "engine.py", "evaluation.py", "calibration.py", "metrics.py")
 STEP_CODE: dict[str, tuple[str, ...]] = {
     "prepare": ("steps/prepare_step.py", *_STEP, "data/*.py", "registry.py"),
-    "train": ("steps/train_step.py", *_STEP, *_MODEL, "engine.py", "runtime.py", "distributed.py"),
+    "train": ("steps/train_step.py", *_STEP, *_MODEL, "engine.py", "distributed.py"),
     "calibrate": ("steps/calibrate_step.py", *_INFERENCE),
     "evaluate": ("steps/evaluate_step.py", *_INFERENCE, "plots.py"),
     "gate": ("steps/gate_step.py", *_STEP, "gate.py", "resampling.py", "metrics.py", "registry.py"),
@@ -129,6 +132,13 @@ def weights_digest(cfg: Config) -> str | None:
         ) from None
 
 
+def numerics_inputs(cfg: Config) -> dict[str, Any]:
+    """What a result computed under ``cfg.numerics`` depends on (:func:`oodgate.numerics.fingerprint_record`)."""
+    from oodgate import numerics
+
+    return numerics.fingerprint_record(cfg.numerics.mode, cfg.numerics.threads)
+
+
 def prepare_inputs(cfg: Config) -> dict[str, Any]:
     # data.root: the bytes are data.dvc's; data.workers: how many processes decode, not what
     data = {k: v for k, v in _dump(cfg)["data"].items() if k not in ("root", "workers")}
@@ -147,6 +157,7 @@ def train_inputs(cfg: Config, loss_id: str, seed: int) -> dict[str, Any]:
         "method": loss["method"],
         "options": loss["options"],
         "seed": seed,
+        "numerics": numerics_inputs(cfg),
         "code": code_version("train"),
     }
 
@@ -161,6 +172,7 @@ def calibrate_inputs(cfg: Config, loss_id: str, seed: int) -> dict[str, Any]:
         "step": "calibrate",
         "calibration": _dump(cfg)["calibration"],
         **_inference(cfg),
+        "numerics": numerics_inputs(cfg),
         "code": code_version("calibrate"),
     }
 
@@ -170,6 +182,7 @@ def evaluate_inputs(cfg: Config, loss_id: str, seed: int) -> dict[str, Any]:
         "step": "evaluate",
         "score": resolved_score(cfg, loss_id),
         **_inference(cfg),
+        "numerics": numerics_inputs(cfg),
         "code": code_version("evaluate"),
     }
 
@@ -180,6 +193,7 @@ def gate_inputs(cfg: Config) -> dict[str, Any]:
         "gate": _dump(cfg)["gate"],
         "losses": cfg.loss_ids(),
         "seeds": list(cfg.seeds),
+        "numerics": numerics_inputs(cfg),
         "code": code_version("gate"),
     }
 

@@ -11,7 +11,15 @@ from oodgate import engine
 from oodgate.classifier import Classifier, ModelSpec, build_classifier
 from oodgate.config import Config
 from oodgate.data.bundle import DataBundle
-from oodgate.steps.common import file_digest, load_prepared, output_digests, reusable, write_json
+from oodgate.steps.common import (
+    activate_numerics,
+    file_digest,
+    load_prepared,
+    output_digests,
+    reusable,
+    write_json,
+    write_provenance,
+)
 from oodgate.steps.results import Trained
 
 RECORD = "train.json"
@@ -110,6 +118,7 @@ def train(
             f"train.processes={n}, but this training runs in {dist.world} processes; launch it with "
             f"torchrun with {n} processes in all, or set train.processes: {dist.world}"
         )
+    activate_numerics(cfg, processes=dist.world)
     bundle = load_prepared(prepared_dir, with_ood=False)
     spec = model_spec(cfg, loss_id, bundle)
     result = engine.train(
@@ -157,5 +166,6 @@ def train(
         epoch_seconds=tuple(round(h.get("seconds", 0.0), 3) for h in result.history),
     )
     if len(result.history) == cfg.train.epochs:  # not interrupted on purpose (max_epochs)
+        write_provenance(cfg, out_dir)
         write_json(done, trained.record())
     return trained
