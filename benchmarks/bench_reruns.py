@@ -122,7 +122,7 @@ CHANGES: list[tuple[str, Callable[[Path], None]]] = [
     ("`losses.dismax_fpr.score: energy` (an OOD score)", setting("losses.dismax_fpr.score", "energy")),
     ("`train.eval_batch_size: 256`", setting("train.eval_batch_size", 256)),
     ("`calibration.objective: ece`", setting("calibration.objective", "ece")),
-    ("`gate.accuracy_margin: 0.01`", setting("gate.accuracy_margin", 0.01)),
+    ("`gate.accuracy.margin: 0.01`", setting("gate.accuracy.margin", 0.01)),
     (
         "`data.ood`: one OOD set more",
         setting("data.ood", ["mnist_unseen", "gaussian_noise", "uniform_noise"]),

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     names = [",".join(map(str, g)) for g in seed_sets]
     print(
-        f"\nGate decisions on disjoint seed sets (confidence {cfg.gate.confidence}, FPR95 rule {cfg.gate.fpr95!r})\n"
+        f"\nGate decisions on disjoint seed sets (confidence {cfg.gate.confidence}, FPR95 over {cfg.gate.fpr95.over!r})\n"
     )
     print("| candidate | " + " | ".join(f"seeds {n}" for n in names) + " | agree |")
     print("|---|" + "---|" * (len(names) + 1))

@@ -12,6 +12,7 @@ the flow parameters would fail before the first task. The flow's parameters are 
 """
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -104,8 +105,16 @@ from tasks import tracking
 from tasks.caching import Job
 from tasks.data import check_data, prepare_data
 from tasks.evaluate import calibrate_model, evaluate_model
-from tasks.gate import gate_losses
-from tasks.track import LossResult, log_loss_run, package_model, register_model, reused_result
+from tasks.gate import gate_losses, samples_of
+from tasks.registry import Registration
+from tasks.track import (
+    LossResult,
+    evaluation_images,
+    log_loss_run,
+    package_model,
+    register_model,
+    reused_result,
+)
 from tasks.train import train_model
 
 
@@ -148,7 +157,7 @@ class Outcome:
     """What the flow run returns."""
 
     report: dict[str, Any]
-    registered: list[dict[str, Any]]
+    registration: Registration | None
     failed: dict[str, str]
     reused: list[str]
     parent_run_id: str
@@ -322,8 +331,8 @@ def _submit(ctx: Context, loss_id: str, fp: str, expected: list[inputs.Expected]
         lr.trained.append(t)
         lr.calibrated.append(c)
         lr.evaluated.append(evaluate_model.submit(cfg, job, c, prepared))
-    out = str(ctx.workdir / "cache" / f"package-{fp}")  # the first seed's model, as it will be logged
-    lr.packaged = package_model.submit(loss_id, lr.calibrated[0], lr.evaluated[0], out)
+    out = str(ctx.workdir / "cache" / f"package-{fp}")  # the model of the seed chosen on validation data
+    lr.packaged = package_model.submit(loss_id, lr.trained, lr.calibrated, lr.evaluated, out)
     return lr
 
 
@@ -387,7 +396,8 @@ def _log(ctx: Context, lr: LossRun) -> LossResult | str:
         tracking.set_tags(run_id, {"oodgate.failure": reason[:4000]})
         tracking.end_run(run_id, "FAILED", end_ms)
         return reason
-    result = log_loss_run(run_id, cfg, lr.loss_id, trained, calibrated, evaluated, packaged)
+    images = evaluation_images(ctx.prepared_dir)
+    result = log_loss_run(run_id, cfg, lr.loss_id, trained, calibrated, evaluated, packaged, images)
     tracking.end_run(run_id, "FINISHED", end_ms)  # the run's duration is its tasks', not the logging's
     return result
 
@@ -404,17 +414,21 @@ def _gate_and_register(ctx: Context, logged: dict[str, LossResult], failed: dict
     )
     report = gate_losses(cfg, logged)
     lock = str(ctx.workdir / ".registry.lock")
-    registered = [
-        register_model(cfg, k, logged[k], report["decisions"][k]["reasons"], lock) for k in report["promoted"]
-    ]
-    _record(ctx, report, registered, failed, logged)
-    return Outcome(report, registered, failed, sorted(reused_ids), ctx.parent_run_id)
+    registration = None
+    best = report["challenger"]
+    if best is not None:  # the run's best candidate: the challenger, and champion if it wins
+        samples = samples_of(cfg, logged[best]) if cfg.gate.confidence is not None else None
+        registration = register_model(
+            cfg, best, logged[best], report["decisions"][best], samples, lock, report["rule"]
+        )
+    _record(ctx, report, registration, failed, logged)
+    return Outcome(report, registration, failed, sorted(reused_ids), ctx.parent_run_id)
 
 
 def _record(
     ctx: Context,
     report: dict,
-    registered: list[dict],
+    registration: Registration | None,
     failed: dict[str, str],
     logged: dict[str, LossResult],
 ) -> None:
@@ -424,6 +438,7 @@ def _record(
         decision = {
             "oodgate.gate": "promote" if d["promote"] else "reject",
             "oodgate.gate_reasons": "; ".join(d["reasons"]),
+            "oodgate.gate_tests": json.dumps(d["tests"], sort_keys=True),  # each criterion's test and bound
         }
         if not logged[loss_id].reused:
             tracking.set_tags(logged[loss_id].run_id, decision)
@@ -433,19 +448,18 @@ def _record(
         tracking.log_metrics(
             parent, {f"gate/{loss_id}/{k.removeprefix('gate/')}": v for k, v in d["evidence"].items()}
         )
-    text = report_markdown(report, registered, failed)
+    text = report_markdown(report, registration, failed)
     tracking.log_text(parent, text, "comparison.md")
     tracking.log_text(parent, report["table"], "comparison_table.md")
     tracking.set_tags(
         parent,
         {
             "oodgate.promoted": ",".join(report["promoted"]) or "none",
-            "oodgate.champion": ",".join(
-                r["loss"] for r in registered if r["champion"] and not r.get("unchanged")
-            )
-            or "unchanged",
-            "oodgate.registry": "; ".join(f"{r['loss']}: {' '.join(r['reasons'])}" for r in registered)
-            or "nothing registered",
+            "oodgate.challenger": report["challenger"] or "none",
+            "oodgate.champion": (
+                registration.loss if registration is not None and registration.promoted_now else "unchanged"
+            ),
+            "oodgate.registry": registration.line() if registration is not None else "nothing registered",
         },
     )
     create_markdown_artifact(
@@ -454,21 +468,20 @@ def _record(
     print(text)
 
 
-def report_markdown(report: dict, registered: list[dict], failed: dict[str, str]) -> str:
+def report_markdown(report: dict, registration: Registration | None, failed: dict[str, str]) -> str:
     from oodgate.steps import gate_markdown
 
     lines = ["# oodgate pipeline", "", report["table"], "", gate_markdown(report), "## Registry", ""]
-    if not registered:
-        lines.append(
-            "Nothing registered: no candidate was shown better than the baseline on every gate criterion."
-        )
-    for r in registered:
-        if r.get("unchanged"):
-            state = "already registered, nothing added"
-        else:
-            state = "now **champion**" if r["champion"] else "registered, champion unchanged"
-        lines.append(f"- {r['loss']}: version {r['version']}, {state}")
-        lines += [f"    - {x}" for x in r["reasons"]]
+    if registration is None:
+        lines.append("Nothing registered: no candidate was evaluated.")
+    else:
+        lines.append(f"- {registration.line()}")
+        lines += [f"    - {x}" for x in registration.reasons]
+        if not registration.champion:
+            lines.append(
+                "- No champion from this run: use the challenger anyway with `make serve-model "
+                "ARGS='--alias challenger'` or `load_champion(alias='challenger')`"
+            )
     for loss_id, reason in failed.items():
         lines.append(f"- {loss_id}: FAILED, not gated ({reason})")
     return "\n".join(lines) + "\n"

@@ -158,7 +158,7 @@ def cmd_evaluate(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_gate(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
+def _gate_report(cfg: Config, lay: Layout) -> dict:
     from oodgate import steps
 
     evaluated = steps.collect(cfg, lay.evaluate, lay.prepared)  # refuses a stale evaluation
@@ -169,27 +169,72 @@ def cmd_gate(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
     if cfg.gate.confidence is not None:
         samples = {k: [steps.load_samples(lay.evaluate(k, s)) for s in cfg.seeds] for k in cfg.loss_ids()}
     scores = {e.loss: e.score for e in evaluated}
-    report = steps.gate(cfg, metrics, samples, scores=scores)
+    return steps.gate(cfg, metrics, samples, scores=scores)
+
+
+def _gate_text(report: dict) -> str:
+    from oodgate import steps
+
+    return (
+        f"{steps.gate_markdown(report)}\nBest promoted: {report['best'] or 'none'}\n"
+        f"The run's best candidate (the challenger): {report['challenger'] or 'none'}\n"
+    )
+
+
+def cmd_gate(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
+    from oodgate import steps
+
+    report = _gate_report(cfg, lay)
     # no training seconds: report.md is versioned, and a re-run must write the same bytes
     keys = [key for _, key in steps.TABLE_COLUMNS]
     gate_json = {
         "promoted": len(report["promoted"]),
         "best": report["best"],
+        "challenger": report["challenger"],
         "decisions": report["decisions"],
         "seeds": list(cfg.seeds),
         "mean": {k: {key: m[key] for key in keys if key in m} for k, m in report["means"].items()},
     }
     steps.write_json(lay.gate, gate_json)
-    text = f"{report['table']}\n\n{steps.gate_markdown(report)}\nBest promoted: {report['best'] or 'none'}\n"
+    text = f"{report['table']}\n\n{_gate_text(report)}"
     lay.report.write_text(text)
     print(text)
     return 0
 
 
+def _selection(cfg: Config, args: argparse.Namespace) -> tuple[Config, str | None]:
+    """The config restricted to ``--loss``/``--seed``, and why those results cannot be gated (None:
+    they can). The gate compares candidates with the baseline over the seeds, so a selection without
+    the baseline, without a candidate, or with too few seeds for ``gate.confidence`` is not gated."""
+    losses, seeds = _losses(cfg, args), _seeds(cfg, args)
+    sub = cfg.model_copy(update={"losses": {k: cfg.losses[k] for k in losses}, "seeds": seeds})
+    if cfg.gate.baseline not in losses:
+        return sub, f"the baseline {cfg.gate.baseline!r} is not among --loss {args.loss}"
+    if len(losses) < 2:
+        return sub, f"only the baseline {cfg.gate.baseline!r} was run: there is no candidate to compare"
+    if cfg.gate.confidence is not None and len(seeds) < 2:
+        return sub, (
+            f"the evidence at gate.confidence {cfg.gate.confidence} needs at least 2 seeds, --seed "
+            f"{args.seed} gives 1 (--set gate.confidence=null compares the means)"
+        )
+    return sub, None
+
+
 def cmd_run(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
+    """Every step for the selected losses and seeds; the gate over what was run (the whole config:
+    ``gate.json`` and ``report.md``; a selection: printed only, or why it cannot be gated)."""
     t0 = time.perf_counter()
-    for fn in (cmd_prepare, cmd_train, cmd_calibrate, cmd_evaluate, cmd_gate):
+    for fn in (cmd_prepare, cmd_train, cmd_calibrate, cmd_evaluate):
         fn(cfg, lay, args)
+    if args.loss is None and args.seed is None:
+        cmd_gate(cfg, lay, args)
+    else:
+        sub, why_not = _selection(cfg, args)
+        if why_not is not None:
+            print(f"gate: not run: {why_not}; run every loss and seed of params.yaml to gate them")
+        else:
+            report = _gate_report(sub, lay)
+            print(f"{report['table']}\n\n{_gate_text(report)}(--loss/--seed selection: not written to {lay.gate})")
     print(f"total {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -206,29 +206,75 @@ class CalibrationConfig(_Frozen):
     objective: Literal["nll", "ece"] = "nll"
 
 
+class CriterionConfig(_Frozen):
+    """One gate criterion's test against the baseline: ``superior`` (the candidate must be better by
+    more than ``margin``) or ``noninferior`` (it must not be worse by more than ``margin``, the
+    tolerance)."""
+
+    test: Literal["superior", "noninferior"]
+    margin: float = Field(default=0.0, ge=0.0, le=1.0)
+
+    @property
+    def bound(self) -> float:
+        """What the gain (or, with a confidence, its lower confidence bound) must exceed."""
+        return self.margin if self.test == "superior" else -self.margin
+
+
+class FPR95CriterionConfig(CriterionConfig):
+    """``over``: which FPR95 is tested: the ``mean`` over all OOD sets, each OOD group's mean
+    (``groups``: near and far, each a criterion), or the ``worst`` set."""
+
+    test: Literal["superior", "noninferior"] = "superior"
+    over: Literal["mean", "groups", "worst"] = "mean"
+
+
+_OLD_GATE_KEYS = {
+    "accuracy_margin": "gate.accuracy: {test: noninferior, margin: 0.005}",
+    "ece_margin": "gate.ece: {test: noninferior, margin: 0.01}",
+    "fpr95_margin": "gate.fpr95: {test: superior, margin: 0.0, over: mean}",
+}
+
+
 class GateConfig(_Frozen):
-    """The promotion rule (``oodgate/gate.py`` states the test). ``confidence``: each improvement
-    must hold with this confidence over seeds and test samples (null: compare means only);
-    ``samples``: bootstrap resamples of the test and OOD images; ``fpr95``: which FPR95 must improve
-    (``mean`` over all OOD sets, each OOD ``groups`` mean, or the ``worst`` set)."""
+    """The promotion rule (``oodgate/gate.py`` states the tests). A candidate is promoted when, against
+    the baseline, every criterion passes its test (``accuracy`` and ``ece``: not worse beyond their
+    tolerance; ``fpr95``: better) with confidence ``confidence`` over seeds and test samples (null:
+    on the means only), and, with ``better_means``, its means over seeds are better on all three
+    (the rule "accuracy, ECE and FPR95 all beat SoftMax", literally). ``samples``: bootstrap
+    resamples of the test and OOD images."""
 
     baseline: str = "softmax"
-    accuracy_margin: float = Field(default=0.0, ge=0.0, le=1.0)
-    ece_margin: float = Field(default=0.0, ge=0.0, le=1.0)
-    fpr95_margin: float = Field(default=0.0, ge=0.0, le=1.0)
+    better_means: bool = Field(
+        default=True, description="the means over seeds must be better than the baseline's on every criterion"
+    )
+    accuracy: CriterionConfig = CriterionConfig(test="noninferior", margin=0.005)
+    ece: CriterionConfig = CriterionConfig(test="noninferior", margin=0.01)
+    fpr95: FPR95CriterionConfig = FPR95CriterionConfig()
     confidence: float | None = Field(default=0.95, gt=0.5, lt=1.0)
     samples: int = Field(default=1000, ge=100, le=100_000)
     seed: int = Field(default=0, ge=0)
-    fpr95: Literal["mean", "groups", "worst"] = "mean"
 
     @model_validator(mode="before")
     @classmethod
-    def _no_bootstrap_section(cls, v: Any) -> Any:
-        if isinstance(v, dict) and "bootstrap" in v:
+    def _replaced_keys(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        if "bootstrap" in v:
             raise ValueError(
                 "gate.bootstrap was replaced: the gate always tests its evidence at gate.confidence "
                 "(default 0.95; null compares means only) with gate.samples bootstrap resamples and "
                 "gate.seed; remove the bootstrap section"
+            )
+        old = [k for k in _OLD_GATE_KEYS if k in v]
+        if old:
+            raise ValueError(
+                f"gate.{old[0]} was replaced: each criterion has its own test and margin, e.g. "
+                f"{_OLD_GATE_KEYS[old[0]]} (the defaults); remove {', '.join('gate.' + k for k in old)}"
+            )
+        if isinstance(v.get("fpr95"), str):
+            raise ValueError(
+                f"gate.fpr95 is a section now: write gate.fpr95: {{over: {v['fpr95']}}} (with test: superior "
+                "and margin: 0.0 by default)"
             )
         return v
 

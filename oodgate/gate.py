@@ -1,9 +1,22 @@
 """The promotion gate: promote a candidate only with evidence that it beats the reference.
 
-A candidate is promoted when, against the reference (the SoftMax baseline), its test accuracy is
-higher, its calibrated ECE lower and its FPR95 lower (over all OOD sets, per group or on the worst
-set: ``gate.fpr95``), each by more than its margin from ``gate`` in ``params.yaml``, and each with
-confidence ``gate.confidence``. A missing or NaN metric never promotes.
+The rule (``gate`` in ``params.yaml``): against the reference (the SoftMax baseline),
+
+(a) with ``gate.better_means`` (the default), the candidate's means over seeds are better on all three
+    criteria: higher test accuracy, lower calibrated ECE, lower FPR95 (over all OOD sets, per group or
+    on the worst set: ``gate.fpr95.over``) -- the rule "accuracy, ECE and FPR95 all beat SoftMax",
+    literally; and
+(b) each criterion passes its own test at ``gate.confidence``: a ``superior`` criterion (FPR95 by
+    default) must be better by more than its margin, a ``noninferior`` one (accuracy, tolerance 0.005,
+    and ECE, tolerance 0.01, by default) must not be worse by more than its margin. Both are one-sided
+    tests of the gain: ``gain > bound`` with ``bound = +margin`` (superior) or ``-margin``
+    (non-inferior), i.e. the one-sided lower confidence bound of the gain is above ``bound``.
+
+Why the two forms: the methods this gate exists for claim far better OOD detection at equal
+accuracy, and after temperature scaling every loss is about equally calibrated, so asking for a
+significant improvement in accuracy and ECE too would almost never promote them, at any scale;
+asking that they are not significantly worse keeps the guarantee that matters. A missing or NaN
+metric never promotes.
 
 The evidence for one criterion. Let ``c_1..c_n`` be the candidate's metric on its ``n`` seeds and
 ``b_1..b_m`` the baseline's, and ``gain = mean(c) - mean(b)`` (sign flipped where lower is better).
@@ -16,9 +29,9 @@ Two sources of noise make ``gain`` uncertain:
 
 ``se = sqrt(v_seed + v_sample)``; the degrees of freedom are Welch-Satterthwaite's,
 ``df = se^4 / (s_c^4 / (n^2 (n-1)) + s_b^4 / (m^2 (m-1)))`` (``v_sample`` counted as known). The
-one-sided test of ``gain <= margin`` has ``p = P(T_df > (gain - margin) / se)``; the criterion holds
+one-sided test of ``gain <= bound`` has ``p = P(T_df > (gain - bound) / se)``; the criterion holds
 when ``p < 1 - confidence``, i.e. when the one-sided lower confidence bound
-``gain - t_{df, confidence} * se`` exceeds the margin.
+``gain - t_{df, confidence} * se`` exceeds the bound.
 
 Why this procedure and not a bootstrap over seeds: with the 3 seeds a CPU run affords, resampling
 seeds sees at most 10 distinct seed sets and underestimates the seed variance by ``(n - 1) / n``, and
@@ -26,11 +39,12 @@ a percentile interval over them has none of the t distribution's tails, so it pr
 often; a paired permutation or sign test over 3 seeds cannot reach a p-value below 1/8. Welch's
 statistic is exact for normal seed effects, and adding ``v_sample`` covers the images all seeds
 share (the per-model part of the sampling noise is counted twice, which errs towards rejecting).
-Requiring all criteria is an intersection-union test: the promotion's false-positive rate is at
-most ``1 - confidence`` without any multiplicity correction.
+Requiring every criterion is an intersection-union test: the probability of promoting a candidate
+for which any null hypothesis holds (FPR95 not better by the margin, or accuracy or ECE worse by more
+than the tolerance) is at most ``1 - confidence`` without a multiplicity correction.
 
 With ``gate.confidence: null`` the gate compares the means over seeds only (no evidence; for quick
-trials and a single seed).
+trials and a single seed): each gain must exceed its bound (and be positive with ``better_means``).
 """
 
 from __future__ import annotations
@@ -42,21 +56,35 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from oodgate.config import GateConfig
+from oodgate.config import CriterionConfig, GateConfig
 from oodgate.metrics import OOD_GROUPS
 from oodgate.resampling import Counts, gate_metrics
 
 
 @dataclass(frozen=True)
 class Criterion:
+    """One metric the gate compares: which way is better, and its test (``superior`` or
+    ``noninferior``) with its margin."""
+
     metric: str
     higher_is_better: bool
-    margin_key: str
     label: str
+    test: str = "superior"
+    margin: float = 0.0
+
+    @property
+    def bound(self) -> float:
+        """What the gain (or its lower confidence bound) must exceed: ``+margin`` or ``-margin``."""
+        return self.margin if self.test == "superior" else -self.margin
+
+    def rule(self) -> str:
+        """The test in words: ``lower by more than 0`` or ``not higher by more than 0.01``."""
+        better, worse = ("higher", "lower") if self.higher_is_better else ("lower", "higher")
+        if self.test == "superior":
+            return f"superior: {better} by more than {self.margin:g}"
+        return f"non-inferior: not {worse} by more than {self.margin:g}"
 
 
-ACCURACY = Criterion("test/accuracy", True, "accuracy_margin", "accuracy")
-ECE = Criterion("test/ece", False, "ece_margin", "calibrated ECE")
 FPR95_LABELS = {
     "mean": "mean FPR95",
     "near": "near-OOD FPR95",
@@ -65,15 +93,23 @@ FPR95_LABELS = {
 }
 
 
+def _criterion(metric: str, higher: bool, label: str, cfg: CriterionConfig) -> Criterion:
+    return Criterion(metric, higher, label, cfg.test, cfg.margin)
+
+
 def criteria(gate: GateConfig, reference: Mapping[str, float]) -> tuple[Criterion, ...]:
-    """The criteria of ``gate``: accuracy, ECE and the FPR95 rule of ``gate.fpr95``; under the
-    ``groups`` rule, one FPR95 criterion per OOD group in the ``reference`` metrics."""
+    """The criteria of ``gate``: accuracy, ECE and the FPR95 of ``gate.fpr95.over``; under
+    ``groups``, one FPR95 criterion per OOD group in the ``reference`` metrics."""
     groups = [g for g in OOD_GROUPS if f"ood/{g}/fpr95" in reference]
-    keys = {"mean": ["mean"], "worst": ["worst"], "groups": groups}[gate.fpr95]
+    keys = {"mean": ["mean"], "worst": ["worst"], "groups": groups}[gate.fpr95.over]
     if not keys:
-        raise ValueError("gate.fpr95='groups' needs at least one OOD set with a group (near or far)")
-    fpr = [Criterion(f"ood/{k}/fpr95", False, "fpr95_margin", FPR95_LABELS[k]) for k in keys]
-    return (ACCURACY, ECE, *fpr)
+        raise ValueError("gate.fpr95.over='groups' needs at least one OOD set with a group (near or far)")
+    fpr = [_criterion(f"ood/{k}/fpr95", False, FPR95_LABELS[k], gate.fpr95) for k in keys]
+    return (
+        _criterion("test/accuracy", True, "accuracy", gate.accuracy),
+        _criterion("test/ece", False, "calibrated ECE", gate.ece),
+        *fpr,
+    )
 
 
 @dataclass(frozen=True)
@@ -89,14 +125,17 @@ class SampleSet:
 
 @dataclass(frozen=True)
 class Evidence:
-    """One criterion's comparison: means over seeds, the gain, and (with a confidence) its test."""
+    """One criterion's comparison: means over seeds, the gain, and (with a confidence) its test.
+    ``passed`` is the criterion's verdict: its test (``tested``) and, with ``better_means``, a
+    positive mean gain."""
 
     criterion: Criterion
     candidate: float
     reference: float
     gain: float  # > 0: the candidate is better
-    margin: float
     passed: bool
+    tested: bool  # the gain (or its lower confidence bound) exceeds the criterion's bound
+    better_means: bool = True  # whether a better mean was required
     seeds: tuple[int, int] = (1, 1)
     lower: float | None = None  # one-sided lower confidence bound of the gain
     p_value: float | None = None
@@ -106,28 +145,24 @@ class Evidence:
 
     def reason(self, reference: str, confidence: float | None) -> str:
         c = self.criterion
-        head = f"{c.label} {self.candidate:.4f} vs {reference} {self.reference:.4f}"
-        word = "higher" if c.higher_is_better else "lower"
+        head = f"{c.label} {self.candidate:.4f} vs {reference} {self.reference:.4f}: gain {self.gain:+.4f}"
+        rule = f"{c.rule()}, bound {c.bound:+.4f}"
         if self.p_value is None:
-            verdict = (
-                f"{word} by {self.gain:.4f} > margin {self.margin}"
-                if self.passed
-                else (f"not {word} by more than margin {self.margin}")
+            test = f"{'passes' if self.tested else 'fails'} {rule}"
+        else:
+            n, m = self.seeds
+            test = (
+                f"{confidence:.0%} lower bound {self.lower:+.4f}, p = {self.p_value:.3g}, {n} vs {m} seeds: "
+                f"{'shown' if self.tested else 'not shown'} with {confidence:.0%} confidence ({rule})"
             )
-            return f"{head}: {verdict}"
-        n, m = self.seeds
-        bound = f"{confidence:.0%} lower bound {self.lower:+.4f}"
-        detail = f"gain {self.gain:+.4f}, {bound}, p = {self.p_value:.3g}, {n} vs {m} seeds"
-        verdict = (
-            f"{word} with {confidence:.0%} confidence (lower bound > margin {self.margin})"
-            if self.passed
-            else f"not shown {word} by more than margin {self.margin} (p >= {1 - confidence:.2g})"
-        )
-        return f"{head}: {detail}: {verdict}"
+        if self.better_means:
+            better = "better" if self.gain > 0 else "not better"
+            test += f"; mean {better} than the {reference}'s"
+        return f"{head}; {test}"
 
     def metrics(self) -> dict[str, float]:
-        """For MLflow: ``gate/<metric>/{gain,lower,p_value}``."""
-        out = {"gain": self.gain, "lower": self.lower, "p_value": self.p_value}
+        """For MLflow: ``gate/<metric>/{gain,bound,lower,p_value}``."""
+        out = {"gain": self.gain, "bound": self.criterion.bound, "lower": self.lower, "p_value": self.p_value}
         return {f"gate/{self.criterion.metric}/{k}": v for k, v in out.items() if v is not None}
 
 
@@ -144,6 +179,20 @@ class Decision:
 
     def metrics(self) -> dict[str, float]:
         return {k: v for e in self.evidence for k, v in e.metrics().items()}
+
+    def tests(self) -> dict[str, str]:
+        """Per criterion, its test and bound (``noninferior > -0.005``): what the tags record."""
+        return {e.criterion.metric: f"{e.criterion.test} > {e.criterion.bound:+g}" for e in self.evidence}
+
+    def strength(self) -> tuple[int, int, float]:
+        """How strong the evidence is, to pick the run's best candidate when none is promoted:
+        promoted first, then the number of criteria that pass, then the smallest margin by which a
+        criterion misses or clears its bound (its lower confidence bound, or the mean gain, minus the
+        bound)."""
+        slack = [
+            (e.lower if e.lower is not None else e.gain) - e.criterion.bound for e in self.evidence
+        ] or [-math.inf]
+        return (int(self.promote), sum(self.checks.values()), min(slack))
 
 
 def _missing(c: Criterion, cand: float | None, base: float | None, reference: str) -> str | None:
@@ -162,7 +211,8 @@ def compare_means(
     gate: GateConfig,
     reference: str = "baseline",
 ) -> Decision:
-    """Promote if every criterion's mean improves by more than its margin (no evidence asked)."""
+    """Promote if every criterion's mean gain exceeds its bound (and, with ``better_means``, is
+    positive); no evidence asked."""
     reasons, checks, evidence = [], {}, []
     for c in criteria(gate, reference_metrics):
         cand, base = candidate.get(c.metric), reference_metrics.get(c.metric)
@@ -171,8 +221,10 @@ def compare_means(
             checks[c.metric] = False
             reasons.append(missing)
             continue
-        margin = getattr(gate, c.margin_key)
-        e = Evidence(c, cand, base, _gain(c, cand, base), margin, _gain(c, cand, base) > margin)
+        gain = _gain(c, cand, base)
+        tested = gain > c.bound
+        passed = tested and (gain > 0 or not gate.better_means)
+        e = Evidence(c, cand, base, gain, passed, tested, gate.better_means)
         checks[c.metric] = e.passed
         evidence.append(e)
         reasons.append(e.reason(reference, None))
@@ -184,10 +236,10 @@ def welch_evidence(
     cand: Sequence[float],
     base: Sequence[float],
     var_sample: float,
-    margin: float,
     confidence: float,
+    better_means: bool = True,
 ) -> Evidence:
-    """The one-sided Welch-Satterthwaite test of ``gain > margin`` (the module docstring)."""
+    """The one-sided Welch-Satterthwaite test of ``gain > c.bound`` (the module docstring)."""
     cand_a, base_a = np.asarray(cand, dtype=np.float64), np.asarray(base, dtype=np.float64)
     n, m = cand_a.size, base_a.size
     if n < 2 or m < 2:
@@ -196,21 +248,23 @@ def welch_evidence(
     vc, vb = cand_a.var(ddof=1) / n, base_a.var(ddof=1) / m
     var = vc + vb + var_sample
     if var <= 0.0:  # nothing varies: the observed gain is the gain
-        df, p = math.inf, 0.0 if gain > margin else 1.0
+        df, p = math.inf, 0.0 if gain > c.bound else 1.0
         lower = gain
     else:
         seed_terms = vc**2 / (n - 1) + vb**2 / (m - 1)
         df = float(var**2 / seed_terms) if seed_terms > 0 else math.inf
         se = math.sqrt(var)
-        p = float(stats.t.sf((gain - margin) / se, df))
+        p = float(stats.t.sf((gain - c.bound) / se, df))
         lower = gain - float(stats.t.ppf(confidence, df)) * se
+    tested = bool(p < 1.0 - confidence)
     return Evidence(
         criterion=c,
         candidate=float(cand_a.mean()),
         reference=float(base_a.mean()),
         gain=gain,
-        margin=margin,
-        passed=bool(p < 1.0 - confidence),
+        passed=tested and (gain > 0 or not better_means),
+        tested=tested,
+        better_means=better_means,
         seeds=(n, m),
         lower=lower,
         p_value=p,
@@ -226,25 +280,44 @@ def _counts(sets: Sequence[SampleSet], gate: GateConfig) -> Counts:
     return Counts.draw(gate.seed, gate.samples, len(first.labels), sizes)
 
 
-def _resampled_means(
-    sets: Sequence[SampleSet], crits: Sequence[Criterion], counts: Counts
-) -> dict[str, np.ndarray]:
-    """Per criterion: the metric of each resample, averaged over the seeds of one model."""
+@dataclass(frozen=True)
+class Resampled:
+    """One model's metric under the resamples: the mean over its seeds per resample, and the part
+    of that mean's variance that is each seed's own (``sum_s var(m_s) / n^2``)."""
+
+    mean: np.ndarray
+    own: float
+
+
+def _resampled(sets: Sequence[SampleSet], crits: Sequence[Criterion], counts: Counts) -> dict[str, Resampled]:
+    """Per criterion: the metric of each resample for every seed of one model."""
     per_seed = [gate_metrics(s.logits, s.labels, s.id_scores, s.ood_scores, s.groups, counts) for s in sets]
-    return {c.metric: np.mean([m[c.metric] for m in per_seed], axis=0) for c in crits}
+    n = len(sets)
+    out = {}
+    for c in crits:
+        values = np.array([m[c.metric] for m in per_seed])  # (seeds, resamples)
+        out[c.metric] = Resampled(values.mean(axis=0), float(values.var(axis=1, ddof=1).sum()) / n**2)
+    return out
 
 
 def sample_variances(
     cand: Sequence[SampleSet], base: Sequence[SampleSet], crits: Sequence[Criterion], gate: GateConfig
 ) -> dict[str, float]:
-    """Per criterion: the variance of the gain over paired bootstrap resamples of the test images
-    and OOD sets, every model held fixed (the same resamples for all seeds and both models)."""
+    """Per criterion: the variance of the gain that the test and OOD images all seeds share add to
+    the seed variance (paired bootstrap resamples, every model held fixed, the same resamples for all
+    seeds and both models)."""
     counts = _counts(base, gate)
-    return _variances(_resampled_means(cand, crits, counts), _resampled_means(base, crits, counts))
+    return _variances(_resampled(cand, crits, counts), _resampled(base, crits, counts))
 
 
-def _variances(cand: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> dict[str, float]:
-    return {k: float(np.var(cand[k] - base[k], ddof=1)) for k in cand}
+def _variances(cand: Mapping[str, Resampled], base: Mapping[str, Resampled]) -> dict[str, float]:
+    """The bootstrap variance of the gain less each seed's own sampling variance: that part already
+    varies from seed to seed, so the seed variance counts it; what remains is the images' effect
+    common to the seeds of a model (its difficulty for the loss), which no seed shows."""
+    return {
+        k: max(0.0, float(np.var(cand[k].mean - base[k].mean, ddof=1)) - cand[k].own - base[k].own)
+        for k in cand
+    }
 
 
 def _means(ms: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -291,10 +364,10 @@ def decide_all(
         }
     crits = criteria(gate, _means(baseline))
     counts = _counts(samples[baseline_id], gate)
-    base_resampled = _resampled_means(samples[baseline_id], crits, counts)
+    base_resampled = _resampled(samples[baseline_id], crits, counts)
     out = {}
     for k in candidates:
-        var_sample = _variances(_resampled_means(samples[k], crits, counts), base_resampled)
+        var_sample = _variances(_resampled(samples[k], crits, counts), base_resampled)
         out[k] = _with_evidence(metrics_by_loss[k], baseline, gate, crits, var_sample, "baseline")
     return out
 
@@ -317,7 +390,7 @@ def _with_evidence(
             checks[c.metric] = False
             reasons.append(missing)
             continue
-        e = welch_evidence(c, cand, base, var_sample[c.metric], getattr(gate, c.margin_key), gate.confidence)
+        e = welch_evidence(c, cand, base, var_sample[c.metric], gate.confidence, gate.better_means)
         checks[c.metric] = e.passed
         evidence.append(e)
         reasons.append(e.reason(reference, gate.confidence))

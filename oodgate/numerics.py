@@ -6,7 +6,7 @@ choose their kernels, and so that order, by the CPU they find:
 - MKL (every matrix product: linear layers, convolutions' GEMMs) by vendor and instruction set;
 - oneDNN (the convolutions) by instruction set;
 - ATen (every other operator, Sleef's vectorised exp/log) by instruction set (AVX2 or AVX-512 width);
-- NumPy's dispatched loops (exp, log in the metrics) and OpenBLAS (its matrix products) likewise;
+- NumPy's dispatched loops (exp, log and sums in the metrics) likewise;
 - every threaded reduction by the number of threads.
 
 Left alone, the same training gives other weights on an AVX-512 Intel CPU than on an AVX2 AMD one,
@@ -18,11 +18,12 @@ the environment before torch and NumPy load (:func:`environment`)::
     ONEDNN_MAX_CPU_ISA=AVX2        oneDNN's kernels at AVX2
     ATEN_CPU_CAPABILITY=avx2       ATen's vectorised kernels at AVX2 width
     NPY_ENABLE_CPU_FEATURES=X86_V3 NumPy's dispatched loops at AVX2 (x86-64-v3)
-    OPENBLAS_CORETYPE=Haswell      OpenBLAS's AVX2 kernels
     OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n and torch.set_num_threads(n):
                                    ``numerics.threads``, not the machine's core count
 
-so a result is the same to the last bit on every x86-64 CPU with AVX2 and FMA (Intel since Haswell,
+NumPy's matrix products go to OpenBLAS, which picks its kernel by CPU too: no result goes through
+them (the gate's resampled metrics sum with NumPy's own loops), so OpenBLAS is left as it is.
+So a result is the same to the last bit on every x86-64 CPU with AVX2 and FMA (Intel since Haswell,
 AMD since Zen), with the pinned software (``constraints.txt``). ``numerics.mode: native`` leaves the
 choice to the machine: its fastest kernels and torch's default thread count, results repeatable on
 the same CPU model and thread count only. On other architectures (ARM) only the thread count is
@@ -92,7 +93,6 @@ def environment(mode: str, threads: int | None) -> dict[str, str]:
             ONEDNN_MAX_CPU_ISA="AVX2",
             ATEN_CPU_CAPABILITY="avx2",
             NPY_ENABLE_CPU_FEATURES="X86_V3",
-            OPENBLAS_CORETYPE="Haswell",
         )
     return env
 
@@ -347,7 +347,6 @@ def provenance(mode: str, threads: int | None) -> dict[str, Any]:
             "mkl": _MKL_BRANCHES.get(branch, str(branch)) if branch is not None else "none",
             "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
             "numpy": _numpy_features() if "numpy" in sys.modules else [],
-            "openblas": os.environ.get("OPENBLAS_CORETYPE", "native"),
         },
         "cpu": {"architecture": platform.machine(), "model": cpu_model(), "flags": flags},
         "software": versions(),

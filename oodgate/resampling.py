@@ -42,8 +42,8 @@ class Counts:
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray, w: np.ndarray) -> np.ndarray:
-    correct = (logits.argmax(axis=1) == labels).astype(np.float64)
-    return w @ correct / w.shape[1]
+    correct = (logits.argmax(axis=1) == labels).astype(np.int64)
+    return (w @ correct) / w.shape[1]  # integer counts: exact, and no BLAS kernel chosen by the CPU
 
 
 def ece(logits: np.ndarray, labels: np.ndarray, w: np.ndarray, n_bins: int = 15) -> np.ndarray:
@@ -54,9 +54,14 @@ def ece(logits: np.ndarray, labels: np.ndarray, w: np.ndarray, n_bins: int = 15)
     correct = (logits.argmax(axis=1) == labels).astype(np.float64)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
-    gap = np.zeros((logits.shape[0], n_bins))
-    gap[np.arange(logits.shape[0]), idx] = correct - conf
-    return np.abs(w @ gap).sum(axis=1) / w.shape[1]
+    gap = correct - conf
+    # Per bin, the count-weighted sum of its gaps, as NumPy's own sums (a float product through BLAS
+    # would use the kernel of the CPU it finds, and so differ in the last digit between CPUs).
+    sums = np.zeros((w.shape[0], n_bins))
+    for b in np.unique(idx):
+        members = idx == b
+        sums[:, b] = (w[:, members] * gap[members]).sum(axis=1)
+    return np.abs(sums).sum(axis=1) / w.shape[1]
 
 
 def id_threshold(id_scores: np.ndarray, w_id: np.ndarray, tpr: float = 0.95) -> np.ndarray:

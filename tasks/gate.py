@@ -13,7 +13,9 @@ from tasks import tracking
 from tasks.track import LossResult
 
 
-def _samples(cfg: Config, entry: LossResult) -> list:
+def samples_of(cfg: Config, entry: LossResult) -> list:
+    """The per-seed sample arrays of a loss: from its evaluation directories, or, for a child run
+    reused from an earlier flow run, from that run's artifacts."""
     if entry.sample_dirs:
         return [steps.load_samples(d) for d in entry.sample_dirs]
     with tempfile.TemporaryDirectory() as tmp:  # a reused baseline: its samples are run artifacts
@@ -27,7 +29,7 @@ def _samples(cfg: Config, entry: LossResult) -> list:
 @task(name="gate", task_run_name="gate")
 def gate_losses(cfg: Config, logged: dict[str, LossResult]) -> dict:
     metrics = {k: v.metrics_by_seed for k, v in logged.items()}
-    samples = {k: _samples(cfg, v) for k, v in logged.items()} if cfg.gate.confidence is not None else None
+    samples = {k: samples_of(cfg, v) for k, v in logged.items()} if cfg.gate.confidence is not None else None
     return steps.gate(
         cfg,
         metrics,

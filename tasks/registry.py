@@ -1,6 +1,8 @@
-"""The MLflow model registry: register a promoted candidate, move the ``champion`` alias if it wins.
+"""The MLflow model registry (MLflow's champion/challenger convention): every pipeline run registers
+its best candidate as the ``challenger``; the ``champion`` alias moves only to a candidate the gate
+promoted over the SoftMax baseline that also beats the current champion.
 
-The read-compare-move of the alias is serialised, so two flows gating at once end with exactly one
+The read-compare-move of the aliases is serialised, so two flows gating at once end with exactly one
 champion, chosen by the same rule, and both decisions recorded (run tags and model-version
 descriptions):
 
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ from tasks import tracking
 
 CHAMPION = "champion"
 FINGERPRINT_TAG = "oodgate.model_fingerprint"
+EVALUATION_DATA_TAG = "oodgate.evaluation_data"  # on child runs: digest of the test and OOD images
 SERIALISED_TAG = "oodgate.registry_lock"  # on each new version: what serialised its registration
 LIMIT_PREFIX = "oodgate-registry-"
 LEASE_SECONDS = 60  # renewed while held; the slot of a holder that died is freed when it runs out
@@ -115,13 +120,65 @@ def serialised(model_name: str, lock_path: Path) -> Iterator[str]:
         yield how
 
 
-def current_champion(name: str) -> Any | None:
+CHALLENGER = "challenger"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the registry needs of a pipeline run's best candidate: its logged model, its gate
+    decision against the baseline, and its per-seed results (to face the current champion with
+    the same evidence)."""
+
+    loss: str
+    model_uri: str
+    run_id: str
+    fingerprint: str | None
+    promote: bool  # the gate's decision against the baseline
+    reasons: tuple[str, ...]  # the gate's reasons
+    tests: Mapping[str, str]  # per criterion: its test and bound
+    evidence: Mapping[str, float]  # gate/<metric>/{gain,bound,lower,p_value}
+    metrics: Mapping[str, float]  # means over seeds
+    metrics_by_seed: tuple[Mapping[str, float], ...] = ()
+    samples: tuple[Any, ...] | None = None  # per-seed SampleSets, or None (means only)
+    evaluation_data: str = ""  # the digest of the test and OOD images the metrics come from
+    seed: int = 0  # the seed whose model is logged
+    seed_choice: str = ""  # why that seed
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What one pipeline run did to the registry."""
+
+    loss: str
+    version: int
+    new_version: bool  # False: the same weights were registered before (no version added)
+    champion: bool  # the version holds the champion alias after this run
+    promoted_now: bool  # this run moved the champion alias to it
+    reasons: tuple[str, ...]  # the champion decision
+
+    def line(self) -> str:
+        state = (
+            "now **champion**"
+            if self.promoted_now
+            else "champion (unchanged)"
+            if self.champion
+            else "challenger; the champion is unchanged"
+        )
+        added = "registered as" if self.new_version else "already registered as"
+        return f"{self.loss}: {added} version {self.version}, alias {CHALLENGER}, {state}"
+
+
+def current(name: str, alias: str = CHAMPION) -> Any | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return tracking.client().get_model_version_by_alias(name, CHAMPION)
+        return tracking.client().get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def current_champion(name: str) -> Any | None:
+    return current(name, CHAMPION)
 
 
 def version_with_fingerprint(name: str, model_fingerprint: str) -> Any | None:
@@ -136,77 +193,129 @@ def version_with_fingerprint(name: str, model_fingerprint: str) -> Any | None:
     return min(same, key=lambda v: int(v.version)) if same else None
 
 
-def register(
-    name: str,
-    model_uri: str,
-    run_id: str,
-    loss_id: str,
-    metrics: Mapping[str, float],
-    baseline_reasons: list[str],
-    gate: GateConfig,
-    lock_path: Path,
-    model_fingerprint: str | None = None,
-) -> dict[str, Any]:
-    """Register a candidate that beat the baseline; it takes the alias only if it also beats the champion.
+def _champion_evidence(candidate: Candidate, champion: Any, gate: GateConfig) -> tuple[bool, list[str]]:
+    """The candidate against the current champion with the gate's rule: with the evidence over both
+    models' seeds and test samples when the champion's per-seed results are in the tracking store
+    and come from the same test and OOD images; otherwise on the means, saying why."""
+    from oodgate.gate import decide
 
-    Idempotent: a model whose fingerprint (:func:`oodgate.serving.fingerprint`) is already registered
-    adds no version; the decision is returned as ``unchanged`` with the existing version's number.
+    reference = f"champion v{champion.version}"
+    run = tracking.client().get_run(champion.run_id)
+    why_means = None
+    if gate.confidence is None:
+        why_means = "gate.confidence: null"
+    elif not candidate.samples:
+        why_means = "the candidate's per-sample results are not at hand"
+    elif run.data.tags.get(EVALUATION_DATA_TAG) != candidate.evaluation_data or not candidate.evaluation_data:
+        why_means = (
+            f"the {reference} was evaluated on other test or OOD images "
+            f"({run.data.tags.get(EVALUATION_DATA_TAG, 'not recorded')} vs {candidate.evaluation_data})"
+        )
+    if why_means is None:
+        try:
+            by_seed, samples = tracking.per_seed_results(champion.run_id)
+        except Exception as e:  # missing artifacts, another layout: fall back to the means
+            why_means = (
+                f"the {reference}'s per-seed results are not in the tracking store ({type(e).__name__}: {e})"
+            )
+        else:
+            d = decide(
+                candidate.metrics_by_seed, by_seed, gate, candidate.samples, samples, reference=reference
+            )
+            return d.promote, list(d.reasons)
+    d = compare_means(candidate.metrics, run.data.metrics, gate, reference=reference)
+    return d.promote, [f"means only ({why_means})", *d.reasons]
+
+
+def _description(candidate: Candidate, champion_reasons: list[str], take: bool, rule: str) -> str:
+    verdict = (
+        "PROMOTED over the SoftMax baseline"
+        if candidate.promote
+        else "not promoted (the run's best candidate)"
+    )
+    lines = [
+        f"{candidate.loss}: {verdict}. Gate: {rule}.",
+        f"Model: seed {candidate.seed} ({candidate.seed_choice}).",
+        "",
+        "| criterion | test | evidence |",
+        "|---|---|---|",
+    ]
+    for metric, test in candidate.tests.items():
+        reason = next((r for r in candidate.reasons if metric_label_in(r, metric)), "")
+        lines.append(f"| {metric} | {test} | {reason} |")
+    if candidate.promote:
+        lines += [
+            "",
+            "became champion" if take else "did not beat the current champion",
+            *[f"- {r}" for r in champion_reasons],
+        ]
+    return "\n".join(lines)
+
+
+def metric_label_in(reason: str, metric: str) -> bool:
+    from oodgate.gate import FPR95_LABELS
+
+    labels = {"test/accuracy": "accuracy ", "test/ece": "calibrated ECE "}
+    for key, label in FPR95_LABELS.items():
+        labels[f"ood/{key}/fpr95"] = f"{label} "
+    return reason.startswith(labels.get(metric, metric))
+
+
+def register(
+    name: str, candidate: Candidate, gate: GateConfig, lock_path: Path, rule: str = ""
+) -> Registration:
+    """Register the run's best candidate and give it the ``challenger`` alias; move ``champion`` to it
+    only if the gate promoted it and it beats the current champion (the gate's rule, with the same
+    evidence when the champion's results allow).
+
+    Idempotent: a model whose fingerprint (:func:`oodgate.serving.fingerprint`) is registered already
+    adds no version; that version takes the aliases.
     """
     import mlflow
 
     c = tracking.client()
     with serialised(name, lock_path) as how:
-        existing = version_with_fingerprint(name, model_fingerprint) if model_fingerprint else None
+        existing = version_with_fingerprint(name, candidate.fingerprint) if candidate.fingerprint else None
         if existing is not None:
-            champ = current_champion(name)
-            is_champion = champ is not None and str(champ.version) == str(existing.version)
-            reason = f"unchanged: same fingerprint as version {existing.version}"
-            return {
-                "loss": loss_id,
-                "version": int(existing.version),
-                "champion": is_champion,
-                "unchanged": True,
-                "reasons": [reason + (" (the champion)" if is_champion else "")],
-            }
-        tags = {"oodgate.loss": loss_id, SERIALISED_TAG: how}
-        if model_fingerprint:
-            tags[FINGERPRINT_TAG] = model_fingerprint
-        mv = mlflow.register_model(model_uri, name, tags=tags)
-        champ = current_champion(name)
-        if champ is None:
-            take, champ_reasons = True, ["no current champion"]
+            version, new = existing, False
         else:
-            champ_metrics = c.get_run(champ.run_id).data.metrics
-            # Means over seeds: the champion's run may come from another flow run, whose test
-            # samples this one does not hold; the evidence was asked of both against the baseline.
-            d = compare_means(metrics, champ_metrics, gate, reference=f"champion v{champ.version}")
-            take, champ_reasons = d.promote, list(d.reasons)
-        if take:
-            c.set_registered_model_alias(name, CHAMPION, mv.version)
-    description = "\n".join(
-        [
-            f"{loss_id}: beat the SoftMax baseline",
-            *[f"- {r}" for r in baseline_reasons],
-            "became champion" if take else "registered, but did not beat the current champion",
-            *[f"- {r}" for r in champ_reasons],
-        ]
-    )
-    c.update_model_version(name, mv.version, description=description)
-    c.set_model_version_tag(
-        name, mv.version, "oodgate.champion_decision", "promoted" if take else "kept_champion"
-    )
+            tags = {
+                "oodgate.loss": candidate.loss,
+                SERIALISED_TAG: how,
+                "oodgate.registered_seed": str(candidate.seed),
+                "oodgate.seed_choice": candidate.seed_choice,
+                "oodgate.gate": "promote" if candidate.promote else "reject",
+                "oodgate.gate.tests": json.dumps(dict(candidate.tests), sort_keys=True),
+                "oodgate.gate.reasons": "; ".join(candidate.reasons)[:5000],
+            }
+            if candidate.fingerprint:
+                tags[FINGERPRINT_TAG] = candidate.fingerprint
+            version, new = mlflow.register_model(candidate.model_uri, name, tags=tags), True
+        c.set_registered_model_alias(name, CHALLENGER, version.version)
+        champ = current_champion(name)
+        take, reasons = False, ["not promoted: the gate did not show it better than the baseline"]
+        if candidate.promote:
+            if champ is None:
+                take, reasons = True, ["no current champion"]
+            elif str(champ.version) == str(version.version):
+                reasons = [f"unchanged: same fingerprint as version {version.version} (the champion)"]
+            else:
+                take, reasons = _champion_evidence(candidate, champ, gate)
+            if take:
+                c.set_registered_model_alias(name, CHAMPION, version.version)
+    is_champion = take or (champ is not None and str(champ.version) == str(version.version))
+    if new:
+        c.update_model_version(
+            name, version.version, description=_description(candidate, reasons, take, rule)
+        )
+        decision = "promoted" if take else "kept_champion" if candidate.promote else "challenger"
+        c.set_model_version_tag(name, version.version, "oodgate.champion_decision", decision)
     tracking.set_tags(
-        run_id,
+        candidate.run_id,
         {
-            "oodgate.registered_version": mv.version,
-            "oodgate.champion": str(take).lower(),
-            "oodgate.champion_reasons": "; ".join(champ_reasons),
+            "oodgate.registered_version": version.version,
+            "oodgate.champion": str(is_champion).lower(),
+            "oodgate.champion_reasons": "; ".join(reasons),
         },
     )
-    return {
-        "loss": loss_id,
-        "version": int(mv.version),
-        "champion": take,
-        "unchanged": False,
-        "reasons": champ_reasons,
-    }
+    return Registration(candidate.loss, int(version.version), new, is_champion, take, tuple(reasons))

@@ -27,7 +27,7 @@ from oodgate.config import Config
 from oodgate.evaluation import THRESHOLD_TPR
 from oodgate.serving import ServingModel, fingerprint
 from oodgate.steps.common import PROVENANCE
-from oodgate.steps.results import Calibrated, Evaluated, Trained
+from oodgate.steps.results import Calibrated, Evaluated, Trained, choose_seed
 from tasks import registry, tracking
 
 
@@ -46,24 +46,40 @@ class LossResult:
     sample_dirs: list[str] | None = None  # None: the samples are the run's artifacts (a reused run)
     train_seconds: float = 0.0
     reused: bool = False
+    seed: int = 0  # the seed whose model is logged (chosen on validation data)
+    seed_choice: str = ""
+    evaluation_data: str = ""  # digest of the test and OOD images (registry.EVALUATION_DATA_TAG)
 
 
 @dataclass(frozen=True)
 class Packaged:
-    """One loss's serving model exported to files by :func:`package_model` (the first seed's)."""
+    """One loss's serving model exported to files by :func:`package_model`: the model of the seed
+    chosen on validation data."""
 
     dir: str  # what tracking.export_model writes
     fingerprint: str  # oodgate.serving.fingerprint of the serving model
+    seed: int = 0
+    seed_choice: str = ""
 
 
 @task(name="package-model", task_run_name="package-{loss_id}")
-def package_model(loss_id: str, calibrated: Calibrated, evaluated: Evaluated, out_dir: str) -> Packaged:
-    """Export the calibrated model of one seed with its OOD threshold and reference into ``out_dir``.
+def package_model(
+    loss_id: str,
+    trained: list[Trained],
+    calibrated: list[Calibrated],
+    evaluated: list[Evaluated],
+    out_dir: str,
+) -> Packaged:
+    """Export the calibrated model of the seed chosen on validation data
+    (:func:`oodgate.steps.results.choose_seed`), with its OOD threshold and reference, into ``out_dir``.
 
     A task of its own so that it runs on the task runner's thread like training: the flow logs each
     loss while the next one trains, and torch code run in the flow's thread as well would give that
     thread an OpenMP team of its own, which makes libgomp throttle every team's spin-waits."""
-    model = with_score(load_classifier(Path(calibrated.dir) / "calibrated.pt"), evaluated.score)
+    seed, why = choose_seed(trained, calibrated)
+    calibrated_seed = next(c for c in calibrated if c.seed == seed)
+    evaluated = next(e for e in evaluated if e.seed == seed)
+    model = with_score(load_classifier(Path(calibrated_seed.dir) / "calibrated.pt"), evaluated.score)
     serving = ServingModel(model, evaluated.threshold)
     size = (2, model.spec.in_channels, model.spec.image_size, model.spec.image_size)
     example = torch.rand(size, generator=torch.Generator().manual_seed(0))  # not the global RNG
@@ -77,7 +93,7 @@ def package_model(loss_id: str, calibrated: Calibrated, evaluated: Evaluated, ou
     tracking.export_model(
         Path(out_dir), serving, example, list(model.spec.class_names), reference, model.spec.preprocessing
     )
-    return Packaged(out_dir, fingerprint(serving))
+    return Packaged(out_dir, fingerprint(serving), seed, why)
 
 
 def _history(trained: Trained) -> tuple[list[dict], list[dict]]:
@@ -97,15 +113,19 @@ def log_loss_run(
     calibrated: list[Calibrated],
     evaluated: list[Evaluated],
     packaged: Packaged | None = None,
+    evaluation_data: str = "",
 ) -> LossResult:
     """History, metrics, plots and the calibrated model of one loss (all seeds) into its child run.
 
     ``packaged``: the model :func:`package_model` exported (the flow runs it on the task runner's
-    thread); without it, the model is exported here. No torch code runs here otherwise."""
+    thread); without it, the model is exported here. No torch code runs here otherwise.
+    ``evaluation_data``: the digest of the test and OOD images (:func:`evaluation_images`)."""
     if packaged is None:
         with tempfile.TemporaryDirectory() as tmp:
-            packaged = package_model.fn(loss_id, calibrated[0], evaluated[0], str(Path(tmp) / "model"))
-            return log_loss_run.fn(run_id, cfg, loss_id, trained, calibrated, evaluated, packaged)
+            packaged = package_model.fn(loss_id, trained, calibrated, evaluated, str(Path(tmp) / "model"))
+            return log_loss_run.fn(
+                run_id, cfg, loss_id, trained, calibrated, evaluated, packaged, evaluation_data
+            )
     for t in trained:
         history, times = _history(t)
         tracking.log_history(run_id, history, prefix=f"history/seed{t.seed}/")
@@ -133,15 +153,19 @@ def log_loss_run(
     provenance = Path(trained[0].dir) / PROVENANCE
     if provenance.is_file():
         tracking.set_tags(run_id, tracking.numerics_tags(json.loads(provenance.read_text())))
-    first = evaluated[0]  # the registered model is the first seed's
+    chosen = next(e for e in evaluated if e.seed == packaged.seed)  # the logged model's seed
+    temperature = next(c for c in calibrated if c.seed == packaged.seed).temperature
     tracking.set_tags(
         run_id,
         {
-            "oodgate.score": first.score,
+            "oodgate.score": chosen.score,
             "oodgate.device": trained[0].device,
-            "oodgate.threshold": f"{first.threshold:.6g}",
-            "oodgate.temperature": f"{calibrated[0].temperature:.6g}",
+            "oodgate.threshold": f"{chosen.threshold:.6g}",
+            "oodgate.temperature": f"{temperature:.6g}",
             "oodgate.model_fingerprint": packaged.fingerprint,
+            "oodgate.model_seed": str(packaged.seed),
+            "oodgate.seed_choice": packaged.seed_choice,
+            registry.EVALUATION_DATA_TAG: evaluation_data,
         },
     )
     model_uri = tracking.log_exported_model(run_id, Path(packaged.dir))
@@ -153,11 +177,23 @@ def log_loss_run(
         model_fingerprint=packaged.fingerprint,
         mean=mean,
         std=std,
-        score=first.score,
+        score=chosen.score,
         metrics_by_seed=reports,
         sample_dirs=[e.dir for e in evaluated],
         train_seconds=train_seconds,
+        seed=packaged.seed,
+        seed_choice=packaged.seed_choice,
+        evaluation_data=evaluation_data,
     )
+
+
+def evaluation_images(prepared_dir: str | Path) -> str:
+    """Which test and OOD images a run's metrics come from: the digest of the prepared ``id.pt`` and
+    ``ood.pt``. Two runs with the same digest were evaluated on the same images, so their per-sample
+    results can be resampled together (the registry's champion comparison)."""
+    from oodgate.steps.common import digest, file_digest
+
+    return digest([file_digest(Path(prepared_dir) / "id.pt"), file_digest(Path(prepared_dir) / "ood.pt")])
 
 
 def reused_result(run) -> LossResult:
@@ -172,19 +208,32 @@ def reused_result(run) -> LossResult:
         score=tags.get("oodgate.score", ""),
         metrics_by_seed=tracking.download_json(run.info.run_id, "metrics_by_seed.json"),
         reused=True,
+        seed=int(tags.get("oodgate.model_seed", "0")),
+        seed_choice=tags.get("oodgate.seed_choice", ""),
+        evaluation_data=tags.get(registry.EVALUATION_DATA_TAG, ""),
     )
 
 
 @task(name="register", task_run_name="register-{loss_id}")
-def register_model(cfg: Config, loss_id: str, logged: LossResult, reasons: list[str], lock_path: str) -> dict:
-    return registry.register(
-        cfg.registry.model_name,
-        logged.model_uri,
-        logged.run_id,
-        loss_id,
-        logged.mean,
-        reasons,
-        cfg.gate,
-        Path(lock_path),
-        model_fingerprint=logged.model_fingerprint,
+def register_model(
+    cfg: Config, loss_id: str, logged: LossResult, decision: dict, samples: list | None, lock_path: str, rule: str
+) -> registry.Registration:
+    """Register the run's best candidate ``loss_id`` as the challenger; the champion alias moves to
+    it only if the gate promoted it (``decision``) and it beats the current champion."""
+    candidate = registry.Candidate(
+        loss=loss_id,
+        model_uri=logged.model_uri,
+        run_id=logged.run_id,
+        fingerprint=logged.model_fingerprint,
+        promote=decision["promote"],
+        reasons=tuple(decision["reasons"]),
+        tests=decision.get("tests", {}),
+        evidence=decision.get("evidence", {}),
+        metrics=logged.mean,
+        metrics_by_seed=tuple(logged.metrics_by_seed),
+        samples=tuple(samples) if samples else None,
+        evaluation_data=logged.evaluation_data,
+        seed=logged.seed,
+        seed_choice=logged.seed_choice,
     )
+    return registry.register(cfg.registry.model_name, candidate, cfg.gate, Path(lock_path), rule)

@@ -284,6 +284,22 @@ def download_dir(run_id: str, artifact: str, dst: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst)))
 
 
+def per_seed_results(run_id: str) -> tuple[list[dict[str, float]], list[Any]]:
+    """A loss's child run as the gate reads it: the metrics of each seed (``metrics_by_seed.json``)
+    and each seed's per-sample arrays (``samples/seed<k>/samples.pt``), seeds from its ``seeds``
+    param. Raises what the tracking store raises when an artifact is missing."""
+    from oodgate import steps
+
+    run = client().get_run(run_id)
+    seeds = json.loads(run.data.params["seeds"])
+    by_seed = download_json(run_id, "metrics_by_seed.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = [
+            steps.load_samples(download_dir(run_id, f"samples/seed{s}", Path(tmp) / str(s))) for s in seeds
+        ]
+    return by_seed, samples
+
+
 @contextlib.contextmanager
 def no_pickle() -> Iterator[None]:
     """MLflow refuses pickle deserialisation inside this block (its default allows it)."""

@@ -17,6 +17,26 @@ telemetry_off()
 numerics.apply()
 
 REPO = Path(__file__).resolve().parents[1]
+# What oodgate.numerics sets: a user's shell has none of it, so the entry points must set it themselves.
+NUMERICS_VARIABLES = (
+    numerics.MARKER,
+    "MKL_CBWR",
+    "ONEDNN_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+    "NPY_ENABLE_CPU_FEATURES",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+)
+
+
+def shell_env(**extra: str) -> dict[str, str]:
+    """This process's environment as a user's shell has it: without the numerics pins."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in NUMERICS_VARIABLES}
+    env.update(extra)
+    return env
 
 
 @pytest.fixture(scope="session")

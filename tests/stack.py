@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conftest import shell_env
+
 from flows import TELEMETRY_OFF
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +80,7 @@ def read_events(api_url: str, name: str, wait: float = 30.0) -> list[dict]:
 
 def isolated_env(home: Path) -> dict[str, str]:
     """The environment of a user's shell with a private PREFECT_HOME and no tracking URI set."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    env = {k: v for k, v in shell_env().items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     env.update(TELEMETRY_OFF)
     env.update(
         PYTHONPATH=str(REPO),

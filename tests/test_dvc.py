@@ -352,13 +352,13 @@ def test_push_pull_round_trip_then_exp_run_reruns_only_the_gate(dvc_project, tmp
     assert "Data and pipelines are up to date." in dvc(clone, "status").stdout
 
     # a gate parameter: the pulled outputs of every other stage are reused
-    out = logged(dvc(clone, "exp", "run", "-S", "gate.accuracy_margin=0.5"))
+    out = logged(dvc(clone, "exp", "run", "-S", "gate.accuracy.margin=0.5"))
     assert ran(out) == ["inputs", "gate"], out
     assert skipped(out) == set(STAGES) - {"inputs", "gate"}, out
-    assert "margin 0.5" in (clone / "artifacts/report.md").read_text()
+    assert "accuracy non-inferior within 0.5" in (clone / "artifacts/report.md").read_text()
     shown = json.loads(dvc(clone, "exp", "show", "--json").stdout)
     experiments = [r for row in shown for exp in row.get("experiments") or [] for r in exp["revs"]]
-    assert [r["data"]["params"]["params.yaml"]["data"]["gate"]["accuracy_margin"] for r in experiments] == [
+    assert [r["data"]["params"]["params.yaml"]["data"]["gate"]["accuracy"]["margin"] for r in experiments] == [
         0.5
     ]
 

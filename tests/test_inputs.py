@@ -62,7 +62,7 @@ def test_training_depends_on_its_keys_and_not_on_scores_calibration_ood_or_the_g
     for change in (
         {"data__ood": ["uniform_noise"]},
         {"data__ood_size": 10},
-        {"gate__ece_margin": 0.01},
+        {"gate__ece": {"test": "noninferior", "margin": 0.02}},
         {"registry__model_name": "x"},
     ):
         assert fps(**change) == (train, cal, ev), change

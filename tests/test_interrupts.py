@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import shell_env
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ class FlowProcess:
     """``python -m flows.pipeline`` in its own session (its own process group, as in a terminal)."""
 
     def __init__(self, project: Path, *overrides: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+        env = {k: v for k, v in shell_env().items() if not k.startswith("PREFECT_API")}
         env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(project / ".prefect"))
         cmd = [sys.executable, "-m", "flows.pipeline", "--root", str(project)]
         for o in overrides:

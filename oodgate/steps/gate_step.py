@@ -72,12 +72,16 @@ def gate(
     promoted = sorted((k for k, d in decisions.items() if d.promote), key=lambda k: rank_key(means[k]))
     return {
         "baseline": base_id,
+        "rule": rule_text(cfg),
         "decisions": {
-            k: {"promote": d.promote, "reasons": list(d.reasons), "evidence": d.metrics()}
+            k: {"promote": d.promote, "reasons": list(d.reasons), "evidence": d.metrics(), "tests": d.tests()}
             for k, d in decisions.items()
         },
         "promoted": promoted,
         "best": promoted[0] if promoted else None,
+        # the run's best candidate (registered as the challenger): the best promoted one, else the one
+        # with the strongest evidence
+        "challenger": promoted[0] if promoted else strongest(decisions, means),
         "means": means,
         "stds": stds,
         "seeds": {k: len(v) for k, v in metrics_by_loss.items()},
@@ -86,15 +90,35 @@ def gate(
     }
 
 
+def strongest(decisions: Mapping[str, Any], means: Mapping[str, Mapping[str, float]]) -> str | None:
+    """The candidate whose evidence is strongest (:meth:`oodgate.gate.Decision.strength`; ties: the
+    better means, :func:`oodgate.gate.rank_key`)."""
+    if not decisions:
+        return None
+    return max(decisions, key=lambda k: (decisions[k].strength(), tuple(-x for x in rank_key(means[k]))))
+
+
+def rule_text(cfg: Config) -> str:
+    """The gate's rule in one line (the report's header, the registry's descriptions)."""
+    g = cfg.gate
+    fpr = {"mean": "mean FPR95", "groups": "near- and far-OOD FPR95", "worst": "worst-set FPR95"}[g.fpr95.over]
+    parts = []
+    for label, c in (("accuracy", g.accuracy), ("calibrated ECE", g.ece), (fpr, g.fpr95)):
+        parts.append(
+            f"{label} {'superior by' if c.test == 'superior' else 'non-inferior within'} {c.margin:g}"
+        )
+    evidence = (
+        f"each with {g.confidence:.0%} confidence over seeds and test samples"
+        if g.confidence is not None
+        else "on the means over seeds only (gate.confidence: null)"
+    )
+    means = "; and all three means better than the baseline's" if g.better_means else ""
+    return f"{', '.join(parts)}, {evidence}{means}"
+
+
 def gate_markdown(report: Mapping[str, Any]) -> str:
     """The gate's decision for every candidate, with every reason, as a markdown section."""
-    confidence = report.get("confidence")
-    rule = (
-        f"each improvement with {confidence:.0%} confidence over seeds and test samples"
-        if confidence is not None
-        else "means over seeds only (gate.confidence: null)"
-    )
-    lines = [f"## Gate (baseline: {report['baseline']}; {rule})", ""]
+    lines = [f"## Gate (baseline: {report['baseline']}; {report['rule']})", ""]
     for loss_id, d in report["decisions"].items():
         lines.append(f"- **{loss_id}**: {'PROMOTE' if d['promote'] else 'REJECT'}")
         lines += [f"    - {r}" for r in d["reasons"]]
