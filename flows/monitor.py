@@ -57,9 +57,10 @@ class MonitorError(ValueError):
 
 
 @task(name="load-champion", cache_policy=NONE)
-def load_champion_task(name: str, alias: str, uri: str) -> tuple[Any, int]:
-    """The version holding ``alias`` now, loaded by its number (a concurrent promotion cannot swap it)."""
-    return load_champion(name, alias, uri)
+def load_champion_task(name: str, alias: str, uri: str, version: int | None = None) -> tuple[Any, int]:
+    """The version holding ``alias`` now (or ``version``), loaded by its number (a concurrent
+    promotion cannot swap it)."""
+    return load_champion(name, alias, uri, version)
 
 
 @task(name="read-batch", cache_policy=NONE)
@@ -111,11 +112,13 @@ def monitor(
     params_path: str = "params.yaml",
     root: str | None = None,
     overrides: dict[str, Any] | None = None,
+    version: int | None = None,
 ) -> dict[str, Any]:
     """Score one batch with the champion, test its OOD rate, log it; returns the batch's summary.
 
     ``batch`` (default ``monitor.batch``) and ``params_path`` are relative to ``root``, the project
-    directory (default: this repository).
+    directory (default: this repository). The model is the version holding ``monitor.alias``
+    (``champion``; ``challenger`` for the last run's best candidate), or ``version``.
     """
     project = Path(root).resolve() if root else PROJECT_ROOT
     cfg = load_config(project / params_path, overrides)
@@ -126,8 +129,9 @@ def monitor(
     from oodgate import numerics
 
     numerics.activate(cfg.numerics.mode, cfg.numerics.threads)  # the champion scores under them
-    model, v = load_champion_task(name, mon.alias, uri)
-    info = monitor_tasks.describe(model, f"{name} v{v} ({mon.alias})")
+    model, v = load_champion_task(name, mon.alias, uri, version)
+    used = f"version {version}" if version is not None else mon.alias
+    info = monitor_tasks.describe(model, f"{name} v{v} ({used})")
     data = read_batch(str(path), info.shape, getattr(info, "preprocessing", "exact") == "fit")
     exp_id = tracking.ensure_experiment(mon.experiment, project)
     out_dir = (project / cfg.workdir / "monitor").resolve()
@@ -145,7 +149,7 @@ def monitor(
         test=test.as_dict(),
         model_name=name,
         champion_version=v,
-        alias=mon.alias,
+        alias=used,
         batch=str(path),
         batch_digest=data.digest,
     )
@@ -170,7 +174,7 @@ def monitor(
         params={
             "batch": str(path),
             "images": summary["n"],
-            "alias": mon.alias,
+            "alias": used,
             "test": mon.test,
             "alpha": mon.alpha,
         },
@@ -278,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--root", default=None, help="the project directory (default: this repository)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a params key")
+    p.add_argument(
+        "--alias", default=None, help="the model's alias (default monitor.alias: champion; or challenger)"
+    )
+    p.add_argument("--version", type=int, default=None, help="a version number instead of an alias")
     args = p.parse_args(argv)
     from oodgate.config import parse_overrides
     from oodgate.data import DataNotFoundError
@@ -286,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root).resolve() if args.root else PROJECT_ROOT
     try:
         overrides = parse_overrides(args.set)
+        if args.alias:
+            overrides["monitor.alias"] = args.alias
         cfg = load_config(root / args.params, overrides)
         batches = [str(Path(args.batch).resolve()) if args.batch else None]  # --batch is relative to here
         if args.demo:
@@ -298,7 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         tracking.connect(root=root)
         for b in batches:
             t0 = time.perf_counter()
-            summary = monitor(batch=b, params_path=args.params, root=str(root), overrides=overrides or None)
+            summary = monitor(
+                batch=b,
+                params_path=args.params,
+                root=str(root),
+                overrides=overrides or None,
+                version=args.version,
+            )
             print(
                 f"{summary['batch']}: alert {summary['test']['alert']}, OOD rate {summary['ood_rate']:.1%}, "
                 f"{summary['model_name']} v{summary['champion_version']} ({time.perf_counter() - t0:.1f} s)",

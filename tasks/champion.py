@@ -42,8 +42,43 @@ def _check_store(uri: str) -> None:
             )
 
 
-def resolve(name: str = MODEL_NAME, alias: str = ALIAS, uri: str | None = None) -> Any:
-    """The model version that holds ``alias``; errors name the tracking URI, the model and the fix."""
+def _no_alias(name: str, alias: str, uri: str, versions: list) -> str:
+    """Why there is no version with ``alias``, in one line; for the champion: which version is the
+    challenger, why it was not promoted, and how to use it anyway."""
+    client = tracking.client()
+    listed = ", ".join(sorted((str(v.version) for v in versions), key=int))
+    if alias == ALIAS:
+        try:
+            c = client.get_model_version_by_alias(name, "challenger")
+        except Exception:
+            c = None
+        if c is not None:
+            tags = c.tags or {}
+            why = next(
+                (
+                    r
+                    for r in tags.get("oodgate.gate.reasons", "").split("; ")
+                    if "not shown" in r or "fails" in r or "not better" in r
+                ),
+                "the gate did not show it better than the SoftMax baseline",
+            )
+            return (
+                f"model {name!r} at {uri} has no champion: no candidate was promoted over the SoftMax baseline; "
+                f"the challenger is version {c.version} ({tags.get('oodgate.loss', '?')}, not promoted: {why}); "
+                f"use it anyway with --alias challenger (make serve-model ARGS='--alias challenger', "
+                f"load_champion(alias='challenger'))"
+            )
+    return (
+        f"model {name!r} at {uri} has no version with alias {alias!r} (versions: {listed}); "
+        f"pass --version N, or set it with MlflowClient().set_registered_model_alias({name!r}, {alias!r}, <version>)"
+    )
+
+
+def resolve(
+    name: str = MODEL_NAME, alias: str = ALIAS, uri: str | None = None, version: int | None = None
+) -> Any:
+    """The model version that holds ``alias`` (or the given ``version``); errors name the tracking
+    URI, the model and the fix."""
     from mlflow.exceptions import MlflowException
 
     uri = uri or tracking.default_tracking_uri()
@@ -59,23 +94,30 @@ def resolve(name: str = MODEL_NAME, alias: str = ALIAS, uri: str | None = None) 
             f"no registered model {name!r} at {uri}: no candidate has passed the gate yet "
             "(the last pipeline run's gate-decision artifact says why)"
         )
+    if version is not None:
+        found = [v for v in versions if int(v.version) == int(version)]
+        if not found:
+            listed = ", ".join(sorted((str(v.version) for v in versions), key=int))
+            raise ChampionNotFoundError(
+                f"model {name!r} at {uri} has no version {version} (versions: {listed})"
+            )
+        return found[0]
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
-        listed = ", ".join(sorted((str(v.version) for v in versions), key=int))
-        raise ChampionNotFoundError(
-            f"model {name!r} at {uri} has no version with alias {alias!r} (versions: {listed}); "
-            f"set it with MlflowClient().set_registered_model_alias({name!r}, {alias!r}, <version>)"
-        ) from None
+        raise ChampionNotFoundError(_no_alias(name, alias, uri, versions)) from None
 
 
-def load_champion(name: str = MODEL_NAME, alias: str = ALIAS, uri: str | None = None) -> tuple[Any, int]:
-    """``(model, version)``: the champion as an MLflow pyfunc whose ``predict(images)`` takes
+def load_champion(
+    name: str = MODEL_NAME, alias: str = ALIAS, uri: str | None = None, version: int | None = None
+) -> tuple[Any, int]:
+    """``(model, version)``: the version holding ``alias`` (default the champion; ``challenger``: the
+    last run's best candidate), or ``version``, as an MLflow pyfunc whose ``predict(images)`` takes
     ``(B, C, H, W)`` float images in [0, 1] (or uint8) and returns one row per image: ``p_<class>``,
     ``predicted``, ``score``, ``in_distribution`` (see ``tasks/pyfunc_model.py``)."""
     import mlflow
 
-    version = resolve(name, alias, uri)
+    version = resolve(name, alias, uri, version)
     with tracking.no_pickle():  # nothing in the registered model is pickled
         model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
     return model, int(version.version)
@@ -106,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve the champion over REST with `mlflow models serve`")
     s.add_argument("--name", default=MODEL_NAME)
-    s.add_argument("--alias", default=ALIAS)
+    s.add_argument(
+        "--alias", default=ALIAS, help="champion (default), or challenger: the last run's best candidate"
+    )
+    s.add_argument("--version", type=int, default=None, help="a version number instead of an alias")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=5001)
     args = p.parse_args(argv)
@@ -117,13 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     numerics.apply_from_params(tracking.PROJECT_ROOT / "params.yaml")
     uri = tracking.default_tracking_uri()
     try:
-        version = resolve(args.name, args.alias, uri)
+        version = resolve(args.name, args.alias, uri, args.version)
     except (ChampionNotFoundError, tracking.TrackingUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     loss = (version.tags or {}).get("oodgate.loss", "?")
     print(
-        f"Serving {args.name} version {version.version} ({args.alias}, loss {loss}) from {uri}\n"
+        f"Serving {args.name} version {version.version} "
+        f"({'version ' + str(args.version) if args.version else args.alias}, loss {loss}) from {uri}\n"
         f"  POST http://{args.host}:{args.port}/invocations   (Ctrl-C stops it)",
         flush=True,
     )

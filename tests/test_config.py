@@ -54,7 +54,11 @@ def _with(base: dict, dotted: str, value) -> dict:
         ("gate.bootstrap", {"enabled": True}, r"gate: gate\.bootstrap was replaced.*gate\.confidence"),
         ("gate.fpr95.over", "median", r"gate\.fpr95\.over: .*'mean', 'groups' or 'worst' \(got 'median'\)"),
         ("gate.fpr95", "worst", r"gate\.fpr95 is a section now: write gate\.fpr95: \{over: worst\}"),
-        ("gate.accuracy_margin", 0.01, r"gate\.accuracy_margin was replaced.*gate\.accuracy: \{test: noninferior"),
+        (
+            "gate.accuracy_margin",
+            0.01,
+            r"gate\.accuracy_margin was replaced.*gate\.accuracy: \{test: noninferior",
+        ),
         ("gate.ece.test", "better", r"gate\.ece\.test: .*'superior' or 'noninferior' \(got 'better'\)"),
         ("gate.accuracy.margin", -0.1, r"gate\.accuracy\.margin: .*greater than or equal to 0"),
         ("seeds", [0], r"gate\.confidence=0\.95 needs at least 2 seeds.*gate\.confidence: null"),

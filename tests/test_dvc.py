@@ -358,9 +358,9 @@ def test_push_pull_round_trip_then_exp_run_reruns_only_the_gate(dvc_project, tmp
     assert "accuracy non-inferior within 0.5" in (clone / "artifacts/report.md").read_text()
     shown = json.loads(dvc(clone, "exp", "show", "--json").stdout)
     experiments = [r for row in shown for exp in row.get("experiments") or [] for r in exp["revs"]]
-    assert [r["data"]["params"]["params.yaml"]["data"]["gate"]["accuracy"]["margin"] for r in experiments] == [
-        0.5
-    ]
+    assert [
+        r["data"]["params"]["params.yaml"]["data"]["gate"]["accuracy"]["margin"] for r in experiments
+    ] == [0.5]
 
 
 @pytest.mark.slow

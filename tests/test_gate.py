@@ -81,7 +81,9 @@ def test_superior_margins_are_required_improvements_and_noninferior_margins_tole
     assert not d.promote and d.evidence[0].tested and not d.evidence[0].passed
     assert "mean not better than the baseline's" in d.reasons[0]
     assert compare_means(lower, BASE, GateConfig(confidence=None, better_means=False)).promote
-    assert not compare_means(_cand(test__accuracy=0.89), BASE, GateConfig(confidence=None, better_means=False)).promote
+    assert not compare_means(
+        _cand(test__accuracy=0.89), BASE, GateConfig(confidence=None, better_means=False)
+    ).promote
 
 
 def test_means_only_reasons_name_the_values_the_test_and_the_reference():
@@ -90,7 +92,9 @@ def test_means_only_reasons_name_the_values_the_test_and_the_reference():
         "accuracy 0.9200 vs champion 0.9000: gain +0.0200; passes non-inferior: not lower by more than "
         "0.005, bound -0.0050; mean better than the champion's"
     )
-    assert d.reasons[2].startswith("mean FPR95 0.3000 vs champion 0.6000: gain +0.3000; passes superior: lower")
+    assert d.reasons[2].startswith(
+        "mean FPR95 0.3000 vs champion 0.6000: gain +0.3000; passes superior: lower"
+    )
     assert d.summary().startswith("PROMOTE: ")
     assert d.tests() == {
         "test/accuracy": "noninferior > -0.005",
@@ -108,7 +112,9 @@ def test_fpr95_rule_picks_the_criteria():
     ]
     assert [c.metric for c in criteria(GateConfig(fpr95={"over": "worst"}), m)][2:] == ["ood/worst/fpr95"]
     only_far = {**BASE, "ood/far/fpr95": 0.7}
-    assert [c.metric for c in criteria(GateConfig(fpr95={"over": "groups"}), only_far)][2:] == ["ood/far/fpr95"]
+    assert [c.metric for c in criteria(GateConfig(fpr95={"over": "groups"}), only_far)][2:] == [
+        "ood/far/fpr95"
+    ]
     # a candidate better on near but not on far OOD fails the groups rule, passes the mean rule
     cand = {**_cand(), "ood/near/fpr95": 0.1, "ood/far/fpr95": 0.75, "ood/worst/fpr95": 0.75}
     assert compare_means(cand, m, GateConfig(confidence=None)).promote
@@ -119,7 +125,9 @@ def test_fpr95_rule_picks_the_criteria():
         "ood/near/fpr95": True,
         "ood/far/fpr95": False,
     }
-    assert any(r.startswith("far-OOD FPR95 0.7500 vs baseline 0.7000: gain -0.0500; fails") for r in d.reasons)
+    assert any(
+        r.startswith("far-OOD FPR95 0.7500 vs baseline 0.7000: gain -0.0500; fails") for r in d.reasons
+    )
 
 
 # ---------------------------------------------------------------- the test itself, reference values
@@ -233,7 +241,9 @@ def test_a_clearly_better_candidate_is_promoted_with_its_evidence():
         for k in ("gain", "bound", "lower", "p_value")
     }
     assert ev["gate/test/accuracy/bound"] == -0.005 and ev["gate/ood/mean/fpr95/bound"] == 0.0
-    assert all(ev[f"gate/{c}/lower"] > ev[f"gate/{c}/bound"] for c in ("test/accuracy", "test/ece", "ood/mean/fpr95"))
+    assert all(
+        ev[f"gate/{c}/lower"] > ev[f"gate/{c}/bound"] for c in ("test/accuracy", "test/ece", "ood/mean/fpr95")
+    )
 
 
 @pytest.mark.slow
@@ -256,7 +266,9 @@ def test_a_candidate_worse_in_accuracy_by_twice_the_tolerance_is_rarely_promoted
     base = simulation.describe(simulation.BASELINE, 150)
     papers = simulation.separation_for_fpr95(0.7 * base["ood/mean/fpr95"][0])
     worse = simulation.Family(
-        simulation.skill_for_accuracy(base["test/accuracy"][0] - 0.01), papers, simulation.BASELINE.overconfidence
+        simulation.skill_for_accuracy(base["test/accuracy"][0] - 0.01),
+        papers,
+        simulation.BASELINE.overconfidence,
     )
     found = simulation.describe(worse, 150)
     assert found["test/accuracy"][0] == pytest.approx(base["test/accuracy"][0] - 0.01, abs=0.002)

@@ -32,7 +32,9 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
-PROVENANCE = "import json; from oodgate import numerics; print(json.dumps(numerics.provenance({mode!r}, {t})))"
+PROVENANCE = (
+    "import json; from oodgate import numerics; print(json.dumps(numerics.provenance({mode!r}, {t})))"
+)
 
 
 def test_portable_environment_pins_every_dispatcher_and_the_threads():
@@ -117,7 +119,9 @@ def test_the_cli_prints_the_variables_to_start_a_worker_by_hand(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     exports = dict(
-        line.removeprefix("export ").split("=", 1) for line in proc.stdout.splitlines() if line.startswith("export")
+        line.removeprefix("export ").split("=", 1)
+        for line in proc.stdout.splitlines()
+        if line.startswith("export")
     )
     assert exports == {k: v for k, v in numerics.environment("portable", 4).items()}
     assert "# numerics: portable (4 threads" in proc.stdout

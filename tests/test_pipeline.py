@@ -6,6 +6,7 @@ database per test, DVC on a temporary project, the embedded data.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -111,30 +112,44 @@ def test_flow_end_to_end_logs_gates_and_registers(first_run):
             )
         )
     assert (
-        "## Gate (baseline: softmax; means over seeds only" in artifact.data and "dismax_fpr" in artifact.data
+        "on the means over seeds only (gate.confidence: null)" in artifact.data
+        and "dismax_fpr" in artifact.data
     )
-    decision = children["dismax_fpr"].data.tags["oodgate.gate"]
-    assert decision in ("promote", "reject") and children["dismax_fpr"].data.tags["oodgate.gate_reasons"]
+    tags = children["dismax_fpr"].data.tags
+    decision = tags["oodgate.gate"]
+    assert decision in ("promote", "reject") and tags["oodgate.gate_reasons"]
+    assert json.loads(tags["oodgate.gate_tests"]) == {
+        "test/accuracy": "noninferior > -0.005",
+        "test/ece": "noninferior > -0.01",
+        "ood/mean/fpr95": "superior > +0",
+    }
+    assert tags["oodgate.model_seed"] == "0" and "chosen on validation data" in tags["oodgate.seed_choice"]
 
-    versions = MlflowClient().search_model_versions("name='oodgate-classifier'")
-    if decision == "promote":  # registered with the alias, first champion of this registry
-        assert len(versions) == 1 and result.registered[0]["champion"]
+    # the run's best candidate (the only one) is registered whatever the decision: the challenger
+    (version,) = MlflowClient().search_model_versions("name='oodgate-classifier'")
+    challenger = MlflowClient().get_model_version_by_alias("oodgate-classifier", "challenger")
+    assert challenger.version == version.version and challenger.run_id == children["dismax_fpr"].info.run_id
+    assert version.tags["oodgate.gate"] == decision and version.tags["oodgate.registered_seed"] == "0"
+    assert "| test/accuracy | noninferior > -0.005 |" in version.description
+    assert result.registration.loss == "dismax_fpr" and result.registration.new_version
+    assert result.registration.champion == (decision == "promote")
+    if decision == "promote":  # the first champion of this registry
         champ = MlflowClient().get_model_version_by_alias("oodgate-classifier", "champion")
-        assert "beat the SoftMax baseline" in champ.description
+        assert champ.version == version.version and "PROMOTED" in champ.description
     else:
-        assert versions == [] and result.registered == []
+        assert "challenger" in parent.data.tags["oodgate.registry"]
 
 
 def test_flow_weighs_the_evidence_over_seeds_and_logs_it(prefect_harness, project, mlflow_db):
     """Two seeds and gate.confidence: every reason states the gain, its lower bound, the p-value and
     the seeds; the same figures are metrics of the child run and of the parent; near- and far-OOD
     summaries are logged beside the overall mean."""
-    overrides = {"seeds": [0, 1], "gate.confidence": 0.95, "gate.samples": 200, "gate.fpr95": "groups"}
+    overrides = {"seeds": [0, 1], "gate.confidence": 0.95, "gate.samples": 200, "gate.fpr95.over": "groups"}
     result = _pipeline(project, **overrides)
     reasons = result.report["decisions"]["dismax_fpr"]["reasons"]
     assert [r.split(" ")[0] for r in reasons] == ["accuracy", "calibrated", "near-OOD", "far-OOD"]
     assert all(
-        re.search(r"gain [+-]\d\.\d{4}, 95% lower bound [+-]\d\.\d{4}, p = \S+, 2 vs 2 seeds", r)
+        re.search(r"gain [+-]\d\.\d{4}; 95% lower bound [+-]\d\.\d{4}, p = \S+, 2 vs 2 seeds: ", r)
         for r in reasons
     )
     child = next(
@@ -143,7 +158,7 @@ def test_flow_weighs_the_evidence_over_seeds_and_logs_it(prefect_harness, projec
     m, parent = child.data.metrics, MlflowClient().get_run(result.parent_run_id).data.metrics
     evidence = result.report["decisions"]["dismax_fpr"]["evidence"]
     for key in ("test/accuracy", "test/ece", "ood/near/fpr95", "ood/far/fpr95"):
-        for stat in ("gain", "lower", "p_value"):
+        for stat in ("gain", "bound", "lower", "p_value"):
             assert m[f"gate/{key}/{stat}"] == pytest.approx(evidence[f"gate/{key}/{stat}"])
             assert parent[f"gate/dismax_fpr/{key}/{stat}"] == pytest.approx(evidence[f"gate/{key}/{stat}"])
     assert m["ood/near/fpr95"] == pytest.approx(m["ood/mnist_unseen/fpr95"])  # one set per group here
@@ -384,6 +399,22 @@ GOOD = {"test/accuracy": 0.95, "test/ece": 0.01, "ood/mean/fpr95": 0.2}
 WORSE = {"test/accuracy": 0.93, "test/ece": 0.02, "ood/mean/fpr95": 0.3}
 
 
+def _candidate(name, run_id, uri, metrics, promote=True, fingerprint=None):
+    return registry.Candidate(
+        loss=name,
+        model_uri=uri,
+        run_id=run_id,
+        fingerprint=fingerprint,
+        promote=promote,
+        reasons=("beat baseline",),
+        tests={"test/accuracy": "noninferior > -0.005"},
+        evidence={},
+        metrics=metrics,
+        seed=0,
+        seed_choice="chosen on validation data",
+    )
+
+
 def test_champion_moves_only_to_a_better_model_and_loads_from_the_registry(mlflow_db, prepared_dir, tmp_path):
     from oodgate.config import GateConfig
 
@@ -392,14 +423,18 @@ def test_champion_moves_only_to_a_better_model_and_loads_from_the_registry(mlflo
     run_a, uri_a = _logged_model(exp, "a", WORSE, prepared_dir)
     run_b, uri_b = _logged_model(exp, "b", GOOD, prepared_dir)
     run_c, uri_c = _logged_model(exp, "c", WORSE, prepared_dir)
-    ra = registry.register("m", uri_a, run_a, "a", WORSE, ["beat baseline"], GateConfig(), lock)
-    rb = registry.register("m", uri_b, run_b, "b", GOOD, ["beat baseline"], GateConfig(), lock)
-    rc = registry.register("m", uri_c, run_c, "c", WORSE, ["beat baseline"], GateConfig(), lock)
-    assert (ra["champion"], rb["champion"], rc["champion"]) == (True, True, False)
+    means_only = GateConfig(confidence=None)
+    ra = registry.register("m", _candidate("a", run_a, uri_a, WORSE), means_only, lock)
+    rb = registry.register("m", _candidate("b", run_b, uri_b, GOOD), means_only, lock)
+    rc = registry.register("m", _candidate("c", run_c, uri_c, WORSE), means_only, lock)
+    assert (ra.promoted_now, rb.promoted_now, rc.promoted_now) == (True, True, False)
+    assert rc.reasons[0] == "means only (gate.confidence: null)"
     champ = MlflowClient().get_model_version_by_alias("m", "champion")
     assert str(champ.version) == "2"
+    assert str(MlflowClient().get_model_version_by_alias("m", "challenger").version) == "3"  # the last run's
     v3 = MlflowClient().get_model_version("m", "3")
     assert "did not beat the current champion" in v3.description
+    assert v3.tags["oodgate.champion_decision"] == "kept_champion"
     assert MlflowClient().get_run(run_c).data.tags["oodgate.champion"] == "false"
 
     model = mlflow.pyfunc.load_model("models:/m@champion")
@@ -424,19 +459,37 @@ def test_champion_moves_only_to_a_better_model_and_loads_from_the_registry(mlflo
         assert len(str(e.value)) < 200
 
 
+def test_a_candidate_not_promoted_is_the_challenger_and_never_the_champion(mlflow_db, prepared_dir, tmp_path):
+    from oodgate.config import GateConfig
+
+    exp = tracking.ensure_experiment("oodgate", tmp_path)
+    run_id, uri = _logged_model(exp, "x", GOOD, prepared_dir)
+    r = registry.register(
+        "m4", _candidate("x", run_id, uri, GOOD, promote=False), GateConfig(), tmp_path / "l"
+    )
+    assert (r.version, r.new_version, r.champion, r.promoted_now) == (1, True, False, False)
+    assert r.reasons == ("not promoted: the gate did not show it better than the baseline",)
+    assert str(MlflowClient().get_model_version_by_alias("m4", "challenger").version) == "1"
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        MlflowClient().get_model_version_by_alias("m4", "champion")
+    v = MlflowClient().get_model_version("m4", "1")
+    assert v.tags["oodgate.champion_decision"] == "challenger" and "not promoted" in v.description
+    assert "challenger" in r.line()
+
+
 def test_two_flows_gating_at_once_leave_exactly_one_champion(mlflow_db, prepared_dir, tmp_path):
     from oodgate.config import GateConfig
 
     exp = tracking.ensure_experiment("oodgate", tmp_path)
     lock = tmp_path / "lock"
     entries = [(*_logged_model(exp, n, m, prepared_dir), n, m) for n, m in (("x", WORSE), ("y", GOOD))]
-    results: dict[str, dict] = {}
+    results: dict[str, registry.Registration] = {}
     barrier = threading.Barrier(2)
 
     def gate_one(run_id, uri, name, metrics):
         barrier.wait()
         results[name] = registry.register(
-            "m2", uri, run_id, name, metrics, ["beat baseline"], GateConfig(), lock
+            "m2", _candidate(name, run_id, uri, metrics), GateConfig(confidence=None), lock
         )
 
     threads = [threading.Thread(target=gate_one, args=e) for e in entries]
@@ -448,7 +501,7 @@ def test_two_flows_gating_at_once_leave_exactly_one_champion(mlflow_db, prepared
     assert len(versions) == 2 and all(v.description for v in versions)  # both decisions recorded
     champ = MlflowClient().get_model_version_by_alias("m2", "champion")
     assert champ.run_id == entries[1][0]  # the better one holds the alias, whatever the order
-    assert {r["champion"] for r in results.values()} <= {True, False}
+    assert {r.champion for r in results.values()} <= {True, False}
     for run_id, *_ in entries:
         assert MlflowClient().get_run(run_id).data.tags["oodgate.champion_reasons"]
 
@@ -493,25 +546,16 @@ def test_registering_the_same_weights_again_adds_no_version(mlflow_db, prepared_
     lock = tmp_path / "lock"
     run_a, uri_a = _logged_model(exp, "a", GOOD, prepared_dir)
     run_b, uri_b = _logged_model(exp, "b", GOOD, prepared_dir)  # a re-run: same weights, new run
-    first = registry.register(
-        "m3", uri_a, run_a, "a", GOOD, ["beat"], GateConfig(), lock, model_fingerprint="f1"
+    gate = GateConfig(confidence=None)
+    first = registry.register("m3", _candidate("a", run_a, uri_a, GOOD, fingerprint="f1"), gate, lock)
+    again = registry.register("m3", _candidate("a", run_b, uri_b, GOOD, fingerprint="f1"), gate, lock)
+    assert (first.version, first.champion, first.new_version) == (1, True, True)
+    assert again == registry.Registration(
+        "a", 1, False, True, False, ("unchanged: same fingerprint as version 1 (the champion)",)
     )
-    again = registry.register(
-        "m3", uri_b, run_b, "a", GOOD, ["beat"], GateConfig(), lock, model_fingerprint="f1"
-    )
-    assert (first["version"], first["champion"], first["unchanged"]) == (1, True, False)
-    assert again == {
-        "loss": "a",
-        "version": 1,
-        "champion": True,
-        "unchanged": True,
-        "reasons": ["unchanged: same fingerprint as version 1 (the champion)"],
-    }
     assert len(MlflowClient().search_model_versions("name='m3'")) == 1
-    other = registry.register(
-        "m3", uri_b, run_b, "a", GOOD, ["beat"], GateConfig(), lock, model_fingerprint="f2"
-    )
-    assert other["version"] == 2 and not other["unchanged"]
+    other = registry.register("m3", _candidate("a", run_b, uri_b, GOOD, fingerprint="f2"), gate, lock)
+    assert other.version == 2 and other.new_version
 
 
 def test_model_fingerprint_is_the_weights():
@@ -551,7 +595,9 @@ def test_a_tampered_champion_is_refused_without_running_its_payload(mlflow_db, p
 
     exp = tracking.ensure_experiment("oodgate", tmp_path)
     run_id, uri = _logged_model(exp, "t", GOOD, prepared_dir)
-    registry.register("tampered", uri, run_id, "t", GOOD, ["beat"], GateConfig(), tmp_path / "lock")
+    registry.register(
+        "tampered", _candidate("t", run_id, uri, GOOD), GateConfig(confidence=None), tmp_path / "lock"
+    )
     model, version = load_champion("tampered", uri=mlflow_db)  # intact: loads
     assert version == 1 and len(model.predict(np.zeros((1, 1, 28, 28), np.float32))) == 1
 
