@@ -42,15 +42,16 @@ def _checked(argv: list[str] | None) -> tuple[argparse.Namespace, Path, dict, An
     from oodgate import numerics
     from oodgate.config import load_config as _load_config
     from oodgate.config import parse_overrides
-    from oodgate.preflight import preflight as _preflight
-    from tasks import tracking as _tracking
 
     _telemetry_off()
     args = _arguments(argv)
     root = Path(args.root).resolve() if args.root else None
     params = ((root or Path.cwd()) / args.params).resolve()  # --params is relative to --root, else to cwd
     overrides = parse_overrides(args.set)
-    numerics.apply_from_params(params, overrides)
+    numerics.apply_from_params(params, overrides)  # before anything below loads NumPy or torch
+    from oodgate.preflight import preflight as _preflight
+    from tasks import tracking as _tracking
+
     cfg = _load_config(params, overrides)
     _preflight(cfg, project=root or _project_root())
     _tracking.connect(root=root or _project_root())  # an unreachable or read-only MLflow store fails here

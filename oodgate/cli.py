@@ -234,7 +234,9 @@ def cmd_run(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
             print(f"gate: not run: {why_not}; run every loss and seed of params.yaml to gate them")
         else:
             report = _gate_report(sub, lay)
-            print(f"{report['table']}\n\n{_gate_text(report)}(--loss/--seed selection: not written to {lay.gate})")
+            print(
+                f"{report['table']}\n\n{_gate_text(report)}(--loss/--seed selection: not written to {lay.gate})"
+            )
     print(f"total {time.perf_counter() - t0:.1f} s")
     return 0
 

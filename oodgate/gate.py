@@ -144,6 +144,8 @@ class Evidence:
     se_sample: float | None = None
 
     def reason(self, reference: str, confidence: float | None) -> str:
+        """One line, no semicolons (reasons are joined with them): the means, the gain, the test
+        and its verdict, and whether the mean is better."""
         c = self.criterion
         head = f"{c.label} {self.candidate:.4f} vs {reference} {self.reference:.4f}: gain {self.gain:+.4f}"
         rule = f"{c.rule()}, bound {c.bound:+.4f}"
@@ -156,9 +158,12 @@ class Evidence:
                 f"{'shown' if self.tested else 'not shown'} with {confidence:.0%} confidence ({rule})"
             )
         if self.better_means:
-            better = "better" if self.gain > 0 else "not better"
-            test += f"; mean {better} than the {reference}'s"
-        return f"{head}; {test}"
+            test += (
+                f", and the mean is better than the {reference}'s"
+                if self.gain > 0
+                else f", but the mean is not better than the {reference}'s"
+            )
+        return f"{head}, {test}"
 
     def metrics(self) -> dict[str, float]:
         """For MLflow: ``gate/<metric>/{gain,bound,lower,p_value}``."""
@@ -189,9 +194,9 @@ class Decision:
         promoted first, then the number of criteria that pass, then the smallest margin by which a
         criterion misses or clears its bound (its lower confidence bound, or the mean gain, minus the
         bound)."""
-        slack = [
-            (e.lower if e.lower is not None else e.gain) - e.criterion.bound for e in self.evidence
-        ] or [-math.inf]
+        slack = [(e.lower if e.lower is not None else e.gain) - e.criterion.bound for e in self.evidence] or [
+            -math.inf
+        ]
         return (int(self.promote), sum(self.checks.values()), min(slack))
 
 

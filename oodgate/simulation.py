@@ -123,7 +123,11 @@ class Draw:
 
 
 def draw(
-    rng: np.random.Generator, candidate: Family, baseline: Family = BASELINE, seeds: int = 3, world: World = DEMO
+    rng: np.random.Generator,
+    candidate: Family,
+    baseline: Family = BASELINE,
+    seeds: int = 3,
+    world: World = DEMO,
 ) -> Draw:
     """One simulated run: ``seeds`` models of each family on shared test and OOD images."""
     shared = _shared(rng, world)
@@ -145,7 +149,10 @@ class Rates:
 
 
 def _moments(reports: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, tuple[float, float]]:
-    return {k: (float(np.mean([r[k] for r in reports])), float(np.std([r[k] for r in reports], ddof=1))) for k in keys}
+    return {
+        k: (float(np.mean([r[k] for r in reports])), float(np.std([r[k] for r in reports], ddof=1)))
+        for k in keys
+    }
 
 
 KEYS = ("test/accuracy", "test/ece", "ood/mean/fpr95")
@@ -171,11 +178,17 @@ def promotion_rate(
         bases += d.baseline
     crit = {k: float(np.mean([d.checks.get(k, False) for d in decisions])) for k in decisions[0].checks}
     return Rates(
-        float(np.mean([d.promote for d in decisions])), crit, _moments(cands, KEYS), _moments(bases, KEYS), draws
+        float(np.mean([d.promote for d in decisions])),
+        crit,
+        _moments(cands, KEYS),
+        _moments(bases, KEYS),
+        draws,
     )
 
 
-def describe(truth: Family, models: int = 60, world: World = DEMO, rng_seed: int = 1) -> dict[str, tuple[float, float]]:
+def describe(
+    truth: Family, models: int = 60, world: World = DEMO, rng_seed: int = 1
+) -> dict[str, tuple[float, float]]:
     """Mean and seed-to-seed standard deviation of a family's accuracy, ECE and mean FPR95."""
     rng = np.random.default_rng(rng_seed)
     reports = []
@@ -185,7 +198,9 @@ def describe(truth: Family, models: int = 60, world: World = DEMO, rng_seed: int
     return _moments(reports, KEYS)
 
 
-def separation_for_fpr95(target: float, truth: Family = BASELINE, world: World = DEMO, models: int = 90) -> float:
+def separation_for_fpr95(
+    target: float, truth: Family = BASELINE, world: World = DEMO, models: int = 90
+) -> float:
     """The separation at which ``truth``'s family has mean FPR95 ``target`` (bisection on
     :func:`describe` with common random numbers)."""
     lo, hi = -2.0, 8.0
@@ -198,7 +213,9 @@ def separation_for_fpr95(target: float, truth: Family = BASELINE, world: World =
     return round((lo + hi) / 2, 3)
 
 
-def skill_for_accuracy(target: float, truth: Family = BASELINE, world: World = DEMO, models: int = 90) -> float:
+def skill_for_accuracy(
+    target: float, truth: Family = BASELINE, world: World = DEMO, models: int = 90
+) -> float:
     """The skill at which ``truth``'s family has mean accuracy ``target`` (bisection)."""
     lo, hi = -2.0, 10.0
     for _ in range(30):
@@ -208,4 +225,3 @@ def skill_for_accuracy(target: float, truth: Family = BASELINE, world: World = D
         if hi - lo < 1e-3:
             break
     return round((lo + hi) / 2, 3)
-

@@ -42,6 +42,11 @@ def _check_store(uri: str) -> None:
             )
 
 
+def _failed(reason: str) -> bool:
+    """Whether a gate reason (:meth:`oodgate.gate.Evidence.reason`) is a criterion that failed."""
+    return any(w in reason for w in ("not shown", ", fails ", "not better", "missing or NaN"))
+
+
 def _no_alias(name: str, alias: str, uri: str, versions: list) -> str:
     """Why there is no version with ``alias``, in one line; for the champion: which version is the
     challenger, why it was not promoted, and how to use it anyway."""
@@ -55,11 +60,7 @@ def _no_alias(name: str, alias: str, uri: str, versions: list) -> str:
         if c is not None:
             tags = c.tags or {}
             why = next(
-                (
-                    r
-                    for r in tags.get("oodgate.gate.reasons", "").split("; ")
-                    if "not shown" in r or "fails" in r or "not better" in r
-                ),
+                (r for r in tags.get("oodgate.gate.reasons", "").split("; ") if _failed(r)),
                 "the gate did not show it better than the SoftMax baseline",
             )
             return (

@@ -286,7 +286,7 @@ def register(
                 "oodgate.seed_choice": candidate.seed_choice,
                 "oodgate.gate": "promote" if candidate.promote else "reject",
                 "oodgate.gate.tests": json.dumps(dict(candidate.tests), sort_keys=True),
-                "oodgate.gate.reasons": "; ".join(candidate.reasons)[:5000],
+                "oodgate.gate.reasons": "; ".join(candidate.reasons)[:5000],  # one reason per criterion
             }
             if candidate.fingerprint:
                 tags[FINGERPRINT_TAG] = candidate.fingerprint

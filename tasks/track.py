@@ -216,7 +216,13 @@ def reused_result(run) -> LossResult:
 
 @task(name="register", task_run_name="register-{loss_id}")
 def register_model(
-    cfg: Config, loss_id: str, logged: LossResult, decision: dict, samples: list | None, lock_path: str, rule: str
+    cfg: Config,
+    loss_id: str,
+    logged: LossResult,
+    decision: dict,
+    samples: list | None,
+    lock_path: str,
+    rule: str,
 ) -> registry.Registration:
     """Register the run's best candidate ``loss_id`` as the challenger; the champion alias moves to
     it only if the gate promoted it (``decision``) and it beats the current champion."""

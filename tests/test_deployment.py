@@ -364,7 +364,10 @@ def test_the_cron_fires_a_run_and_a_rerun_trains_nothing(served):
     reused = dict(item.split("=") for item in parent.data.tags["oodgate.reused_runs"].split(","))
     assert set(reused) == LOSSES
     assert parent.data.tags["oodgate.gate.isomax_plus"] == "promote"
-    assert "unchanged: same fingerprint as version 1" in parent.data.tags["oodgate.registry"]
+    assert (
+        parent.data.tags["oodgate.registry"]
+        == "isomax_plus: already registered as version 1, alias challenger, champion (unchanged)"
+    )
     assert len(served.mlflow.search_model_versions(f"name='{MODEL}'")) == 1  # no v2 of the same weights
     seconds = (later.end_time - later.start_time).total_seconds()
     print(f"cached re-run of the deployment: {seconds:.1f} s (Running to Completed)")

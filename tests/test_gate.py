@@ -13,7 +13,6 @@ from oodgate import metrics, resampling, simulation
 from oodgate.config import GateConfig
 from oodgate.gate import (
     Criterion,
-    SampleSet,
     compare_means,
     criteria,
     decide,
@@ -79,7 +78,7 @@ def test_superior_margins_are_required_improvements_and_noninferior_margins_tole
     lower = _cand(test__accuracy=0.898)
     d = compare_means(lower, BASE, MEANS_ONLY)
     assert not d.promote and d.evidence[0].tested and not d.evidence[0].passed
-    assert "mean not better than the baseline's" in d.reasons[0]
+    assert "but the mean is not better than the baseline's" in d.reasons[0]
     assert compare_means(lower, BASE, GateConfig(confidence=None, better_means=False)).promote
     assert not compare_means(
         _cand(test__accuracy=0.89), BASE, GateConfig(confidence=None, better_means=False)
@@ -89,11 +88,11 @@ def test_superior_margins_are_required_improvements_and_noninferior_margins_tole
 def test_means_only_reasons_name_the_values_the_test_and_the_reference():
     d = compare_means(_cand(), BASE, MEANS_ONLY, reference="champion")
     assert d.reasons[0] == (
-        "accuracy 0.9200 vs champion 0.9000: gain +0.0200; passes non-inferior: not lower by more than "
-        "0.005, bound -0.0050; mean better than the champion's"
+        "accuracy 0.9200 vs champion 0.9000: gain +0.0200, passes non-inferior: not lower by more than "
+        "0.005, bound -0.0050, and the mean is better than the champion's"
     )
     assert d.reasons[2].startswith(
-        "mean FPR95 0.3000 vs champion 0.6000: gain +0.3000; passes superior: lower"
+        "mean FPR95 0.3000 vs champion 0.6000: gain +0.3000, passes superior: lower"
     )
     assert d.summary().startswith("PROMOTE: ")
     assert d.tests() == {
@@ -126,7 +125,7 @@ def test_fpr95_rule_picks_the_criteria():
         "ood/far/fpr95": False,
     }
     assert any(
-        r.startswith("far-OOD FPR95 0.7500 vs baseline 0.7000: gain -0.0500; fails") for r in d.reasons
+        r.startswith("far-OOD FPR95 0.7500 vs baseline 0.7000: gain -0.0500, fails") for r in d.reasons
     )
 
 

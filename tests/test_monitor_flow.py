@@ -86,17 +86,18 @@ def project(tmp_path_factory, embedded_root, mlflow_template, prefect_harness) -
         exp = tracking.ensure_experiment("oodgate", root)
         run_id = tracking.start_run(exp, "softmax", {"oodgate.loss": "softmax"})
         logged = log_loss_run.fn(run_id, cfg, "softmax", [trained], [calibrated], [evaluated])
-        registry.register(
-            MODEL,
-            logged.model_uri,
-            run_id,
-            "softmax",
-            logged.mean,
-            [],
-            cfg.gate,
-            work / ".lock",
-            logged.model_fingerprint,
+        candidate = registry.Candidate(
+            loss="softmax",
+            model_uri=logged.model_uri,
+            run_id=run_id,
+            fingerprint=logged.model_fingerprint,
+            promote=True,  # a champion to monitor with: the gate is not under test here
+            reasons=(),
+            tests={},
+            evidence={},
+            metrics=logged.mean,
         )
+        registry.register(MODEL, candidate, cfg.gate, work / ".lock")
     paths = write_demo_batches(root / "params.yaml", root / "incoming")
     return Project(root, {p.stem: p for p in paths}, logged.model_uri)
 

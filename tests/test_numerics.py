@@ -135,7 +135,7 @@ def test_portable_mode_needs_a_fixed_thread_count(embedded_root, tmp_path):
     raw["numerics"] = {"mode": "native", "threads": None}
     assert parse_config(raw).numerics.threads is None
     raw["numerics"] = {"mode": "fast"}
-    with pytest.raises(ConfigError, match="numerics.mode"):
+    with pytest.raises(ConfigError, match=r"numerics\.mode"):
         parse_config(raw)
 
 

@@ -149,7 +149,7 @@ def test_flow_weighs_the_evidence_over_seeds_and_logs_it(prefect_harness, projec
     reasons = result.report["decisions"]["dismax_fpr"]["reasons"]
     assert [r.split(" ")[0] for r in reasons] == ["accuracy", "calibrated", "near-OOD", "far-OOD"]
     assert all(
-        re.search(r"gain [+-]\d\.\d{4}; 95% lower bound [+-]\d\.\d{4}, p = \S+, 2 vs 2 seeds: ", r)
+        re.search(r"gain [+-]\d\.\d{4}, 95% lower bound [+-]\d\.\d{4}, p = \S+, 2 vs 2 seeds: ", r)
         for r in reasons
     )
     child = next(

@@ -120,6 +120,25 @@ def test_champion_errors_name_the_model_and_the_uri(mlflow_db):
         ChampionNotFoundError, match=r"model 'm' at .* has no version with alias 'champion' \(versions: 1\)"
     ):
         resolve("m", uri=mlflow_db)
+    with pytest.raises(ChampionNotFoundError, match=r"has no version 7 \(versions: 1\)"):
+        resolve("m", uri=mlflow_db, version=7)
+    assert (
+        resolve("m", uri=mlflow_db, version=1).version == "1"
+        or int(resolve("m", uri=mlflow_db, version=1).version) == 1
+    )
+    # a registry with a challenger but no champion: one line with the version, why, and how to use it
+    c.set_model_version_tag("m", "1", "oodgate.loss", "logitnorm")
+    reasons = "accuracy 0.97 vs baseline 0.96: gain +0.01, 95% lower bound +0.001, p = 0.01, 3 vs 3 seeds: shown; mean FPR95 0.6 vs baseline 0.7: gain +0.1, 95% lower bound -0.2, p = 0.3, 3 vs 3 seeds: not shown with 95% confidence (superior: lower by more than 0, bound +0.0000)"
+    c.set_model_version_tag("m", "1", "oodgate.gate.reasons", reasons)
+    c.set_registered_model_alias("m", "challenger", "1")
+    with pytest.raises(ChampionNotFoundError) as e:
+        resolve("m", uri=mlflow_db)
+    message = str(e.value)
+    assert "\n" not in message
+    assert "has no champion: no candidate was promoted over the SoftMax baseline" in message
+    assert "the challenger is version 1 (logitnorm, not promoted: mean FPR95 0.6 vs baseline 0.7" in message
+    assert "--alias challenger" in message and "load_champion(alias='challenger')" in message
+    assert int(resolve("m", "challenger", uri=mlflow_db).version) == 1
 
 
 def test_a_read_only_tracking_database_is_refused_with_its_path(mlflow_template, tmp_path):

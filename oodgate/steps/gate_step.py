@@ -101,7 +101,9 @@ def strongest(decisions: Mapping[str, Any], means: Mapping[str, Mapping[str, flo
 def rule_text(cfg: Config) -> str:
     """The gate's rule in one line (the report's header, the registry's descriptions)."""
     g = cfg.gate
-    fpr = {"mean": "mean FPR95", "groups": "near- and far-OOD FPR95", "worst": "worst-set FPR95"}[g.fpr95.over]
+    fpr = {"mean": "mean FPR95", "groups": "near- and far-OOD FPR95", "worst": "worst-set FPR95"}[
+        g.fpr95.over
+    ]
     parts = []
     for label, c in (("accuracy", g.accuracy), ("calibrated ECE", g.ece), (fpr, g.fpr95)):
         parts.append(
