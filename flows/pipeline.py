@@ -303,6 +303,13 @@ def _train_and_log(ctx: Context) -> tuple[dict[str, LossResult], dict[str, str]]
         reused = tracking.find_finished_run(
             ctx.experiment_id, {"oodgate.loss": loss_id, "oodgate.fingerprint": fp}
         )
+        gone = tracking.missing_artifacts(reused, list(ctx.cfg.seeds)) if reused is not None else []
+        if gone:
+            log.warning(
+                f"{loss_id}: run {reused.info.run_id} has the same inputs but its artifacts are gone "
+                f"({', '.join(gone)}); computing and logging it again"
+            )
+            reused = None
         if reused is not None:
             log.info(f"{loss_id}: reusing run {reused.info.run_id} (same data, code and params)")
             logged[loss_id] = reused_result(reused)

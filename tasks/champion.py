@@ -5,8 +5,10 @@ In Python (any working directory; the project's ``mlflow.db`` unless ``MLFLOW_TR
     from tasks.champion import load_champion
     model, version = load_champion()        # model.predict(images (B, C, H, W)) -> one row per image
 
-Over REST: ``python -m tasks.champion serve`` (``make serve-model``) runs ``mlflow models serve`` for
-the champion's exact version on 127.0.0.1 with this interpreter's environment (no new virtualenv).
+Over REST: ``python -m tasks.champion serve`` (``make serve-model``) runs MLflow's scoring server
+(``mlflow.pyfunc.scoring_server``, what ``mlflow models serve`` runs) for the champion's exact
+version on 127.0.0.1 with this interpreter's environment, from a copy whose files were verified
+against the registry's record, with a request-size limit.
 
 Nothing here creates a tracking database: a missing one, a model that was never registered or a
 missing alias is a :class:`ChampionNotFoundError` naming the tracking URI and the model.
@@ -15,14 +17,16 @@ missing alias is a :class:`ChampionNotFoundError` naming the tracking URI and th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from flows import telemetry_off
 from oodgate.config import RegistryConfig
-from tasks import tracking
+from tasks import integrity, tracking
 
 MODEL_NAME = RegistryConfig().model_name  # the default of params.yaml's registry.model_name
 ALIAS = "champion"
@@ -109,45 +113,117 @@ def resolve(
         raise ChampionNotFoundError(_no_alias(name, alias, uri, versions)) from None
 
 
+def verified_copy(name: str, version: Any, dst: Path) -> Path:
+    """The version's files downloaded into ``dst`` and checked against the digests recorded at
+    registration (:mod:`tasks.integrity`); raises :class:`~tasks.integrity.ModelIntegrityError`
+    naming the first file that differs, before anything is loaded from them."""
+    local = tracking.download_model(f"models:/{name}/{version.version}", dst)
+    integrity.verify(
+        local, (version.tags or {}).get(integrity.TAG), f"model {name!r} version {version.version}"
+    )
+    return local
+
+
 def load_champion(
     name: str = MODEL_NAME, alias: str = ALIAS, uri: str | None = None, version: int | None = None
 ) -> tuple[Any, int]:
     """``(model, version)``: the version holding ``alias`` (default the champion; ``challenger``: the
     last run's best candidate), or ``version``, as an MLflow pyfunc whose ``predict(images)`` takes
     ``(B, C, H, W)`` float images in [0, 1] (or uint8) and returns one row per image: ``p_<class>``,
-    ``predicted``, ``score``, ``in_distribution`` (see ``tasks/pyfunc_model.py``)."""
+    ``predicted``, ``score``, ``in_distribution`` (see ``tasks/pyfunc_model.py``). Its files are
+    verified against the registry's record first, and the model is loaded from the verified copy."""
     import mlflow
 
-    version = resolve(name, alias, uri, version)
-    with tracking.no_pickle():  # nothing in the registered model is pickled
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
-    return model, int(version.version)
+    found = resolve(name, alias, uri, version)
+    with tempfile.TemporaryDirectory(prefix="oodgate-model-") as tmp:
+        local = verified_copy(name, found, Path(tmp) / "model")
+        with tracking.no_pickle():  # nothing in the registered model is pickled
+            model = mlflow.pyfunc.load_model(str(local))
+    return model, int(found.version)
 
 
-def serve_command(version: Any, name: str, host: str, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "models",
-        "serve",
-        "--model-uri",
-        f"models:/{name}/{version.version}",
-        "--env-manager",
-        "local",  # this interpreter's packages: no virtualenv built, nothing downloaded
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
+MAX_REQUEST_MB = 16.0
+
+
+class _BodyLimit:
+    """ASGI middleware: a request whose body is larger than ``limit`` bytes gets HTTP 413 and one
+    line, whether it announces its length or streams it, before the model sees it (a 45 MB request
+    otherwise took 0.7 GB of memory to parse)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send, int(declared))
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge(seen)
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge as e:
+            await self._refuse(send, e.size)
+
+    async def _refuse(self, send: Any, size: int) -> None:
+        body = json.dumps(
+            {
+                "error_code": "REQUEST_TOO_LARGE",
+                "message": f"request body of {size} bytes or more exceeds the limit of {self.limit} bytes "
+                f"(serve --max-request-mb); send fewer images per request",
+            }
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be served on (in use, or not an address of this machine), or None."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
+def serve(name: str, version: Any, host: str, port: int, max_request_mb: float) -> None:
+    """MLflow's scoring server (``mlflow.pyfunc.scoring_server``: ``/invocations``, ``/ping``,
+    ``/health``, ``/version``) for the verified local copy of ``version``, under uvicorn, one worker,
+    with a request-size limit."""
+    import mlflow
+    import uvicorn
+    from mlflow.pyfunc import scoring_server
+
+    with tempfile.TemporaryDirectory(prefix="oodgate-serve-") as tmp:
+        local = verified_copy(name, version, Path(tmp) / "model")
+        with tracking.no_pickle():
+            model = mlflow.pyfunc.load_model(str(local))
+        app = _BodyLimit(scoring_server.init(model), int(max_request_mb * 2**20))
+        uvicorn.run(app, host=host, port=port, workers=1, log_level="info")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tasks.champion", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="serve the champion over REST with `mlflow models serve`")
+    s = sub.add_parser("serve", help="serve a registered version over REST (MLflow's scoring server)")
     s.add_argument("--name", default=MODEL_NAME)
     s.add_argument(
         "--alias", default=ALIAS, help="champion (default), or challenger: the last run's best candidate"
@@ -155,12 +231,26 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--version", type=int, default=None, help="a version number instead of an alias")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=5001)
+    s.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=MAX_REQUEST_MB,
+        help="larger requests get HTTP 413 (default 16)",
+    )
     args = p.parse_args(argv)
     telemetry_off()
     from oodgate import numerics
 
-    # before NumPy and torch load: the server (a child of this process) computes under params.yaml's numerics
+    # before NumPy and torch load: the model computes under params.yaml's numerics
     numerics.apply_from_params(tracking.PROJECT_ROOT / "params.yaml")
+    busy = port_in_use(args.host, args.port)
+    if busy is not None:
+        print(
+            f"error: port {args.port} on {args.host} cannot be served on ({busy}); stop what listens there "
+            "or pass --port",
+            file=sys.stderr,
+        )
+        return 2
     uri = tracking.default_tracking_uri()
     try:
         version = resolve(args.name, args.alias, uri, args.version)
@@ -168,18 +258,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     loss = (version.tags or {}).get("oodgate.loss", "?")
+    which = f"version {args.version}" if args.version else args.alias
     print(
-        f"Serving {args.name} version {version.version} "
-        f"({'version ' + str(args.version) if args.version else args.alias}, loss {loss}) from {uri}\n"
+        f"Serving {args.name} version {version.version} ({which}, loss {loss}) from {uri}\n"
         f"  POST http://{args.host}:{args.port}/invocations   (Ctrl-C stops it)",
         flush=True,
     )
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
-    # `mlflow models serve` starts uvicorn by name: this interpreter's scripts come first on PATH.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    cmd = serve_command(version, args.name, args.host, args.port)
-    os.execve(sys.executable, cmd, env)
-    return 0  # not reached
+    os.environ.update(MLFLOW_TRACKING_URI=uri, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
+    try:
+        serve(args.name, version, args.host, args.port, args.max_request_mb)
+    except integrity.ModelIntegrityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Any
 
 from oodgate.config import GateConfig
 from oodgate.gate import compare_means
-from tasks import tracking
+from tasks import integrity, tracking
 
 CHAMPION = "champion"
 FINGERPRINT_TAG = "oodgate.model_fingerprint"
@@ -261,6 +261,22 @@ def metric_label_in(reason: str, metric: str) -> bool:
     return reason.startswith(labels.get(metric, metric))
 
 
+def record_files(name: str, version: Any) -> None:
+    """Hash every file of the new version and record the digests in the registry
+    (:mod:`tasks.integrity`): every loader compares them before it loads anything."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # as every loader downloads it (MLflow adds registered_model_meta: the name and version)
+        files = integrity.manifest(
+            tracking.download_model(f"models:/{name}/{version.version}", Path(tmp) / "m")
+        )
+    record = integrity.encode(files)
+    if len(record) > 7500:  # MLflow truncates tag values at 8000 characters
+        raise RuntimeError(f"model {name} v{version.version} has too many files to record ({len(files)})")
+    tracking.client().set_model_version_tag(name, version.version, integrity.TAG, record)
+
+
 def register(
     name: str, candidate: Candidate, gate: GateConfig, lock_path: Path, rule: str = ""
 ) -> Registration:
@@ -291,6 +307,7 @@ def register(
             if candidate.fingerprint:
                 tags[FINGERPRINT_TAG] = candidate.fingerprint
             version, new = mlflow.register_model(candidate.model_uri, name, tags=tags), True
+            record_files(name, version)
         c.set_registered_model_alias(name, CHALLENGER, version.version)
         champ = current_champion(name)
         take, reasons = False, ["not promoted: the gate did not show it better than the baseline"]

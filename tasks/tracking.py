@@ -269,6 +269,33 @@ def find_finished_run(experiment_id: str, tags: Mapping[str, str]) -> Any | None
     return runs[0] if runs else None
 
 
+def missing_artifacts(run: Any, seeds: list[int]) -> list[str]:
+    """What a finished child run must hold to be reused (its per-seed metrics and samples, its model)
+    and does not: a run whose artifact store lost them is recomputed, never reused."""
+    import mlflow
+
+    c, run_id = client(), run.info.run_id
+    missing = []
+    try:
+        top = {f.path for f in c.list_artifacts(run_id)}
+        if "metrics_by_seed.json" not in top:
+            missing.append("metrics_by_seed.json")
+        for s in seeds:
+            if f"samples/seed{s}/samples.pt" not in {
+                f.path for f in c.list_artifacts(run_id, f"samples/seed{s}")
+            }:
+                missing.append(f"samples/seed{s}/samples.pt")
+        model_uri = run.data.tags.get("oodgate.model_uri", "")
+        files = (
+            {f.path for f in mlflow.artifacts.list_artifacts(artifact_uri=model_uri)} if model_uri else set()
+        )
+        if "MLmodel" not in files:
+            missing.append(f"the model ({model_uri or 'no oodgate.model_uri tag'})")
+    except Exception as e:  # an unreadable artifact location is as good as missing
+        missing.append(f"the artifact store ({type(e).__name__}: {e})")
+    return missing
+
+
 def download_json(run_id: str, artifact: str) -> Any:
     import mlflow
 
@@ -282,6 +309,14 @@ def download_dir(run_id: str, artifact: str, dst: Path) -> Path:
 
     dst.mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst)))
+
+
+def download_model(model_uri: str, dst: Path) -> Path:
+    """The logged or registered model's files in ``dst`` (a local copy, loaded from there)."""
+    import mlflow
+
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
 
 
 def per_seed_results(run_id: str) -> tuple[list[dict[str, float]], list[Any]]:

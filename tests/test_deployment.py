@@ -443,7 +443,16 @@ def test_serve_model_answers_invocations_with_named_columns(served, tmp_path):
     log = tmp_path / "serve-model.log"
     with log.open("w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tasks.champion", "serve", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "tasks.champion",
+                "serve",
+                "--port",
+                str(port),
+                "--max-request-mb",
+                "0.05",
+            ],
             cwd=tmp_path,
             env=env,
             stdout=fh,
@@ -479,5 +488,37 @@ def test_serve_model_answers_invocations_with_named_columns(served, tmp_path):
         assert len(message) < 200, message
         code, text = _post(url, json.dumps({"inputs": [[[["x"] * 28] * 28]]}).encode())
         assert code == 400 and "got dtype" in json.loads(text)["message"]
+        # a request over the limit (0.05 MB here) is refused before it is parsed, announced or streamed
+        big = json.dumps({"inputs": [[[[0.5] * 28] * 28]] * 40}).encode()
+        code, text = _post(url, big)
+        assert code == 413 and "exceeds the limit of 52428 bytes" in json.loads(text)["message"], text
+        assert _post_chunked(port, big)[0] == 413
+        # the port is taken: a second server refuses at once, before loading anything
+        again = subprocess.run(
+            [sys.executable, "-m", "tasks.champion", "serve", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert again.returncode == 2
+        assert f"error: port {port} on 127.0.0.1 cannot be served on (Address already in use)" in again.stderr
     finally:
         stop_process(proc, timeout=20)
+
+
+def _post_chunked(port: int, body: bytes) -> tuple[int, str]:
+    """A request without Content-Length (Transfer-Encoding: chunked)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request(
+        "POST",
+        "/invocations",
+        body=iter([body[i : i + 8192] for i in range(0, len(body), 8192)]),
+        headers={"Content-Type": "application/json"},
+        encode_chunked=True,
+    )
+    r = conn.getresponse()
+    return r.status, r.read().decode()

@@ -183,6 +183,20 @@ def test_second_run_reuses_every_finished_child_run(first_run):
     assert third.reused == []
 
 
+def test_a_run_whose_artifacts_are_gone_is_logged_again_not_reused(first_run, caplog):
+    """``mlartifacts/`` deleted, ``mlflow.db`` kept: the finished child runs still match by fingerprint,
+    but their per-seed results and models are gone; the next run logs them again (from the cached
+    trainings) instead of failing on ``metrics_by_seed.json`` forever."""
+    project, first, _ = first_run
+    shutil.rmtree(project / "mlartifacts")
+    again = _pipeline(project)
+    assert again.reused == [] and not again.failed
+    assert again.report["means"] == first.report["means"]
+    assert "its artifacts are gone (metrics_by_seed.json" in caplog.text
+    reused = _pipeline(project)  # and now they are there again: reused
+    assert reused.reused == ["dismax_fpr", "softmax"]
+
+
 def test_a_deleted_work_directory_is_recomputed_not_returned_from_cache(first_run):
     """`make clean` (or a deleted artifacts/) after a run: Prefect's cache records still exist, but
     the files they name do not; the next run must recompute them, not fail on a missing file."""
@@ -612,6 +626,19 @@ def test_a_tampered_champion_is_refused_without_running_its_payload(mlflow_db, p
         with zipfile.ZipFile(archive, "w") as z:
             for n, data in entries.items():
                 z.writestr(n, data)
+    from tasks.integrity import ModelIntegrityError
+
+    # refused by the registry's record of the files first (tests/test_integrity.py) ...
+    with pytest.raises(ModelIntegrityError, match=r"model\.pt2 is not the file registered"):
+        load_champion("tampered", uri=mlflow_db)
+    # ... and, should the record be changed too (who can write the registry), by MLflow refusing to
+    # unpickle anything
+    from mlflow.tracking import MlflowClient
+
+    from tasks import integrity
+
+    files = integrity.manifest(tracking.download_model("models:/tampered/1", tmp_path / "copy"))
+    MlflowClient().set_model_version_tag("tampered", "1", integrity.TAG, integrity.encode(files))
     with pytest.raises(MlflowException, match="pickle"):
         load_champion("tampered", uri=mlflow_db)
     assert not marker.exists()
