@@ -159,20 +159,20 @@ class _BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(send, int(declared))
-        seen = 0
-
-        async def limited() -> dict:
-            nonlocal seen
+        # The body is read here, counted, and handed on whole (the scoring server reads it whole anyway).
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message]), send)  # the client went away
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
             if seen > self.limit:
-                raise _TooLarge(seen)
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge as e:
-            await self._refuse(send, e.size)
+                return await self._refuse(send, seen)
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
 
     async def _refuse(self, send: Any, size: int) -> None:
         body = json.dumps(
@@ -187,9 +187,18 @@ class _BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    def __init__(self, size: int) -> None:
-        self.size = size
+def _replay(messages: list[dict], then: Any = None) -> Any:
+    """An ASGI ``receive`` that returns ``messages`` first, then waits on ``then`` (a disconnect)."""
+    pending = list(messages)
+
+    async def receive() -> dict:
+        if pending:
+            return pending.pop(0)
+        if then is None:
+            return {"type": "http.disconnect"}
+        return await then()
+
+    return receive
 
 
 def port_in_use(host: str, port: int) -> str | None:
