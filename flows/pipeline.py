@@ -298,12 +298,13 @@ def _train_and_log(ctx: Context) -> tuple[dict[str, LossResult], dict[str, str]]
     logged: dict[str, LossResult] = {}
     pending: list[LossRun] = []
     for loss_id in ctx.cfg.losses:
-        expected = [inputs.expected(ctx.cfg, loss_id, s, ctx.prepared_dir) for s in ctx.cfg.seeds]
+        seeds = ctx.cfg.seeds_of(loss_id)  # one for a single imported checkpoint
+        expected = [inputs.expected(ctx.cfg, loss_id, s, ctx.prepared_dir) for s in seeds]
         fp = inputs.digest([e.fingerprint["evaluate"] for e in expected])  # chains data, code, params
         reused = tracking.find_finished_run(
             ctx.experiment_id, {"oodgate.loss": loss_id, "oodgate.fingerprint": fp}
         )
-        gone = tracking.missing_artifacts(reused, list(ctx.cfg.seeds)) if reused is not None else []
+        gone = tracking.missing_artifacts(reused, seeds) if reused is not None else []
         if gone:
             log.warning(
                 f"{loss_id}: run {reused.info.run_id} has the same inputs but its artifacts are gone "
@@ -331,7 +332,7 @@ def _submit(ctx: Context, loss_id: str, fp: str, expected: list[inputs.Expected]
     """Train, calibrate and evaluate every seed of one loss (Prefect caches each task by its job)."""
     cfg, prepared = ctx.cfg, ctx.prepared_dir
     lr = LossRun(loss_id, fp)
-    for seed, e in zip(cfg.seeds, expected):
+    for seed, e in zip(cfg.seeds_of(loss_id), expected):
         t = train_model.submit(cfg, ctx.job("train", e.fingerprint["train"], loss_id, seed), prepared)
         job = ctx.job("calibrate", e.fingerprint["calibrate"], loss_id, seed)
         c = calibrate_model.submit(cfg, job, t, prepared)
@@ -391,7 +392,7 @@ def _log(ctx: Context, lr: LossRun) -> LossResult | str:
             },
             "score": inputs.resolved_score(cfg, lr.loss_id),
             "calibration": cfg.calibration.model_dump(),
-            "seeds": list(cfg.seeds),
+            "seeds": cfg.seeds_of(lr.loss_id),
         },
     )
     try:

@@ -241,9 +241,34 @@ def cmd_run(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
+    """The train step of the losses that import a checkpoint (``losses.<id>.checkpoint``)."""
+    imported = [k for k in _losses(cfg, args) if cfg.losses[k].checkpoint is not None]
+    if not imported:
+        raise ConfigError(
+            "no loss imports a checkpoint: add e.g. checkpoint: {path: models/mine_{seed}.pt, format: torchvision} "
+            "to a loss in params.yaml (see the README, Bring your own model)"
+        )
+    from oodgate import steps
+
+    for loss_id in imported:
+        for seed in _seeds(cfg, args):
+            if seed not in cfg.seeds_of(loss_id):
+                continue
+            t = steps.train(cfg, loss_id, seed, lay.prepared, lay.train(loss_id, seed))
+            ignored = ", ".join(t.imported.get("ignored", [])) or "nothing"
+            print(
+                f"import {loss_id} seed {seed}: {t.imported.get('path')} ({t.imported.get('format')}), "
+                f"val acc {t.best_val_accuracy:.4f}; left out: {ignored}"
+            )
+            write_training_curve(lay, loss_id, seed)
+    return 0
+
+
 COMMANDS = {
     "inputs": cmd_inputs,
     "prepare": cmd_prepare,
+    "import": cmd_import,
     "train": cmd_train,
     "calibrate": cmd_calibrate,
     "evaluate": cmd_evaluate,
@@ -269,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
             "run": "all steps in one process",
             "inputs": "what each step depends on (for dvc.yaml)",
             "numerics": "the variables that pin the numerics of params.yaml (export them to start a worker by hand)",
+            "import": "import the losses' checkpoints (losses.<id>.checkpoint) instead of training them",
         }
         s = sub.add_parser(name, help=helps.get(name, f"the {name} step"))
         s.add_argument("--params", default="params.yaml")
@@ -276,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--set", action="append", metavar="KEY=VALUE", help="override a params key, e.g. train.epochs=2"
         )
         s.add_argument("--quiet", action="store_true", help="no progress bars")
-        if name in ("train", "calibrate", "evaluate", "run"):
+        if name in ("train", "import", "calibrate", "evaluate", "run"):
             s.add_argument("--loss", default=None, help="one loss id from params.yaml (default: all)")
             s.add_argument("--seed", type=int, default=None, help="one seed from params.yaml (default: all)")
     return p
@@ -313,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config(args)
         from oodgate.preflight import preflight
 
-        preflight(cfg, training=args.command in ("train", "calibrate", "evaluate", "run"))
+        preflight(cfg, training=args.command in ("train", "import", "calibrate", "evaluate", "run"))
         if args.command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
             import torch
             import torch.distributed as td

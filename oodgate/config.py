@@ -194,12 +194,43 @@ class TrainConfig(_Frozen):
         return self
 
 
+class CheckpointConfig(_Frozen):
+    """A model trained elsewhere (:mod:`oodgate.importing`): imported instead of trained. ``path`` is
+    relative to the project; with ``{seed}`` in it, one checkpoint per seed (``models/isomax_{seed}.pth``),
+    without, one checkpoint for every seed (the gate's evidence then rests on the test samples alone).
+    ``format``: ``oodgate``, ``torchvision``, ``entropic`` (the IsoMax/IsoMax+/DisMax papers' code) or
+    ``logitnorm`` (the LogitNorm paper's code). ``mean``/``std``: the input normalisation the
+    checkpoint was trained with (default: the training split's)."""
+
+    path: str = Field(min_length=1)
+    format: Literal["oodgate", "torchvision", "entropic", "logitnorm"]
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    @property
+    def per_seed(self) -> bool:
+        return "{seed}" in self.path
+
+    @model_validator(mode="after")
+    def _mean_with_std(self) -> CheckpointConfig:
+        if (self.mean is None) != (self.std is None) or (
+            self.mean is not None and len(self.mean) != len(self.std)
+        ):
+            raise ValueError("checkpoint.mean and checkpoint.std go together, one value per channel each")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"checkpoint.std must be positive, got {self.std}")
+        return self
+
+
 class LossConfig(_Frozen):
     """One entry of ``losses:``; the key in params.yaml is the loss id (``dismax_fpr``)."""
 
     method: str
     options: dict[str, Any] = Field(default_factory=dict)
     score: str | None = Field(default=None, description="OOD score; null = the method's default")
+    checkpoint: CheckpointConfig | None = Field(
+        default=None, description="a model trained elsewhere: imported instead of trained"
+    )
 
 
 class CalibrationConfig(_Frozen):
@@ -470,13 +501,27 @@ class Config(_Frozen):
         return self
 
     def in_project(self, project: str | Path) -> Config:
-        """This config with ``model.weights`` taken from ``project`` when it is relative (the flow
-        runs from any working directory; fingerprints hold the file's digest, not its path)."""
+        """This config with ``model.weights`` and the losses' checkpoints taken from ``project`` when
+        relative (the flow runs from any working directory; fingerprints hold the files' digests,
+        not their paths)."""
+        update: dict[str, Any] = {}
         w = self.model.weights
-        if w is None or Path(w).is_absolute():
-            return self
-        model = self.model.model_copy(update={"weights": str(Path(project) / w)})
-        return self.model_copy(update={"model": model})
+        if w is not None and not Path(w).is_absolute():
+            update["model"] = self.model.model_copy(update={"weights": str(Path(project) / w)})
+        losses = dict(self.losses)
+        for key, loss in self.losses.items():
+            c = loss.checkpoint
+            if c is not None and not Path(c.path).is_absolute():
+                moved = c.model_copy(update={"path": str(Path(project) / c.path)})
+                losses[key] = loss.model_copy(update={"checkpoint": moved})
+        if losses != dict(self.losses):
+            update["losses"] = losses
+        return self.model_copy(update=update) if update else self
+
+    def seeds_of(self, loss_id: str) -> list[int]:
+        """The seeds of a loss: every seed, but one for a single imported checkpoint (the same model)."""
+        c = self.losses[loss_id].checkpoint
+        return list(self.seeds[:1]) if c is not None and not c.per_seed else list(self.seeds)
 
     def loss_ids(self) -> list[str]:
         return list(self.losses)

@@ -242,9 +242,8 @@ def _make_optimizer(model: Classifier, cfg: TrainConfig, steps_per_epoch: int):
     return opt, sched
 
 
-def _validate(
-    model: Classifier, val: ImageSet, cfg: TrainConfig, device: torch.device
-) -> tuple[float, float]:
+def validate(model: Classifier, val: ImageSet, cfg: TrainConfig, device: torch.device) -> tuple[float, float]:
+    """The validation NLL and accuracy training selects its epoch on."""
     # At the training batch size: ``eval_batch_size`` is an evaluation-only key, and selecting the
     # epoch must not depend on it (or changing it would have to retrain).
     logits = predict_logits(model, val.x, cfg.batch_size, device, cfg.amp)
@@ -471,7 +470,7 @@ def train(
         if not main:  # the first process validates, selects and writes; the others only train
             run.history.append({"epoch": epoch, "train_loss": train_loss})
             continue
-        val_nll, val_acc = _validate(run.model, val_set, cfg, device)
+        val_nll, val_acc = validate(run.model, val_set, cfg, device)
         stats = EpochStats(epoch, lr, train_loss, train_acc, val_nll, val_acc, time.perf_counter() - te)
         run.history.append(stats.as_dict())
         if val_acc > run.best_acc:

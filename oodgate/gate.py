@@ -153,8 +153,11 @@ class Evidence:
             test = f"{'passes' if self.tested else 'fails'} {rule}"
         else:
             n, m = self.seeds
+            sides = f"{n} vs {m} seeds"
+            if 1 in (n, m):
+                sides += " (a single checkpoint: its evidence is the test samples alone)"
             test = (
-                f"{confidence:.0%} lower bound {self.lower:+.4f}, p = {self.p_value:.3g}, {n} vs {m} seeds: "
+                f"{confidence:.0%} lower bound {self.lower:+.4f}, p = {self.p_value:.3g}, {sides}: "
                 f"{'shown' if self.tested else 'not shown'} with {confidence:.0%} confidence ({rule})"
             )
         if self.better_means:
@@ -247,16 +250,19 @@ def welch_evidence(
     """The one-sided Welch-Satterthwaite test of ``gain > c.bound`` (the module docstring)."""
     cand_a, base_a = np.asarray(cand, dtype=np.float64), np.asarray(base, dtype=np.float64)
     n, m = cand_a.size, base_a.size
-    if n < 2 or m < 2:
-        raise ValueError(f"the gate's evidence needs at least 2 seeds per model, got {n} and {m}")
+    if n < 1 or m < 1:
+        raise ValueError(f"the gate's evidence needs results of both models, got {n} and {m}")
     gain = _gain(c, float(cand_a.mean()), float(base_a.mean()))
-    vc, vb = cand_a.var(ddof=1) / n, base_a.var(ddof=1) / m
+    # A side with one result is one model (a single imported checkpoint): no seed variance; its
+    # sampling noise is all in var_sample (the resampling does not take it out).
+    vc = cand_a.var(ddof=1) / n if n > 1 else 0.0
+    vb = base_a.var(ddof=1) / m if m > 1 else 0.0
     var = vc + vb + var_sample
     if var <= 0.0:  # nothing varies: the observed gain is the gain
         df, p = math.inf, 0.0 if gain > c.bound else 1.0
         lower = gain
     else:
-        seed_terms = vc**2 / (n - 1) + vb**2 / (m - 1)
+        seed_terms = (vc**2 / (n - 1) if n > 1 else 0.0) + (vb**2 / (m - 1) if m > 1 else 0.0)
         df = float(var**2 / seed_terms) if seed_terms > 0 else math.inf
         se = math.sqrt(var)
         p = float(stats.t.sf((gain - c.bound) / se, df))
@@ -301,7 +307,9 @@ def _resampled(sets: Sequence[SampleSet], crits: Sequence[Criterion], counts: Co
     out = {}
     for c in crits:
         values = np.array([m[c.metric] for m in per_seed])  # (seeds, resamples)
-        out[c.metric] = Resampled(values.mean(axis=0), float(values.var(axis=1, ddof=1).sum()) / n**2)
+        # one model (a single imported checkpoint): no seed variance holds its sampling noise
+        own = float(values.var(axis=1, ddof=1).sum()) / n**2 if n > 1 else 0.0
+        out[c.metric] = Resampled(values.mean(axis=0), own)
     return out
 
 

@@ -138,6 +138,15 @@ def check_weights(cfg: Config, project: Path) -> None:
         )
 
 
+def _check_checkpoints(cfg: Config, project: Path) -> None:
+    from oodgate.importing import CheckpointError, check_checkpoints
+
+    try:
+        check_checkpoints(cfg, project, NUM_CLASSES)
+    except CheckpointError as e:
+        raise PreflightError(str(e)) from None
+
+
 def preflight(cfg: Config, training: bool = True, project: str | Path = ".") -> None:
     """Raise :class:`PreflightError` for the first problem found. ``training=False`` skips the device
     and the pretrained weights (a step that only reads results). Relative paths are taken from
@@ -148,6 +157,8 @@ def preflight(cfg: Config, training: bool = True, project: str | Path = ".") -> 
         check_weights(cfg, project)
     check_classes(cfg)
     check_folder(cfg, project)
+    if training:
+        _check_checkpoints(cfg, project)
     for source in cfg.data.ood:
         if source.path is not None:
             check_ood_path(source.name, Path(source.path))

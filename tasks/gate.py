@@ -20,7 +20,7 @@ def samples_of(cfg: Config, entry: LossResult) -> list:
         return [steps.load_samples(d) for d in entry.sample_dirs]
     with tempfile.TemporaryDirectory() as tmp:  # a reused baseline: its samples are run artifacts
         out = []
-        for seed in cfg.seeds:
+        for seed in cfg.seeds_of(entry.loss):
             d = tracking.download_dir(entry.run_id, f"samples/seed{seed}", Path(tmp) / str(seed))
             out.append(steps.load_samples(d))
         return out

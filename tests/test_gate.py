@@ -169,12 +169,27 @@ def test_noninferiority_tests_the_gain_against_minus_the_tolerance():
 
 
 def test_welch_evidence_edge_cases():
-    with pytest.raises(ValueError, match="at least 2 seeds"):
-        welch_evidence(ACCURACY, [0.9], [0.8, 0.81], 0.0, 0.95)
+    with pytest.raises(ValueError, match="needs results of both models"):
+        welch_evidence(ACCURACY, [], [0.8, 0.81], 0.0, 0.95)
     same = welch_evidence(ACCURACY, [0.9, 0.9], [0.8, 0.8], 0.0, 0.95)
     assert same.passed and same.p_value == 0.0  # nothing varies: the gain is exact
     tie = welch_evidence(ACCURACY, [0.8, 0.8], [0.8, 0.8], 0.0, 0.95)
     assert not tie.passed
+
+
+def test_a_single_checkpoint_has_no_seed_variance_and_all_its_sampling_noise():
+    """One imported checkpoint against 3 seeds: the candidate side adds no seed variance, its test-sample
+    variance stays in ``var_sample``; the df come from the baseline's seeds; the reason says so."""
+    base = [0.90, 0.92, 0.89]
+    e = welch_evidence(ACCURACY, [0.95], base, var_sample=0.01**2, confidence=0.95)
+    vb = np.var(base, ddof=1) / 3
+    assert e.df == pytest.approx((vb + 0.01**2) ** 2 / (vb**2 / 2))
+    assert e.p_value == pytest.approx(stats.t.sf((0.95 - np.mean(base)) / math.sqrt(vb + 0.01**2), e.df))
+    assert "1 vs 3 seeds (a single checkpoint: its evidence is the test samples alone)" in e.reason(
+        "baseline", 0.95
+    )
+    both = welch_evidence(ACCURACY, [0.95], [0.9], var_sample=0.01**2, confidence=0.95)
+    assert both.df == math.inf and both.p_value == pytest.approx(stats.norm.sf(0.05 / 0.01))
 
 
 # ---------------------------------------------------------------- resampled metrics

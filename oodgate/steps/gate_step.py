@@ -62,6 +62,11 @@ def gate(
     from oodgate import numerics
 
     numerics.activate(cfg.numerics.mode, cfg.numerics.threads)  # the bootstrap and tests: NumPy, SciPy
+    # a single imported checkpoint is one model, however many seeds were evaluated
+    single = {k for k in metrics_by_loss if len(cfg.seeds_of(k)) < len(cfg.seeds)}
+    metrics_by_loss = {k: list(v[:1]) if k in single else v for k, v in metrics_by_loss.items()}
+    if samples_by_loss is not None:
+        samples_by_loss = {k: list(v[:1]) if k in single else v for k, v in samples_by_loss.items()}
     base_id = cfg.gate.baseline
     if base_id not in metrics_by_loss:
         raise ValueError(f"no metrics for the baseline {base_id!r}; evaluate it before gating")

@@ -61,7 +61,7 @@ _STEP = ("steps/common.py", "steps/results.py", "numerics.py")
 _INFERENCE = (*_STEP, *_MODEL, "engine.py", "evaluation.py", "calibration.py", "metrics.py")
 STEP_CODE: dict[str, tuple[str, ...]] = {
     "prepare": ("steps/prepare_step.py", *_STEP, "data/*.py", "registry.py"),
-    "train": ("steps/train_step.py", *_STEP, *_MODEL, "engine.py", "distributed.py"),
+    "train": ("steps/train_step.py", *_STEP, *_MODEL, "engine.py", "distributed.py", "importing.py"),
     "calibrate": ("steps/calibrate_step.py", *_INFERENCE),
     "evaluate": ("steps/evaluate_step.py", *_INFERENCE, "plots.py"),
     "gate": ("steps/gate_step.py", *_STEP, "gate.py", "resampling.py", "metrics.py", "registry.py"),
@@ -145,9 +145,44 @@ def prepare_inputs(cfg: Config) -> dict[str, Any]:
     return {"step": "prepare", "data": data, "code": code_version("prepare")}
 
 
+def checkpoint_digest(cfg: Config, loss_id: str, seed: int) -> str:
+    """The digest of the bytes of the checkpoint a loss imports for ``seed``."""
+    from oodgate.importing import CheckpointError, checkpoint_for_seed
+    from oodgate.steps.common import file_digest
+
+    path = checkpoint_for_seed(cfg.losses[loss_id].checkpoint.path, seed)
+    try:
+        return file_digest(path)
+    except OSError as e:
+        raise CheckpointError(
+            f"losses.{loss_id}.checkpoint: {path!r} cannot be read ({e.strerror or e}); give the file's path, "
+            "relative to the project"
+        ) from None
+
+
 def train_inputs(cfg: Config, loss_id: str, seed: int) -> dict[str, Any]:
     d = _dump(cfg)
     loss = d["losses"][loss_id]
+    if loss.get("checkpoint") is not None:
+        # imported, not trained: the file's bytes, its format and normalisation, the declared
+        # architecture and method, and the class selection (the head's size); no training keys
+        c = loss["checkpoint"]
+        return {
+            "step": "import",
+            "data": {k: d["data"][k] for k in ID_SECTIONS},
+            "model": {k: v for k, v in d["model"].items() if k != "weights"},
+            "checkpoint": {
+                "digest": checkpoint_digest(cfg, loss_id, seed),
+                "format": c["format"],
+                "mean": c["mean"],
+                "std": c["std"],
+            },
+            "method": loss["method"],
+            "options": loss["options"],
+            "seed": seed,
+            "numerics": numerics_inputs(cfg),
+            "code": code_version("train"),
+        }
     return {
         "step": "train",
         "data": {k: d["data"][k] for k in ID_SECTIONS},

@@ -34,6 +34,7 @@ class Trained:
     outputs: dict = field(default_factory=dict)  # file name -> digest, verified before any reuse
     train_seconds: float = 0.0  # this call's training time (0.0 when the result was reused)
     epoch_seconds: tuple[float, ...] = ()
+    imported: dict = field(default_factory=dict)  # imported, not trained: the file and what was left out
 
     def record(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("dir", "train_seconds", "epoch_seconds")}

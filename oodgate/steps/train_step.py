@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from oodgate import engine
-from oodgate.classifier import Classifier, ModelSpec, build_classifier
+from oodgate.classifier import Classifier, ModelSpec, build_classifier, save_classifier
 from oodgate.config import Config
 from oodgate.data.bundle import DataBundle
 from oodgate.steps.common import (
@@ -59,6 +59,50 @@ def new_model(cfg: Config, spec: ModelSpec, seed: int) -> Classifier:
     return model
 
 
+def import_checkpoint(
+    cfg: Config, loss_id: str, seed: int, prepared_dir: Path, out_dir: Path, fingerprint: str
+) -> Trained:
+    """The train step of a loss with ``checkpoint:``: the model is imported from the file
+    (:mod:`oodgate.importing`), not trained, and written as ``best.pt`` with the same record a
+    training writes (its validation accuracy too: the registered seed is chosen on it)."""
+    from oodgate.importing import checkpoint_for_seed, import_model
+
+    activate_numerics(cfg)
+    t0 = time.perf_counter()
+    c = cfg.losses[loss_id].checkpoint
+    path = checkpoint_for_seed(c.path, seed)
+    bundle = load_prepared(prepared_dir, with_ood=False)
+    spec = model_spec(cfg, loss_id, bundle)
+    imported = import_model(
+        path, c.format, spec, c.mean, c.std, source=f"losses.{loss_id}.checkpoint {path!r}"
+    )
+    device = engine.resolve_device(cfg.train.device)
+    _, val_accuracy = engine.validate(imported.model, bundle.val, cfg.train, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_classifier(imported.model.cpu(), out_dir / engine.BEST, epoch=0)
+    write_json(out_dir / "history.json", [])
+    from oodgate.steps.inputs import train_inputs
+
+    trained = Trained(
+        loss=loss_id,
+        method=spec.method,
+        seed=seed,
+        fingerprint=fingerprint,
+        dir=str(out_dir),
+        best_epoch=0,
+        best_val_accuracy=val_accuracy,
+        epochs=0,
+        device=str(device),
+        inputs=train_inputs(cfg, loss_id, seed),
+        outputs=output_digests(out_dir, OUTPUTS),
+        train_seconds=round(time.perf_counter() - t0, 3),
+        imported={"path": path, "format": c.format, "ignored": list(imported.ignored)},
+    )
+    write_provenance(cfg, out_dir)
+    write_json(out_dir / RECORD, trained.record())
+    return trained
+
+
 def train(
     cfg: Config,
     loss_id: str,
@@ -88,6 +132,8 @@ def train(
     if done.is_file() and engine.distributed().main:  # finished under other inputs, or damaged: retrain
         for name in (RECORD, engine.BEST, engine.LAST):
             (out_dir / name).unlink(missing_ok=True)
+    if cfg.losses[loss_id].checkpoint is not None:
+        return import_checkpoint(cfg, loss_id, seed, Path(prepared_dir), out_dir, fingerprint)
     dist = engine.distributed()
     n = cfg.train.processes
     if n > 1 and dist.world == 1:  # launch n processes; the first writes the record read below
