@@ -139,11 +139,21 @@ def test_standard_init() -> None:
     assert abs(w.mean().item()) < 1e-3
 
 
-def test_dropout_defaults() -> None:
-    assert models.backbone_options("wrn_40_2") == {"dropout": 0.3}
-    assert models.backbone_options("wrn_28_10") == {"dropout": 0.0}
-    assert models.backbone_options("small_cnn") == {"width": 32}
-    assert models.backbone_options("resnet34") == {}
+@pytest.mark.parametrize("name", ["wrn_40_2", "wrn_28_10", "small_cnn", "resnet34"])
+def test_the_listed_defaults_are_what_a_build_without_options_uses(name) -> None:
+    """``backbone_options`` (what params.yaml may set, with its defaults) describes the build: the same
+    weights whether its defaults are passed or left out."""
+    defaults = models.backbone_options(name)
+    torch.manual_seed(0)
+    plain = create_backbone(name, in_channels=3, image_size=32)
+    torch.manual_seed(0)
+    explicit = create_backbone(name, in_channels=3, image_size=32, **defaults)
+    assert plain.out_features == explicit.out_features
+    for (k, a), (_, b) in zip(plain.state_dict().items(), explicit.state_dict().items()):
+        assert torch.equal(a, b), k
+    if "dropout" in defaults:
+        rates = {m.dropout for m in plain.modules() if hasattr(m, "dropout")}
+        assert rates == {defaults["dropout"]}
 
 
 def test_wrn_dropout_is_active_only_in_training() -> None:

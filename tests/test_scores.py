@@ -38,11 +38,17 @@ def test_score_matches_hand_computed_values(name):
     assert out.tolist() == pytest.approx(EXPECTED[name], rel=1e-12, abs=1e-12)
 
 
-def test_hand_values_are_what_they_claim():
-    # Guards the expected table itself: mps row 0 is about 0.665, entropic row 0 about -0.832.
-    assert EXPECTED["mps"][0] == pytest.approx(0.66524, abs=1e-5)
-    assert EXPECTED["entropic"][0] == pytest.approx(-0.83240, abs=1e-5)
-    assert sum(P0) == pytest.approx(1.0)
+def test_hand_values_agree_with_an_independent_softmax():
+    """The hand-computed table, checked against NumPy's softmax of the same logits (a typo in the
+    table fails here, not a change of the code)."""
+    import numpy as np
+
+    z = LOGITS.numpy()
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert EXPECTED["mps"] == pytest.approx(p.max(1).tolist(), rel=1e-12)
+    assert EXPECTED["entropic"] == pytest.approx((p * np.log(p)).sum(1).tolist(), rel=1e-12)
+    assert EXPECTED["energy"] == pytest.approx(np.log(np.exp(z).sum(1)).tolist(), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
