@@ -3,16 +3,19 @@
 SIGTERM (a scheduler, ``kill``) and SIGINT to the process group (Ctrl-C in a terminal) stop it
 within a batch: the MLflow parent run ends KILLED with the reason, no run stays RUNNING, and the
 temporary Prefect server it started is gone. After a SIGKILL, which nothing can catch, the next run
-closes the runs the killed one left open, with a tag saying why.
+closes the runs the killed one left open, with a tag saying why, and the temporary server ends by
+itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -22,6 +25,22 @@ from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+
+
+_started: list[FlowProcess] = []
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_running(project):
+    """A failed test leaves no flow, worker or server of its own running (they train for minutes)."""
+    yield
+    for flow in _started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(flow.proc.pid, signal.SIGKILL)
+    _started.clear()
+    for p in _of_project(project):  # re-parented out of the group
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
 
 
 class FlowProcess:
@@ -42,6 +61,7 @@ class FlowProcess:
             text=True,
             start_new_session=True,
         )
+        _started.append(self)
         self.lines: list[str] = []
         self.training = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -84,6 +104,40 @@ def _gone(processes: list[psutil.Process]) -> bool:
     return all(dead(p) for p in processes)
 
 
+def _of_project(project: Path) -> list[psutil.Process]:
+    """The live processes started for this project's flow, wherever they were re-parented: they all
+    inherit its PREFECT_HOME."""
+    home = str(project / ".prefect")
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("PREFECT_HOME") == home and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def _servers(project: Path) -> list[psutil.Process]:
+    """This project's live Prefect servers (uvicorn processes, Prefect's or flows.temporary_server's)."""
+    found = []
+    for p in _of_project(project):
+        try:
+            if "uvicorn" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def _wait_until_gone(processes: list[psutil.Process], seconds: float) -> float:
+    """Seconds until every process has ended (at most ``seconds``; the caller asserts)."""
+    t0 = time.monotonic()
+    while not _gone(processes) and time.monotonic() - t0 < seconds:
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
 def _sigkilled_run(project: Path):
     """A run killed with SIGKILL in the middle of training: nothing could mark its MLflow run."""
     flow = FlowProcess(project, "train.epochs=300")
@@ -124,3 +178,16 @@ def test_an_interrupt_stops_the_run_marks_it_killed_and_stops_the_server(project
         closed = MlflowClient().get_run(left.info.run_id)
         assert closed.info.status == "KILLED"
         assert f"process {left.data.tags['oodgate.pid']} had died" in closed.data.tags["oodgate.closed_by"]
+
+
+def test_the_temporary_server_ends_when_the_flow_process_alone_is_sigkilled(project, mlflow_db):
+    flow = FlowProcess(project, "train.epochs=300")
+    flow.wait_for_training()
+    (server,) = _servers(project)
+    assert server.ppid() == flow.proc.pid
+    os.kill(flow.proc.pid, signal.SIGKILL)  # the process alone: its server is not signalled
+    flow.proc.wait(30)
+    seconds = _wait_until_gone([server], 30)
+    print(f"the temporary server ended {seconds:.1f} s after the flow's SIGKILL")
+    assert _gone([server]), server.cmdline()
+    assert _of_project(project) == []
