@@ -262,11 +262,13 @@ def pipeline(
     except BaseException as e:
         # SIGINT, or SIGTERM (Prefect turns it into TerminationSignal; a runner cancelling a
         # deployment run sends it too): stop the training thread within a batch, mark the runs KILLED.
-        interrupted = isinstance(e, KeyboardInterrupt | TerminationSignal) or engine.STOP.is_set()
-        if interrupted:
-            engine.STOP.set()
+        signal_name = _interruption(e)
+        if signal_name is not None:
+            engine.STOP.set(signal_name)  # also starts the entry point's unwind deadline
         status, reason = (
-            ("KILLED", f"interrupted: {e}") if interrupted else ("FAILED", f"{type(e).__name__}: {e}")
+            ("KILLED", f"interrupted: {signal_name} received")
+            if signal_name is not None
+            else ("FAILED", f"{type(e).__name__}: {e}")
         )
         tracking.close_open_children(parent, status, reason[:4000])
         tracking.set_tags(parent, {"oodgate.failure": reason[:4000]})
@@ -276,6 +278,18 @@ def pipeline(
     tracking.log_metrics(parent, {"time/pipeline_seconds": outcome.seconds})
     tracking.end_run(parent, "FINISHED")
     return outcome
+
+
+def _interruption(e: BaseException) -> str | None:
+    """The signal that interrupted the run (``SIGTERM``), or None if ``e`` is a failure. Prefect's
+    TerminationSignal has no message, so the name is taken from its signal number."""
+    if engine.STOP.is_set():
+        return engine.STOP.reason or "SIGINT"
+    if isinstance(e, TerminationSignal):
+        return signal.Signals(e.signal).name
+    if isinstance(e, KeyboardInterrupt):
+        return "SIGINT"
+    return None
 
 
 def _prepare(ctx: Context, data_version: str) -> str:
@@ -500,12 +514,15 @@ def main(argv: list[str] | None = None) -> int:
     print(numerics.banner(cfg.numerics.mode, cfg.numerics.threads), flush=True)
     start_temporary_prefect_server()  # started already when run as a program: then this returns at once
     _stop_on_signals()
+    _exit_if_stuck()
     try:
         wait_for_temporary_prefect_server()
         pipeline(params_path=str(params), root=str(root) if root else None, overrides=overrides or None)
     except BaseException as e:
+        if isinstance(e, TerminationSignal):  # raised outside the flow's body, which sets STOP
+            engine.STOP.set(signal.Signals(e.signal).name)
         if engine.STOP.is_set():  # whatever the unwinding raised after (a temporary server already gone)
-            print(f"error: {_interrupted_by}: stopped; the MLflow runs are marked KILLED", file=sys.stderr)
+            print(f"error: {engine.STOP.reason}: stopped; the MLflow runs are marked KILLED", file=sys.stderr)
             return 130
         if not isinstance(e, Exception):
             raise
@@ -514,23 +531,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-_interrupted_by = ""
 UNWIND_SECONDS = 15
 
 
 def _exit_if_stuck() -> None:
-    """Ctrl-C reaches every process of the terminal's group, the temporary Prefect server too; the
-    flow then marks its MLflow runs KILLED at once but Prefect retries reporting the crash to the
-    dead server for over a minute. Past UNWIND_SECONDS, stop any temporary server and exit."""
+    """A signal to the process group (Ctrl-C, ``kill -- -PGID``, ``timeout``, systemd) reaches the
+    temporary Prefect server too; the flow then marks its MLflow runs KILLED at once, but Prefect
+    retried reporting the crash to the dead server for minutes (SIGTERM: 217 s). From the moment
+    STOP is set (by :func:`_stop_on_signals`' handler, or by the flow when Prefect's own SIGTERM
+    handler, installed for the flow run, raised instead), the unwinding has UNWIND_SECONDS; past
+    them, stop any temporary server and exit with status 130 (SIGINT and SIGTERM alike: the run was
+    interrupted, and a caller tells it from a failure, 1, by one number)."""
 
     def watchdog() -> None:
+        engine.STOP.wait()
         time.sleep(UNWIND_SECONDS)
         from prefect.server.api.server import SubprocessASGIServer
 
         for server in list(getattr(SubprocessASGIServer, "_instances", {}).values()):
             server.stop()
         print(
-            f"error: {_interrupted_by}: stopped; the MLflow runs are marked KILLED (the Prefect server was "
+            f"error: {engine.STOP.reason}: stopped; the MLflow runs are marked KILLED (the Prefect server was "
             "gone, so the flow run's last state could not be reported)",
             file=sys.stderr,
             flush=True,
@@ -543,16 +564,16 @@ def _exit_if_stuck() -> None:
 def _stop_on_signals() -> None:
     """SIGINT and SIGTERM stop the run within a training batch: every training loop checks STOP, and
     the main thread unwinds through the flow (MLflow runs marked KILLED, the temporary Prefect server
-    stopped) instead of dying with runs left RUNNING and the server orphaned."""
+    stopped) instead of dying with runs left RUNNING and the server orphaned. Inside a flow run
+    Prefect's engine has its own SIGTERM handler (it raises TerminationSignal, which the flow turns
+    into STOP) and hands the signal back to this one once the flow run has ended."""
 
     def handler(signum: int, frame: object) -> None:
-        global _interrupted_by
-        _interrupted_by = signal.Signals(signum).name
+        name = signal.Signals(signum).name
         if engine.STOP.is_set():
             return  # one interrupt is enough; the unwinding is under way
-        engine.STOP.set()
-        _exit_if_stuck()
-        raise KeyboardInterrupt(f"{_interrupted_by} received")
+        engine.STOP.set(name)
+        raise KeyboardInterrupt(f"{name} received")
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)

@@ -39,9 +39,25 @@ class TrainingInterrupted(RuntimeError):
     was in, leaving the last epoch's checkpoint to resume from."""
 
 
-# Set by an entry point's signal handler; every training loop in the process checks it per batch,
-# so an interrupt stops a run within one batch instead of after the epoch (or the whole run).
-STOP = threading.Event()
+class Stop(threading.Event):
+    """An event that keeps what set it first (``SIGTERM``), for the messages of whoever unwinds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason = ""
+        self._first = threading.Lock()
+
+    def set(self, reason: str = "") -> None:
+        with self._first:
+            if not self.is_set():
+                self.reason = reason
+            super().set()
+
+
+# Set by an entry point's signal handler (or the flow, when Prefect's own SIGTERM handler raised
+# instead); every training loop in the process checks it per batch, so an interrupt stops a run
+# within one batch instead of after the epoch (or the whole run).
+STOP = Stop()
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
