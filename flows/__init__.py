@@ -68,3 +68,16 @@ def wait_for_temporary_prefect_server() -> None:
     """Return once the server of :func:`start_temporary_prefect_server` answers (at once if none)."""
     if _server_start is not None:
         _server_start.join()
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect API this process talks to: ``PREFECT_API_URL``, else the URL of its running
+    temporary server (None before one runs). Processes it starts that run Prefect tasks (local Dask
+    workers) get it, or each would start a temporary server of its own."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return PREFECT_API_URL.value()
+    from flows.temporary_server import running_api_url
+
+    return running_api_url()

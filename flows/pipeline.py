@@ -95,6 +95,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import (
     PROJECT_ROOT,
+    prefect_api_url,
     start_temporary_prefect_server,
     wait_for_temporary_prefect_server,
 )
@@ -191,6 +192,13 @@ def task_runner_for(cfg: Config) -> Any:
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     environ.update(numerics.environment(n.mode, n.threads or torch.get_num_threads()))
+    # Without PREFECT_API_URL each worker process started a temporary Prefect server of its own
+    # (about 220 MB each), left running when the workers were killed; they report to the flow's.
+    api_url = prefect_api_url()
+    if api_url:
+        environ["PREFECT_API_URL"] = api_url
+    else:
+        environ.pop("PREFECT_API_URL", None)
     if o.workers > 1:
         # Several workers with this many threads each share the cores: OpenMP threads that spin while
         # they wait took the cores from each other (4 trainings on 2 workers of 2 threads on 2 cores:

@@ -4,7 +4,8 @@ SIGTERM to the process (``kill``), SIGTERM to its process group (``timeout``, sy
 -PGID``) and SIGINT to the group (Ctrl-C in a terminal) stop it within a batch: the MLflow parent
 run ends KILLED with the signal's name as the reason, no run stays RUNNING, and the temporary Prefect
 server it started is gone. After a SIGKILL, which nothing can catch, the next run closes the runs the
-killed one left open, with a tag saying why, and the temporary server ends by itself.
+killed one left open, with a tag saying why, and the temporary server ends by itself. With the Dask
+runner, the workers use the flow's temporary server rather than each starting one.
 """
 
 from __future__ import annotations
@@ -195,3 +196,24 @@ def test_the_temporary_server_ends_when_the_flow_process_alone_is_sigkilled(proj
     print(f"the temporary server ended {seconds:.1f} s after the flow's SIGKILL")
     assert _gone([server]), server.cmdline()
     assert _of_project(project) == []
+
+
+def test_dask_workers_use_the_flow_s_server_and_sigterm_leaves_no_process(project, mlflow_db):
+    flow = FlowProcess(
+        project, "train.epochs=300", "orchestration.task_runner=dask", "orchestration.workers=2"
+    )
+    flow.wait_for_training()
+    workers = [p for p in psutil.Process(flow.proc.pid).children() if "uvicorn" not in " ".join(p.cmdline())]
+    assert len(workers) >= 2, [p.cmdline() for p in workers]  # the local cluster's worker processes
+    servers = _servers(project)
+    # one server, the flow's own: without the flow's PREFECT_API_URL each worker started its own
+    assert [p.ppid() for p in servers] == [flow.proc.pid], [(p.pid, p.ppid(), p.cmdline()) for p in servers]
+    t0 = time.monotonic()
+    os.kill(flow.proc.pid, signal.SIGTERM)
+    assert flow.finish() == 130, "".join(flow.lines)
+    print(f"Dask, SIGTERM: the flow exited {time.monotonic() - t0:.1f} s after the signal")
+    out = "".join(flow.lines)
+    assert "error: SIGTERM: stopped; the MLflow runs are marked KILLED" in out, out[-3000:]
+    left = _of_project(project)
+    _wait_until_gone(left, 30)  # a worker notices its nanny is gone within a second or two
+    assert _of_project(project) == [], [(p.pid, p.cmdline()) for p in _of_project(project)]
