@@ -61,7 +61,7 @@ STOP = Stop()
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
-    """``cuda`` (the local rank's GPU under ``torchrun``) or ``cpu``."""
+    """``cuda`` (the local rank's GPU in a data-parallel launch) or ``cpu``."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     if requested == "auto":
@@ -75,7 +75,8 @@ def resolve_device(requested: str = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class Distributed:
-    """This process's place in a ``torchrun`` launch: ``rank`` of ``world`` processes (1: alone)."""
+    """This process's place in a data-parallel launch (``oodgate.distributed``, or ``torchrun`` across
+    machines): ``rank`` of ``world`` processes (1: alone)."""
 
     rank: int = 0
     world: int = 1
@@ -337,7 +338,7 @@ def _start(
 
 
 def _wrap(run: _Run, cfg: TrainConfig) -> None:
-    """Under ``torchrun``: DistributedDataParallel around the model (after a resume restored its
+    """In a data-parallel launch: DistributedDataParallel around the model (after a resume restored its
     weights); on CUDA its batch-norm layers synchronise their statistics across processes."""
     if run.dist.world == 1:
         run.net = run.model
