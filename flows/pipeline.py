@@ -179,6 +179,7 @@ def task_runner_for(cfg: Config) -> Any:
     import torch
     from prefect_dask import DaskTaskRunner
 
+    from flows import dask_cluster
     from oodgate import numerics
 
     if o.address is not None:  # its workers were started with `python -m oodgate numerics`'s variables
@@ -212,6 +213,7 @@ def task_runner_for(cfg: Config) -> Any:
             "processes": True,
             "host": "127.0.0.1",
             "dashboard_address": None,
+            "worker_class": dask_cluster.Nanny,  # time for the workers to exit (flows/dask_cluster.py)
         }
     )
 
@@ -273,6 +275,7 @@ def pipeline(
         signal_name = _interruption(e)
         if signal_name is not None:
             engine.STOP.set(signal_name)  # also starts the entry point's unwind deadline
+            _stop_dask_training(signal_name)
         status, reason = (
             ("KILLED", f"interrupted: {signal_name} received")
             if signal_name is not None
@@ -286,6 +289,21 @@ def pipeline(
     tracking.log_metrics(parent, {"time/pipeline_seconds": outcome.seconds})
     tracking.end_run(parent, "FINISHED")
     return outcome
+
+
+def _stop_dask_training(signal_name: str) -> None:
+    """On Dask, STOP in every worker too: a training there would go on to its last epoch, and the
+    cluster's close would wait for it (then kill it)."""
+    from prefect.context import FlowRunContext
+
+    from flows.dask_cluster import stop_training
+
+    if not _on_dask():
+        return
+    try:
+        FlowRunContext.get().task_runner.client.run(stop_training, signal_name)
+    except Exception as e:  # the workers or the scheduler are gone already (a signal to the group)
+        get_run_logger().warning(f"could not stop the Dask workers' trainings: {type(e).__name__}: {e}")
 
 
 def _interruption(e: BaseException) -> str | None:

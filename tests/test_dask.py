@@ -110,6 +110,9 @@ def test_the_runner_is_chosen_in_params_and_an_address_needs_dask():
 
     # the API this process uses (here the test server), or each worker starts a server of its own
     assert environ.get("PREFECT_API_URL") == prefect_api_url()
+    from distributed import Nanny
+
+    assert issubclass(local.cluster_kwargs["worker_class"], Nanny)  # a closing worker gets 16 s
     remote = {"task_runner": "dask", "address": "tcp://10.0.0.5:8786"}
     assert task_runner_for(parse_config({**base, "orchestration": remote})).address == "tcp://10.0.0.5:8786"
     with pytest.raises(ConfigError, match=r"orchestration.address='tcp://x:1' is a Dask scheduler"):

@@ -214,6 +214,9 @@ def test_dask_workers_use_the_flow_s_server_and_sigterm_leaves_no_process(projec
     print(f"Dask, SIGTERM: the flow exited {time.monotonic() - t0:.1f} s after the signal")
     out = "".join(flow.lines)
     assert "error: SIGTERM: stopped; the MLflow runs are marked KILLED" in out, out[-3000:]
+    # the workers' trainings stopped within a batch, and the cluster closed them without a kill
+    assert "TrainingInterrupted: training interrupted at epoch" in out, out[-3000:]
+    assert "Worker process still alive after" not in out, out[-3000:]
     left = _of_project(project)
     _wait_until_gone(left, 30)  # a worker notices its nanny is gone within a second or two
     assert _of_project(project) == [], [(p.pid, p.cmdline()) for p in _of_project(project)]
