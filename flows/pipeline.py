@@ -294,12 +294,12 @@ def pipeline(
 def _stop_dask_training(signal_name: str) -> None:
     """On Dask, STOP in every worker too: a training there would go on to its last epoch, and the
     cluster's close would wait for it (then kill it)."""
+    if not _on_dask():
+        return
     from prefect.context import FlowRunContext
 
     from flows.dask_cluster import stop_training
 
-    if not _on_dask():
-        return
     try:
         FlowRunContext.get().task_runner.client.run(stop_training, signal_name)
     except Exception as e:  # the workers or the scheduler are gone already (a signal to the group)
