@@ -35,10 +35,11 @@ _server_start = None  # the thread bringing up Prefect's temporary server, if on
 
 def start_temporary_prefect_server() -> None:
     """Start Prefect's temporary server (the one a flow run starts itself when no
-    ``PREFECT_API_URL`` is set) in a background thread, so that it boots while the caller imports
-    the rest; :func:`wait_for_temporary_prefect_server` joins it before the first flow call, which
-    then finds it running (Prefect keeps one such server per process). Does nothing when a server
-    is configured."""
+    ``PREFECT_API_URL`` is set; here :mod:`flows.temporary_server`'s, which ends with this process
+    even after a SIGKILL) in a background thread, so that it boots while the caller imports the
+    rest; :func:`wait_for_temporary_prefect_server` joins it before the first flow call, which then
+    finds it running (Prefect keeps one such server per process). Does nothing when a server is
+    configured."""
     global _server_start
     import threading
 
@@ -49,11 +50,13 @@ def start_temporary_prefect_server() -> None:
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
-    from prefect.server.api.server import SubprocessASGIServer  # imported here, not in the thread
+    from flows.temporary_server import TemporaryServer  # imported here, not in the thread
+
+    server = TemporaryServer()  # Prefect's clients find it as the process's temporary server
 
     def start() -> None:
         try:
-            SubprocessASGIServer().start()
+            server.start()
         except Exception:  # the flow call starts it again and reports why it fails
             pass
 
@@ -65,3 +68,16 @@ def wait_for_temporary_prefect_server() -> None:
     """Return once the server of :func:`start_temporary_prefect_server` answers (at once if none)."""
     if _server_start is not None:
         _server_start.join()
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect API this process talks to: ``PREFECT_API_URL``, else the URL of its running
+    temporary server (None before one runs). Processes it starts that run Prefect tasks (local Dask
+    workers) get it, or each would start a temporary server of its own."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return PREFECT_API_URL.value()
+    from flows.temporary_server import running_api_url
+
+    return running_api_url()

@@ -95,6 +95,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import (
     PROJECT_ROOT,
+    prefect_api_url,
     start_temporary_prefect_server,
     wait_for_temporary_prefect_server,
 )
@@ -178,6 +179,7 @@ def task_runner_for(cfg: Config) -> Any:
     import torch
     from prefect_dask import DaskTaskRunner
 
+    from flows import dask_cluster
     from oodgate import numerics
 
     if o.address is not None:  # its workers were started with `python -m oodgate numerics`'s variables
@@ -191,6 +193,13 @@ def task_runner_for(cfg: Config) -> Any:
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     environ.update(numerics.environment(n.mode, n.threads or torch.get_num_threads()))
+    # Without PREFECT_API_URL each worker process started a temporary Prefect server of its own
+    # (about 220 MB each), left running when the workers were killed; they report to the flow's.
+    api_url = prefect_api_url()
+    if api_url:
+        environ["PREFECT_API_URL"] = api_url
+    else:
+        environ.pop("PREFECT_API_URL", None)
     if o.workers > 1:
         # Several workers with this many threads each share the cores: OpenMP threads that spin while
         # they wait took the cores from each other (4 trainings on 2 workers of 2 threads on 2 cores:
@@ -204,6 +213,7 @@ def task_runner_for(cfg: Config) -> Any:
             "processes": True,
             "host": "127.0.0.1",
             "dashboard_address": None,
+            "worker_class": dask_cluster.Nanny,  # time for the workers to exit (flows/dask_cluster.py)
         }
     )
 
@@ -262,11 +272,14 @@ def pipeline(
     except BaseException as e:
         # SIGINT, or SIGTERM (Prefect turns it into TerminationSignal; a runner cancelling a
         # deployment run sends it too): stop the training thread within a batch, mark the runs KILLED.
-        interrupted = isinstance(e, KeyboardInterrupt | TerminationSignal) or engine.STOP.is_set()
-        if interrupted:
-            engine.STOP.set()
+        signal_name = _interruption(e)
+        if signal_name is not None:
+            engine.STOP.set(signal_name)  # also starts the entry point's unwind deadline
+            _stop_dask_training(signal_name)
         status, reason = (
-            ("KILLED", f"interrupted: {e}") if interrupted else ("FAILED", f"{type(e).__name__}: {e}")
+            ("KILLED", f"interrupted: {signal_name} received")
+            if signal_name is not None
+            else ("FAILED", f"{type(e).__name__}: {e}")
         )
         tracking.close_open_children(parent, status, reason[:4000])
         tracking.set_tags(parent, {"oodgate.failure": reason[:4000]})
@@ -276,6 +289,33 @@ def pipeline(
     tracking.log_metrics(parent, {"time/pipeline_seconds": outcome.seconds})
     tracking.end_run(parent, "FINISHED")
     return outcome
+
+
+def _stop_dask_training(signal_name: str) -> None:
+    """On Dask, STOP in every worker too: a training there would go on to its last epoch, and the
+    cluster's close would wait for it (then kill it)."""
+    if not _on_dask():
+        return
+    from prefect.context import FlowRunContext
+
+    from flows.dask_cluster import stop_training
+
+    try:
+        FlowRunContext.get().task_runner.client.run(stop_training, signal_name)
+    except Exception as e:  # the workers or the scheduler are gone already (a signal to the group)
+        get_run_logger().warning(f"could not stop the Dask workers' trainings: {type(e).__name__}: {e}")
+
+
+def _interruption(e: BaseException) -> str | None:
+    """The signal that interrupted the run (``SIGTERM``), or None if ``e`` is a failure. Prefect's
+    TerminationSignal has no message, so the name is taken from its signal number."""
+    if engine.STOP.is_set():
+        return engine.STOP.reason or "SIGINT"
+    if isinstance(e, TerminationSignal):
+        return signal.Signals(e.signal).name
+    if isinstance(e, KeyboardInterrupt):
+        return "SIGINT"
+    return None
 
 
 def _prepare(ctx: Context, data_version: str) -> str:
@@ -508,12 +548,15 @@ def main(argv: list[str] | None = None) -> int:
     print(numerics.banner(cfg.numerics.mode, cfg.numerics.threads), flush=True)
     start_temporary_prefect_server()  # started already when run as a program: then this returns at once
     _stop_on_signals()
+    _exit_if_stuck()
     try:
         wait_for_temporary_prefect_server()
         pipeline(params_path=str(params), root=str(root) if root else None, overrides=overrides or None)
     except BaseException as e:
+        if isinstance(e, TerminationSignal):  # raised outside the flow's body, which sets STOP
+            engine.STOP.set(signal.Signals(e.signal).name)
         if engine.STOP.is_set():  # whatever the unwinding raised after (a temporary server already gone)
-            print(f"error: {_interrupted_by}: stopped; the MLflow runs are marked KILLED", file=sys.stderr)
+            print(f"error: {engine.STOP.reason}: stopped; the MLflow runs are marked KILLED", file=sys.stderr)
             return 130
         if not isinstance(e, Exception):
             raise
@@ -522,23 +565,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-_interrupted_by = ""
 UNWIND_SECONDS = 15
 
 
 def _exit_if_stuck() -> None:
-    """Ctrl-C reaches every process of the terminal's group, the temporary Prefect server too; the
-    flow then marks its MLflow runs KILLED at once but Prefect retries reporting the crash to the
-    dead server for over a minute. Past UNWIND_SECONDS, stop any temporary server and exit."""
+    """A signal to the process group (Ctrl-C, ``kill -- -PGID``, ``timeout``, systemd) reaches the
+    temporary Prefect server too; the flow then marks its MLflow runs KILLED at once, but Prefect
+    retried reporting the crash to the dead server for minutes (SIGTERM: 217 s). From the moment
+    STOP is set (by :func:`_stop_on_signals`' handler, or by the flow when Prefect's own SIGTERM
+    handler, installed for the flow run, raised instead), the unwinding has UNWIND_SECONDS; past
+    them, stop any temporary server and exit with status 130 (SIGINT and SIGTERM alike: the run was
+    interrupted, and a caller tells it from a failure, 1, by one number)."""
 
     def watchdog() -> None:
+        engine.STOP.wait()
         time.sleep(UNWIND_SECONDS)
         from prefect.server.api.server import SubprocessASGIServer
 
         for server in list(getattr(SubprocessASGIServer, "_instances", {}).values()):
             server.stop()
         print(
-            f"error: {_interrupted_by}: stopped; the MLflow runs are marked KILLED (the Prefect server was "
+            f"error: {engine.STOP.reason}: stopped; the MLflow runs are marked KILLED (the Prefect server was "
             "gone, so the flow run's last state could not be reported)",
             file=sys.stderr,
             flush=True,
@@ -551,16 +598,16 @@ def _exit_if_stuck() -> None:
 def _stop_on_signals() -> None:
     """SIGINT and SIGTERM stop the run within a training batch: every training loop checks STOP, and
     the main thread unwinds through the flow (MLflow runs marked KILLED, the temporary Prefect server
-    stopped) instead of dying with runs left RUNNING and the server orphaned."""
+    stopped) instead of dying with runs left RUNNING and the server orphaned. Inside a flow run
+    Prefect's engine has its own SIGTERM handler (it raises TerminationSignal, which the flow turns
+    into STOP) and hands the signal back to this one once the flow run has ended."""
 
     def handler(signum: int, frame: object) -> None:
-        global _interrupted_by
-        _interrupted_by = signal.Signals(signum).name
+        name = signal.Signals(signum).name
         if engine.STOP.is_set():
             return  # one interrupt is enough; the unwinding is under way
-        engine.STOP.set()
-        _exit_if_stuck()
-        raise KeyboardInterrupt(f"{_interrupted_by} received")
+        engine.STOP.set(name)
+        raise KeyboardInterrupt(f"{name} received")
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)

@@ -152,7 +152,7 @@ class TrainConfig(_Frozen):
         default=1,
         ge=1,
         le=4096,
-        description="data-parallel training processes (DistributedDataParallel through torchrun); "
+        description="data-parallel training processes on this machine (DistributedDataParallel); "
         "batch_size is the global batch",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -1,10 +1,10 @@
-"""Data-parallel training of one (loss, seed) with ``torchrun``: ``train.processes: N``.
+"""Data-parallel training of one (loss, seed) in N processes on this machine: ``train.processes: N``.
 
-The train step (from the flow, ``python -m oodgate train`` or ``dvc repro``) launches
-``torchrun --standalone --nproc_per_node N -m oodgate.distributed ...`` for one (loss, seed) and
-reads the result the first process wrote. Each process initialises the default process group (gloo
-on the CPU, NCCL on GPUs, one GPU per process by ``LOCAL_RANK``) and runs the same train step,
-in which :func:`oodgate.engine.train` wraps the model in ``DistributedDataParallel``:
+The train step (from the flow, ``python -m oodgate train`` or ``dvc repro``) starts N processes of
+``python -m oodgate.distributed ...`` for one (loss, seed) and reads the result the first process
+wrote. Each process initialises the default process group (gloo on the CPU, NCCL on GPUs, one GPU per
+process by ``LOCAL_RANK``) and runs the same train step, in which :func:`oodgate.engine.train` wraps
+the model in ``DistributedDataParallel``:
 
 - ``train.batch_size`` is the global batch; every process draws the whole batch's permutation and
   augmentation from the run's one generator and trains on its contiguous share, with its loss
@@ -16,6 +16,12 @@ in which :func:`oodgate.engine.train` wraps the model in ``DistributedDataParall
 - the first process validates, selects the epoch and writes ``best.pt``, ``last.pt``, the history
   and the record; a resumed run restores ``last.pt`` in every process (the same resume rules).
 
+The processes are started here rather than by ``torchrun --standalone``, whose rendezvous store (a
+TCPStore) listened on every network interface without authentication: anyone who reached the
+machine could join or disturb the group. Here they meet through a file (``init_method="file://..."``)
+in a private temporary directory (mode 0700: no other user can open it), and gloo's and NCCL's
+connections between them are bound to the loopback interface, so nothing listens beyond it.
+
 On several machines, run the same command on each with ``--nnodes`` and a rendezvous endpoint
 (``torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint host:29400 -m
 oodgate train --loss dismax --seed 0``), with the work directory on a file system all of them see.
@@ -26,13 +32,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 
 class DistributedTrainingError(RuntimeError):
-    """The torchrun launch failed; the message holds the end of its output."""
+    """A training process failed; the message holds the end of its output."""
+
+
+PARENT_VARIABLE = "OODGATE_DDP_PARENT"  # the pid of the launching process
+POLL_SECONDS = 0.2
+STOP_GRACE_SECONDS = 10  # for the other processes to exit on SIGTERM before they are killed
 
 
 def launch(
@@ -45,46 +61,92 @@ def launch(
     n: int,
     max_epochs: int | None = None,
 ) -> None:
-    """Run ``n`` training processes under ``torchrun`` on this machine and wait for them."""
+    """Run ``n`` training processes on this machine and wait for them. When one fails, the others
+    (blocked in a collective with it) are stopped, and the error holds the end of its output."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config = out_dir / "distributed-config.json"
     config.write_text(json.dumps(cfg_json))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(n),
-        "-m",
-        "oodgate.distributed",
-        "--config",
-        str(config),
-        "--loss",
-        loss_id,
-        "--seed",
-        str(seed),
-        "--prepared",
-        str(prepared_dir),
-        "--out",
-        str(out_dir),
-        "--fingerprint",
-        fingerprint,
-        *(["--max-epochs", str(max_epochs)] if max_epochs is not None else []),
-    ]
     from oodgate import numerics
 
     # every process computes under the params' numerics, with its share of the threads
     mode, threads = cfg_json["numerics"]["mode"], cfg_json["numerics"]["threads"]
     per_process = max(1, threads // n) if threads is not None else _threads_per_process(n)
-    env = dict(os.environ, **numerics.environment(mode, per_process))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-        raise DistributedTrainingError(
-            f"distributed training of {loss_id} seed {seed} ({n} processes) failed with exit status "
-            f"{proc.returncode}:\n{tail}"
-        )
+    loopback = _loopback_interface()
+    common = {
+        **os.environ,
+        **numerics.environment(mode, per_process),
+        # the processes' own connections (gloo's pairs, NCCL's bootstrap) on loopback only
+        "GLOO_SOCKET_IFNAME": loopback,
+        "NCCL_SOCKET_IFNAME": loopback,
+        PARENT_VARIABLE: str(os.getpid()),
+    }
+    with tempfile.TemporaryDirectory(prefix="oodgate-ddp-") as private:  # mode 0700, as mkdtemp
+        cmd = [sys.executable, "-m", "oodgate.distributed", "--init", (Path(private) / "store").as_uri()]
+        cmd += ["--config", str(config), "--loss", loss_id, "--seed", str(seed)]
+        cmd += ["--prepared", str(prepared_dir), "--out", str(out_dir), "--fingerprint", fingerprint]
+        cmd += ["--max-epochs", str(max_epochs)] if max_epochs is not None else []
+        logs = [Path(private) / f"process-{rank}.log" for rank in range(n)]
+        procs: list[subprocess.Popen] = []
+        try:
+            for rank, log in enumerate(logs):
+                ranks = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": n, "LOCAL_WORLD_SIZE": n}
+                with log.open("w") as fh:  # a file, not a pipe: a process never blocks on its output
+                    env = {**common, **{k: str(v) for k, v in ranks.items()}}
+                    procs.append(subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT))
+            failed = _wait(procs)
+        finally:
+            _stop(procs)
+        if failed:
+            # each process that failed by itself (the others were stopped after), with its output's end
+            parts = []
+            for rank, status in failed:
+                tail = "\n".join(logs[rank].read_text(errors="replace").splitlines()[-30:])
+                parts.append(f"process {rank} exited with {_status(status)}:\n{tail}")
+            raise DistributedTrainingError(
+                f"distributed training of {loss_id} seed {seed} ({n} processes) failed: " + "\n".join(parts)
+            )
+
+
+def _wait(procs: list[subprocess.Popen]) -> list[tuple[int, int]]:
+    """Wait until every process has exited with status 0 ([]), or some have failed: [(rank,
+    status)]. An interrupt of the launching process (STOP) stops them."""
+    from oodgate.engine import STOP, TrainingInterrupted
+
+    while True:
+        # first: Ctrl-C reaches the processes too, and their exit is then no failure
+        if STOP.is_set():  # the last epoch's checkpoint is there to resume from
+            raise TrainingInterrupted(f"distributed training interrupted ({STOP.reason or 'STOP'})")
+        statuses = [p.poll() for p in procs]
+        failed = [(rank, status) for rank, status in enumerate(statuses) if status not in (None, 0)]
+        if failed or all(status == 0 for status in statuses):
+            return failed
+        time.sleep(POLL_SECONDS)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """End the processes still running: SIGTERM, then SIGKILL after STOP_GRACE_SECONDS."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _status(status: int) -> str:
+    if status < 0:
+        return f"signal {signal.Signals(-status).name}"
+    return f"exit status {status}"
+
+
+def _loopback_interface() -> str:
+    """The loopback interface's name: ``lo`` on Linux, ``lo0`` on macOS."""
+    names = [name for _, name in socket.if_nameindex()]
+    return "lo" if "lo" in names else next((x for x in names if x.startswith("lo")), "lo")
 
 
 def _threads_per_process(n: int) -> int:
@@ -102,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     from oodgate import steps
     from oodgate.config import parse_config
 
-    p = argparse.ArgumentParser(prog="torchrun ... -m oodgate.distributed")
+    p = argparse.ArgumentParser(prog="python -m oodgate.distributed (started by oodgate.distributed.launch)")
+    p.add_argument("--init", required=True, help="the process group's init_method, file://<private path>")
     p.add_argument("--config", required=True)
     p.add_argument("--loss", required=True)
     p.add_argument("--seed", type=int, required=True)
@@ -112,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-epochs", type=int, default=None, help="stop after this many epochs (tests)")
     args = p.parse_args(argv)
     cfg = parse_config(json.loads(Path(args.config).read_text()), args.config)
+    _end_with_parent()
     td.init_process_group(
-        backend="nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
+        backend="nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo",
+        init_method=args.init,
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
     )
     try:
         steps.train(
@@ -128,6 +195,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         td.destroy_process_group()
     return 0
+
+
+def _end_with_parent() -> None:
+    """Exit when the launching process is gone (a SIGKILL of the flow): an orphaned training would
+    go on, holding cores or a GPU, to its last epoch. A thread compares ``os.getppid()`` with the
+    launcher's pid once a second (not ``PR_SET_PDEATHSIG``: Linux sends it when the launching
+    *thread* ends, and the launcher runs in a task runner's thread)."""
+    parent = os.environ.get(PARENT_VARIABLE, "")
+    if not parent.isdigit():
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(1.0)
+        os._exit(1)  # the last epoch's checkpoint is there to resume from
+
+    threading.Thread(target=watch, name="oodgate-parent", daemon=True).start()
 
 
 if __name__ == "__main__":

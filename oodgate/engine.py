@@ -39,13 +39,29 @@ class TrainingInterrupted(RuntimeError):
     was in, leaving the last epoch's checkpoint to resume from."""
 
 
-# Set by an entry point's signal handler; every training loop in the process checks it per batch,
-# so an interrupt stops a run within one batch instead of after the epoch (or the whole run).
-STOP = threading.Event()
+class Stop(threading.Event):
+    """An event that keeps what set it first (``SIGTERM``), for the messages of whoever unwinds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason = ""
+        self._first = threading.Lock()
+
+    def set(self, reason: str = "") -> None:
+        with self._first:
+            if not self.is_set():
+                self.reason = reason
+            super().set()
+
+
+# Set by an entry point's signal handler (or the flow, when Prefect's own SIGTERM handler raised
+# instead); every training loop in the process checks it per batch, so an interrupt stops a run
+# within one batch instead of after the epoch (or the whole run).
+STOP = Stop()
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
-    """``cuda`` (the local rank's GPU under ``torchrun``) or ``cpu``."""
+    """``cuda`` (the local rank's GPU in a data-parallel launch) or ``cpu``."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     if requested == "auto":
@@ -59,7 +75,8 @@ def resolve_device(requested: str = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class Distributed:
-    """This process's place in a ``torchrun`` launch: ``rank`` of ``world`` processes (1: alone)."""
+    """This process's place in a data-parallel launch (``oodgate.distributed``, or ``torchrun`` across
+    machines): ``rank`` of ``world`` processes (1: alone)."""
 
     rank: int = 0
     world: int = 1
@@ -320,7 +337,7 @@ def _start(
 
 
 def _wrap(run: _Run, cfg: TrainConfig) -> None:
-    """Under ``torchrun``: DistributedDataParallel around the model (after a resume restored its
+    """In a data-parallel launch: DistributedDataParallel around the model (after a resume restored its
     weights); on CUDA its batch-norm layers synchronise their statistics across processes."""
     if run.dist.world == 1:
         run.net = run.model

@@ -3,7 +3,9 @@
 The user's path: ``python -m flows.pipeline --set orchestration.task_runner=dask`` in its own
 process (prefect-dask's runner on a real local cluster of 2 worker processes, a temporary Prefect
 server, its own SQLite MLflow store) against the same project run by the thread runner in this
-process (Prefect test server): every evaluation file is byte-identical.
+process (Prefect test server): every evaluation file is byte-identical. The workers report to the
+flow's temporary Prefect server (they start none of their own) and the cluster closes them without
+killing them.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from stack import isolated_env
 
@@ -22,6 +27,26 @@ from oodgate.config import ConfigError, parse_config
 def _evaluations(project: Path) -> dict[str, bytes]:
     files = sorted((project / "artifacts" / "cache").glob("evaluate-*/metrics.json"))
     return {f.parent.name: f.read_bytes() for f in files}
+
+
+def _watch_servers(proc: subprocess.Popen, prefect_home: str) -> dict[int, int]:
+    """Every Prefect server (uvicorn) process that runs with this PREFECT_HOME while ``proc`` runs,
+    pid -> parent pid, filled in by a thread that polls until ``proc`` ends."""
+    found: dict[int, int] = {}
+
+    def poll() -> None:
+        while proc.poll() is None:
+            for p in psutil.process_iter():
+                try:
+                    if p.pid not in found and p.environ().get("PREFECT_HOME") == prefect_home:
+                        if "uvicorn" in " ".join(p.cmdline()):
+                            found[p.pid] = p.ppid()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            time.sleep(0.5)
+
+    threading.Thread(target=poll, daemon=True).start()
+    return found
 
 
 @pytest.mark.slow
@@ -42,10 +67,16 @@ def test_a_local_dask_cluster_gives_the_thread_runner_s_metrics(
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'dask.db'}"
     cmd = [sys.executable, "-m", "flows.pipeline", "--root", str(dask)]
     cmd += ["--set", "orchestration.task_runner=dask", "--set", "orchestration.workers=2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    servers = _watch_servers(proc, str(tmp_path / "prefect-home"))
+    out, _ = proc.communicate(timeout=600)
+    print(out[-6000:])
     assert proc.returncode == 0, out[-4000:]
     assert "DaskTaskRunner" in out or "dask" in out.lower()
+    # the workers report to the flow's temporary server instead of each starting one, and closing the
+    # cluster ends them without a kill
+    assert list(servers.values()) == [proc.pid], servers
+    assert "Worker process still alive after" not in out, out[-4000:]  # then: "..., killing"
 
     a, b = _evaluations(threads), _evaluations(dask)
     assert len(a) == 2 and a.keys() == b.keys()  # 2 losses, the same fingerprints
@@ -75,6 +106,13 @@ def test_the_runner_is_chosen_in_params_and_an_address_needs_dask():
     assert environ["OMP_NUM_THREADS"] == str(torch.get_num_threads())  # the thread runner's, not 1
     assert "MALLOC_TRIM_THRESHOLD_" not in environ  # made every training 3.2x slower
     assert environ["OMP_WAIT_POLICY"] == "PASSIVE"  # 3 workers share the cores
+    from flows import prefect_api_url
+
+    # the API this process uses (here the test server), or each worker starts a server of its own
+    assert environ.get("PREFECT_API_URL") == prefect_api_url()
+    from distributed import Nanny
+
+    assert issubclass(local.cluster_kwargs["worker_class"], Nanny)  # a closing worker gets 16 s
     remote = {"task_runner": "dask", "address": "tcp://10.0.0.5:8786"}
     assert task_runner_for(parse_config({**base, "orchestration": remote})).address == "tcp://10.0.0.5:8786"
     with pytest.raises(ConfigError, match=r"orchestration.address='tcp://x:1' is a Dask scheduler"):
