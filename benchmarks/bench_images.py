@@ -27,6 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from oodgate import numerics
+
+numerics.apply()  # before NumPy and torch load: the kernels the pipeline computes with (oodgate.numerics)
+
 import numpy as np
 import torch
 

@@ -24,6 +24,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from oodgate import numerics
+
+numerics.apply()  # before NumPy and torch load: the kernels the pipeline computes with (oodgate.numerics)
+
 import torch
 from torch import nn
 

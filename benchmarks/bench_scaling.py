@@ -29,6 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from oodgate import numerics
+
+numerics.apply()  # before torch loads: the DDP part trains in this process (oodgate.numerics)
+
 REPO = Path(__file__).resolve().parents[1]
 RUNNERS = {
     "threads": [],
