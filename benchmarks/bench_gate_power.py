@@ -21,8 +21,8 @@ from oodgate import numerics
 
 numerics.apply()  # before NumPy loads: the same rates on any machine
 
-from oodgate import simulation  # noqa: E402
-from oodgate.config import GateConfig  # noqa: E402
+from oodgate import simulation
+from oodgate.config import GateConfig
 
 
 def candidates() -> dict[str, simulation.Family]:
