@@ -30,7 +30,9 @@ def candidates() -> dict[str, simulation.Family]:
     fpr = simulation.describe(base, 150)["ood/mean/fpr95"][0]
     papers = simulation.Family(base.skill, simulation.separation_for_fpr95(0.7 * fpr), base.overconfidence)
     acc = simulation.describe(base, 150)["test/accuracy"][0]
-    worse = simulation.Family(simulation.skill_for_accuracy(acc - 0.01), papers.separation, base.overconfidence)
+    worse = simulation.Family(
+        simulation.skill_for_accuracy(acc - 0.01), papers.separation, base.overconfidence
+    )
     return {"identical": base, "papers": papers, "worse accuracy": worse}
 
 
