@@ -49,11 +49,13 @@ def _checked(argv: list[str] | None) -> tuple[argparse.Namespace, Path, dict, An
     params = ((root or Path.cwd()) / args.params).resolve()  # --params is relative to --root, else to cwd
     overrides = parse_overrides(args.set)
     numerics.apply_from_params(params, overrides)  # before anything below loads NumPy or torch
+    from oodgate.preflight import check_dvc_project as _check_dvc_project
     from oodgate.preflight import preflight as _preflight
     from tasks import tracking as _tracking
 
     cfg = _load_config(params, overrides)
     _preflight(cfg, project=root or _project_root())
+    _check_dvc_project(root or _project_root(), cfg.data.root)  # the flow checks data/ with DVC
     _tracking.connect(root=root or _project_root())  # an unreachable or read-only MLflow store fails here
     return args, params, overrides, cfg
 
