@@ -173,3 +173,74 @@ def test_a_read_only_tracking_database_is_refused_with_its_path(mlflow_template,
             subprocess.run(["umount", str(ro)])
         else:
             src.chmod(0o755)
+
+
+# ------------------------------------------------------------------ a damaged tracking database
+def _damaged_copy(template: Path, dst: Path, how: str) -> Path:
+    data = template.read_bytes()
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    else:  # garbled: every 97th byte changed, the header included
+        garbled = bytearray(data)
+        for i in range(0, len(garbled), 97):
+            garbled[i] = (garbled[i] * 7 + 13) % 256
+        data = bytes(garbled)
+    dst.write_bytes(data)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("how", "problem"),
+    [("truncated", "database disk image is malformed"), ("garbled", "file is not a database")],
+)
+def test_a_damaged_tracking_database_is_refused_before_any_work(
+    mlflow_template, project, how, problem, capsys, monkeypatch
+):
+    """It used to end in SQLAlchemy's text, naming neither the file nor a fix. Now the flow's entry
+    point refuses it before Prefect starts, with the path and the fix, and leaves its bytes alone."""
+    import hashlib
+
+    import mlflow
+
+    from flows.pipeline import main
+
+    # the project's own mlflow.db, as for a user: no URI left behind by an earlier test in this process
+    mlflow.set_tracking_uri(None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    db = _damaged_copy(mlflow_template, project / "mlflow.db", how)
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    assert main(["--root", str(project)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the MLflow tracking database '{db}' is damaged (SQLite: {problem})"), err
+    assert f"move it aside (mv {db} {db}.damaged) to start a new one; nothing was changed or deleted" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in project.iterdir() if p.name.startswith("mlflow")) == ["mlflow.db"]
+    assert not (project / "artifacts").exists()  # no work began
+
+
+def test_a_database_damaged_after_connect_is_named_where_the_store_is_first_read(mlflow_template, tmp_path):
+    import mlflow
+
+    from tasks import tracking
+
+    db = _damaged_copy(mlflow_template, tmp_path / "mlflow.db", "truncated")
+    mlflow.set_tracking_uri(f"sqlite:///{db}")  # as if connect() had seen it whole
+    try:
+        with pytest.raises(
+            tracking.TrackingUnavailableError,
+            match=rf"'{re.escape(str(db))}' is damaged \(SQLite: database disk image is malformed\)",
+        ):
+            tracking.ensure_experiment("oodgate", tmp_path)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_reading_the_champion_from_a_damaged_database_names_it(mlflow_template, tmp_path):
+    from tasks import tracking
+    from tasks.champion import resolve
+
+    db = _damaged_copy(mlflow_template, tmp_path / "mlflow.db", "garbled")
+    with pytest.raises(tracking.TrackingUnavailableError, match=rf"'{re.escape(str(db))}' is damaged"):
+        resolve(uri=f"sqlite:///{db}")
