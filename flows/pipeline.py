@@ -102,6 +102,7 @@ from flows import (
 )
 from oodgate import engine, numerics  # engine.STOP, by module: a served flow is pickled by value
 from oodgate.config import Config, load_config
+from oodgate.files import is_no_space
 from oodgate.preflight import preflight
 from oodgate.steps import inputs
 from tasks import tracking
@@ -398,6 +399,8 @@ def _log(ctx: Context, lr: LossRun) -> LossResult | str:
         reason = f"{type(e).__name__}: {e}"
         tracking.set_tags(run_id, {"oodgate.failure": reason[:4000]})
         tracking.end_run(run_id, "FAILED", end_ms)
+        if is_no_space(e):  # every other loss would fail the same way: stop, and say why in one line
+            raise
         return reason
     images = evaluation_images(ctx.prepared_dir)
     result = log_loss_run(run_id, cfg, lr.loss_id, trained, calibrated, evaluated, packaged, images)
@@ -511,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         if not isinstance(e, Exception):
             raise
+        from oodgate.files import no_space_error
+
+        if is_no_space(e):  # where, which file, and that a re-run after freeing space reuses the rest
+            print(f"error: {no_space_error(e, (root or PROJECT_ROOT) / cfg.workdir)}", file=sys.stderr)
+            return 1
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
