@@ -244,3 +244,33 @@ def test_reading_the_champion_from_a_damaged_database_names_it(mlflow_template, 
     db = _damaged_copy(mlflow_template, tmp_path / "mlflow.db", "garbled")
     with pytest.raises(tracking.TrackingUnavailableError, match=rf"'{re.escape(str(db))}' is damaged"):
         resolve(uri=f"sqlite:///{db}")
+
+
+# ------------------------------------------------------------------ the shared server's password
+def test_the_database_password_is_created_0600_and_never_chmodded(tmp_path, monkeypatch):
+    """It was written with the umask's mode (0644 under the usual 022) and chmodded after, readable by
+    other users in between. A chmod after creation is now a failure, so the mode can only come
+    from the creation itself."""
+    import os
+    import stat
+
+    from tasks import mlflow_server
+
+    def no_chmod(*args, **kwargs):
+        raise AssertionError("the password file was chmodded after it was created")
+
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    for umask in (0o000, 0o022):
+        root = tmp_path / f"umask{umask:03o}"
+        root.mkdir()
+        previous = os.umask(umask)
+        try:
+            password = mlflow_server._password(root)
+        finally:
+            os.umask(previous)
+        st = (root / "password").stat()
+        assert stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode)
+        assert len(password) >= 32 and (root / "password").read_text() == password + "\n"
+        assert mlflow_server._password(root) == password  # kept: the cluster was initialised with it
+    with pytest.raises(FileExistsError):  # never written through something already there
+        mlflow_server.write_secret(root / "password", "x")
