@@ -87,11 +87,13 @@ def test_serve_prints_how_to_trigger():
     from flows.deploy import trigger_hint
 
     hint = trigger_hint("http://127.0.0.1:4200/api")
-    assert "make trigger" in hint
+    assert hint.startswith("Trigger a run now:  make trigger\n")  # the default address: nothing to add
     assert (
         "PREFECT_API_URL=http://127.0.0.1:4200/api prefect deployment run 'oodgate-pipeline/scheduled'"
         in hint
     )
+    other = trigger_hint("http://127.0.0.1:4311/api/")
+    assert other.startswith("Trigger a run now:  PREFECT_API_URL=http://127.0.0.1:4311/api make trigger\n")
 
 
 # ------------------------------------------------------------------ the champion loader
@@ -274,3 +276,49 @@ def test_the_database_password_is_created_0600_and_never_chmodded(tmp_path, monk
         assert mlflow_server._password(root) == password  # kept: the cluster was initialised with it
     with pytest.raises(FileExistsError):  # never written through something already there
         mlflow_server.write_secret(root / "password", "x")
+
+
+# ------------------------------------------------------------------ make mlflow-ui
+@pytest.mark.slow
+def test_make_mlflow_ui_runs_the_two_processes_the_readme_promises(tmp_path):
+    """It ran 7: MLflow 3.17's `mlflow ui` starts uvicorn with 4 workers by default. Started here as
+    a user starts it, through the Makefile's own recipe (run in an empty directory, so that it opens
+    a new mlflow.db there, on a free port), then its process tree is counted and stopped."""
+    import time
+    import urllib.request
+
+    import psutil
+    from stack import stop_process
+
+    venv = Path(sys.executable).parents[1]
+    if shutil.which("make") is None or not (venv / "bin" / "mlflow").exists():
+        pytest.skip("needs make and the project's virtualenv")
+    port = free_port()
+    command = [
+        "make", "-s", "-C", str(tmp_path), "-f", str(REPO / "Makefile"),
+        "-o", str(venv / ".installed"),  # the virtualenv is set up already: never reinstalled here
+        "mlflow-ui", f"VENV={venv}", f"MLFLOW_UI_PORT={port}",
+    ]  # fmt: skip
+    log = tmp_path / "mlflow-ui.log"
+    with log.open("w") as fh:
+        make = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert make.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+        time.sleep(2)  # any worker a server forks after it first answers
+        tree = [psutil.Process(make.pid), *psutil.Process(make.pid).children(recursive=True)]
+        (ui,) = [p for p in tree if "ui" in p.cmdline()[1:3] and p.cmdline()[1].endswith("mlflow")]
+        processes = [ui, *ui.children(recursive=True)]
+        shown = [" ".join(p.cmdline())[:120] for p in processes]
+        assert len(processes) == 2, shown
+        assert any("uvicorn" in line for line in shown), shown
+        assert f"MLflow UI: http://127.0.0.1:{port}/#/experiments" in log.read_text()
+    finally:
+        stop_process(make, timeout=20)  # then SIGKILL to its whole process group, if anything is left
