@@ -443,7 +443,7 @@ def log_exported_model(run_id: str, exported: Path, name: str = "model") -> str:
             artifacts=artifacts,
             signature=ModelSignature(outputs=output_schema(list(meta["class_names"]))),
             metadata={
-                "input": f"images (batch, {shape[0]}, {shape[1]}, {shape[2]}): float in [0, 1] or uint8",
+                "input": f"images (batch, {shape[0]}, {shape[1]}, {shape[2]}): float in [0, 1] or integers 0-255 (uint8)",
                 "input_shape": [-1, *shape],
                 # image files of any size: oodgate.data.folder.decode_image (shorter side, centre crop)
                 "preprocessing": meta.get("preprocessing", "exact"),
