@@ -507,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     _stop_on_signals()
     try:
         wait_for_temporary_prefect_server()
-        pipeline(params_path=str(params), root=str(root) if root else None, overrides=overrides or None)
+        outcome = pipeline(
+            params_path=str(params), root=str(root) if root else None, overrides=overrides or None
+        )
     except BaseException as e:
         if engine.STOP.is_set():  # whatever the unwinding raised after (a temporary server already gone)
             print(f"error: {_interrupted_by}: stopped; the MLflow runs are marked KILLED", file=sys.stderr)
@@ -521,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    # The table and the decision on stdout, after the flow: inside it they are Prefect log lines on
+    # stderr, and `make run > out.txt` captured none of them.
+    print(report_markdown(outcome.report, outcome.registration, outcome.failed), end="", flush=True)
     return 0
 
 
