@@ -22,11 +22,11 @@ class NoSpaceError(OSError):
     """The file system holding a result is full: say where, what was being written, and that a re-run
     after freeing space reuses every finished result."""
 
-    def __init__(self, path: str | Path, cause: OSError | None = None) -> None:
+    def __init__(self, path: str | Path, cause: OSError | None = None, message: str | None = None) -> None:
         path = Path(os.path.abspath(path))
         code = cause.errno if cause is not None and cause.errno in NO_SPACE else errno.ENOSPC
         what = "no space left" if code == errno.ENOSPC else "no disk quota left"
-        message = (
+        message = message or (
             f"{what} on {file_system(path)} while writing {path}; free space and re-run (finished "
             "results are kept and reused)"
         )
@@ -35,6 +35,10 @@ class NoSpaceError(OSError):
 
     def __str__(self) -> str:  # the message alone, not OSError's "[Errno 28] ..."
         return self.strerror
+
+    def __reduce__(self) -> tuple:
+        # as it was, wherever it is unpickled (a Dask worker's failure reaches the flow this way)
+        return (type(self), (str(self.path), None, self.strerror))
 
 
 def is_no_space(error: BaseException | None) -> bool:
