@@ -110,11 +110,14 @@ worker: data
 serve-model: $(STAMP)
 	$(PY) -m tasks.champion serve $(ARGS)
 
-# MLflow UI over the local tracking database (job execution off: fewer processes).
+# MLflow UI over the local tracking database: 2 processes, `mlflow ui` and one uvicorn process.
+# MLflow 3.17 starts uvicorn with 4 worker processes (and a multiprocessing resource tracker), 7 in
+# all, unless told --workers 1; job execution off: no job consumers either.
+MLFLOW_UI_PORT ?= 5000
 mlflow-ui: $(STAMP)
-	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the Model training view)"
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
-		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts
+	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_UI_PORT)/#/experiments?workflowType=machine_learning (the Model training view)"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(MLFLOW_UI_PORT) \
+		--workers 1 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts
 
 # A shared tracking server: PostgreSQL (Debian's postgresql package) in .mlflow-server/, proxied
 # artifacts; flows use it with MLFLOW_TRACKING_URI=http://127.0.0.1:5050.

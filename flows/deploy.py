@@ -22,6 +22,7 @@ from pathlib import Path
 
 from flows import PROJECT_ROOT, telemetry_off
 
+DEFAULT_API_URL = "http://127.0.0.1:4200/api"  # what the trigger and Prefect's clients use unless told
 DEPLOYMENT_NAME = "scheduled"
 FULL_NAME = f"oodgate-pipeline/{DEPLOYMENT_NAME}"
 MONITOR_NAME = f"oodgate-monitor/{DEPLOYMENT_NAME}"  # served too when params.yaml sets monitor.batch
@@ -40,16 +41,33 @@ def wait_healthy(api_url: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"Prefect server at {api_url} was not healthy after {timeout:.0f} s")
 
 
+def server_environment(host: str, port: int) -> dict[str, str]:
+    """The environment of the server started on ``host:port``. Its UI asks ``/ui-settings`` where the
+    API is, and Prefect answers from the UI's API URL setting, else the default port: on another
+    ``--port`` the UI called port 4200 ("Can't connect to Server API") until the user set it."""
+    env = os.environ.copy()
+    if not (env.get("PREFECT_SERVER_UI_API_URL") or env.get("PREFECT_UI_API_URL")):  # a proxy's stays
+        api = f"http://{host}:{port}/api"
+        env["PREFECT_SERVER_UI_API_URL"] = api  # the name in Prefect 3.8; PREFECT_UI_API_URL before
+        env["PREFECT_UI_API_URL"] = api
+    return env
+
+
 def start_server(host: str, port: int, log_path: Path) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
-    return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=os.environ.copy())
+    return subprocess.Popen(
+        cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=server_environment(host, port)
+    )
 
 
 def trigger_hint(api_url: str) -> str:
-    """The commands that trigger a run of this deployment against the server at ``api_url``."""
+    """The commands that trigger a run of this deployment against the server at ``api_url``: `make
+    trigger` alone talks to the default address, so any other one goes in front of it."""
+    api_url = api_url.rstrip("/")
+    make = "make trigger" if api_url == DEFAULT_API_URL else f"PREFECT_API_URL={api_url} make trigger"
     return (
-        "Trigger a run now:  make trigger\n"
+        f"Trigger a run now:  {make}\n"
         f"            or:  PREFECT_API_URL={api_url} python -m flows.trigger\n"
         f"            or:  PREFECT_API_URL={api_url} prefect deployment run '{FULL_NAME}'"
     )

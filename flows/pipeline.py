@@ -49,11 +49,13 @@ def _checked(argv: list[str] | None) -> tuple[argparse.Namespace, Path, dict, An
     params = ((root or Path.cwd()) / args.params).resolve()  # --params is relative to --root, else to cwd
     overrides = parse_overrides(args.set)
     numerics.apply_from_params(params, overrides)  # before anything below loads NumPy or torch
+    from oodgate.preflight import check_dvc_project as _check_dvc_project
     from oodgate.preflight import preflight as _preflight
     from tasks import tracking as _tracking
 
     cfg = _load_config(params, overrides)
     _preflight(cfg, project=root or _project_root())
+    _check_dvc_project(root or _project_root(), cfg.data.root)  # the flow checks data/ with DVC
     _tracking.connect(root=root or _project_root())  # an unreachable or read-only MLflow store fails here
     return args, params, overrides, cfg
 
@@ -101,6 +103,7 @@ from flows import (
 )
 from oodgate import engine, numerics  # engine.STOP, by module: a served flow is pickled by value
 from oodgate.config import Config, load_config
+from oodgate.files import is_no_space
 from oodgate.preflight import preflight
 from oodgate.steps import inputs
 from tasks import tracking
@@ -444,6 +447,8 @@ def _log(ctx: Context, lr: LossRun) -> LossResult | str:
         reason = f"{type(e).__name__}: {e}"
         tracking.set_tags(run_id, {"oodgate.failure": reason[:4000]})
         tracking.end_run(run_id, "FAILED", end_ms)
+        if is_no_space(e):  # every other loss would fail the same way: stop, and say why in one line
+            raise
         return reason
     images = evaluation_images(ctx.prepared_dir)
     result = log_loss_run(run_id, cfg, lr.loss_id, trained, calibrated, evaluated, packaged, images)
@@ -551,7 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     _exit_if_stuck()
     try:
         wait_for_temporary_prefect_server()
-        pipeline(params_path=str(params), root=str(root) if root else None, overrides=overrides or None)
+        outcome = pipeline(
+            params_path=str(params), root=str(root) if root else None, overrides=overrides or None
+        )
     except BaseException as e:
         if isinstance(e, TerminationSignal):  # raised outside the flow's body, which sets STOP
             engine.STOP.set(signal.Signals(e.signal).name)
@@ -560,8 +567,16 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         if not isinstance(e, Exception):
             raise
+        from oodgate.files import no_space_error
+
+        if is_no_space(e):  # where, which file, and that a re-run after freeing space reuses the rest
+            print(f"error: {no_space_error(e, (root or PROJECT_ROOT) / cfg.workdir)}", file=sys.stderr)
+            return 1
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    # The table and the decision on stdout, after the flow: inside it they are Prefect log lines on
+    # stderr, and `make run > out.txt` captured none of them.
+    print(report_markdown(outcome.report, outcome.registration, outcome.failed), end="", flush=True)
     return 0
 
 

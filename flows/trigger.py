@@ -17,9 +17,7 @@ import time
 from pathlib import Path
 
 from flows import PROJECT_ROOT, telemetry_off
-from flows.deploy import FULL_NAME, MONITOR_NAME, wait_healthy
-
-DEFAULT_API_URL = "http://127.0.0.1:4200/api"
+from flows.deploy import DEFAULT_API_URL, FULL_NAME, MONITOR_NAME, wait_healthy
 
 
 def ui_url(api_url: str, flow_run_id: object) -> str:

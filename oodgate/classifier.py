@@ -108,13 +108,11 @@ def with_score(model: Classifier, score: str) -> Classifier:
 
 
 def save_classifier(model: Classifier, path: str | Path, **extra: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from oodgate.files import torch_save
+
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"spec": model.spec.to_dict(), "model": state, **extra}, tmp)
-    tmp.replace(path)  # atomic: an interrupted save never leaves a truncated checkpoint
-    return path
+    # atomic: an interrupted or failed save (a full disk) never leaves a truncated checkpoint
+    return torch_save({"spec": model.spec.to_dict(), "model": state, **extra}, Path(path))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from oodgate.config import Config, ConfigError, load_config, parse_overrides
+from oodgate.files import is_no_space, no_space_error, write_text
 from oodgate.layout import Layout
 from oodgate.numerics import NumericsError
 from oodgate.steps.results import CorruptResultError, StaleResultError
@@ -197,7 +198,7 @@ def cmd_gate(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
     }
     steps.write_json(lay.gate, gate_json)
     text = f"{report['table']}\n\n{_gate_text(report)}"
-    lay.report.write_text(text)
+    write_text(lay.report, text)
     print(text)
     return 0
 
@@ -327,6 +328,7 @@ def cmd_numerics(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    workdir = Path(".")  # where results go, once the config says
     try:
         if args.command == "materialize":
             return cmd_materialize(args)
@@ -337,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "numerics":
             return cmd_numerics(args)
         cfg = _config(args)
+        workdir = Path(cfg.workdir)
         from oodgate.preflight import preflight
 
         preflight(cfg, training=args.command in ("train", "import", "calibrate", "evaluate", "run"))
@@ -358,3 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if not is_no_space(e):
+            raise
+        # not the input's fault: exit 1; the message says where and that finished results are kept
+        print(f"error: {no_space_error(e, workdir)}", file=sys.stderr)
+        return 1

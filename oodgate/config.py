@@ -7,6 +7,7 @@ logged. Load it once at the entry point (``load_config``) and pass it down.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,8 +23,15 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# An OOD set's name becomes part of file names (roc_<name>.csv) and metric names (ood/<name>/fpr95):
+# a '/' would make it a directory or another metric section, a leading '.' a hidden or parent path.
+OOD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+OOD_NAME_RULE = "letters, digits, '_', '-' and '.' only, not starting with '.'"
+
+
 class OODSource(_Frozen):
-    """An OOD set. ``name`` is a registered OOD dataset, or any label when ``path`` is given.
+    """An OOD set. ``name`` is a registered OOD dataset, or any label when ``path`` is given
+    (:data:`OOD_NAME_RULE`: it names files and metrics).
 
     ``path`` points to a folder of images or an ``.npz`` file (array ``x``, uint8, NHWC or NHW).
     """
@@ -162,20 +170,11 @@ class TrainConfig(_Frozen):
 
     @model_validator(mode="after")
     def _milestones_within_epochs(self) -> TrainConfig:
-        bad = [m for m in self.milestones if not 0 < m < self.epochs]
-        if bad or self.milestones != sorted(self.milestones):
+        self._check_epoch_counts()
+        if any(m <= 0 for m in self.milestones) or self.milestones != sorted(self.milestones):
             raise ValueError(
                 f"train.milestones must be increasing epochs in (0, epochs={self.epochs}), "
                 f"got {self.milestones}"
-            )
-        if self.warmup_epochs >= self.epochs:
-            raise ValueError(
-                f"train.warmup_epochs={self.warmup_epochs} must be below train.epochs={self.epochs}"
-            )
-        if self.freeze_backbone_epochs >= self.epochs:
-            raise ValueError(
-                f"train.freeze_backbone_epochs={self.freeze_backbone_epochs} must be below "
-                f"train.epochs={self.epochs}, or the backbone never trains"
             )
         if self.processes > 1 and self.freeze_backbone_epochs:
             raise ValueError(
@@ -192,6 +191,32 @@ class TrainConfig(_Frozen):
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(f"train.crop_scale must be 0 < low <= high <= 1, got {list(self.crop_scale)}")
         return self
+
+    def _check_epoch_counts(self) -> None:
+        """Every key counted in epochs must stay below ``epochs``. All conflicts are named at once,
+        with the one set of overrides that resolves them: shortening a run (``--set train.epochs=2``)
+        used to be refused one key at a time, three tries for one change."""
+        conflicts, fixes = [], []
+        late = [m for m in self.milestones if m >= self.epochs]
+        if late:
+            kept = [m for m in self.milestones if 0 < m < self.epochs]
+            conflicts.append(f"train.milestones={self.milestones} (each must be below epochs)")
+            fixes.append(f"train.milestones=[{','.join(map(str, kept))}]")
+        if self.warmup_epochs >= self.epochs:
+            conflicts.append(f"train.warmup_epochs={self.warmup_epochs} (must be below epochs)")
+            fixes.append("train.warmup_epochs=0")
+        if self.freeze_backbone_epochs >= self.epochs:
+            conflicts.append(
+                f"train.freeze_backbone_epochs={self.freeze_backbone_epochs} (must be below epochs, or "
+                "the backbone never trains)"
+            )
+            fixes.append("train.freeze_backbone_epochs=0")
+        if conflicts:
+            command = " ".join(f"--set {f}" for f in [f"train.epochs={self.epochs}", *fixes])
+            raise ValueError(
+                f"train.epochs={self.epochs} conflicts with {' and '.join(conflicts)}; change them "
+                f"together, e.g. {command} (or the same keys in params.yaml)"
+            )
 
 
 class CheckpointConfig(_Frozen):
@@ -454,6 +479,12 @@ class Config(_Frozen):
             )
         seen: set[str] = set()
         for source in self.data.ood:
+            if not OOD_NAME.fullmatch(source.name):
+                raise ValueError(
+                    f"data.ood: the name {source.name!r} is not allowed: it names files and metrics "
+                    f"(ood/<name>/fpr95), so use {OOD_NAME_RULE} (e.g. "
+                    f"{re.sub(r'[^A-Za-z0-9_.-]', '_', source.name).lstrip('.') or 'my_set'!r})"
+                )
             if source.name in seen:
                 raise ValueError(f"data.ood lists {source.name!r} twice; list each OOD set once")
             seen.add(source.name)
@@ -531,16 +562,19 @@ class Config(_Frozen):
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+    """One line, whatever the number of problems: the entry points print it after ``error:``."""
+    problems = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see params.yaml in the repository for valid keys)"
         value = e.get("input")
         shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
-        lines.append(f"  {key}: {msg}{shown}")
-    return "\n".join(lines)
+        # a section's own check names its keys already (train.epochs=2 conflicts with ...)
+        named = not key or re.match(rf"{re.escape(key)}[.=: ]", msg)
+        problems.append(f"{msg}{shown}" if named else f"{key}: {msg}{shown}")
+    return f"invalid configuration in {source}: {'; '.join(problems)}"
 
 
 def parse_config(raw: dict[str, Any], source: str = "<dict>") -> Config:
@@ -578,8 +612,17 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError as e:
+        # e.g. an image or a model file given as --params: its bytes are not UTF-8 text
+        raise ConfigError(
+            f"{path} is not a text YAML file (byte {e.start} is not UTF-8: {e.object[e.start : e.start + 1]!r}); "
+            "pass the params file, e.g. --params params.yaml"
+        ) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        problem = " ".join(str(e).split())  # YAML's message spans lines; the entry points print one
+        raise ConfigError(f"{path} is not valid YAML: {problem}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({e.strerror or e})") from None
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")

@@ -82,10 +82,17 @@ def _to_float(a: np.ndarray, source: str) -> np.ndarray:
     if a.dtype.kind != "f":
         raise BatchError(f"{source}: images must be uint8 or float in [0, 1], got dtype {a.dtype}")
     a = a.astype(np.float32)
-    if a.size and (not np.isfinite(a).all() or a.min() < 0.0 or a.max() > 1.0):
-        raise BatchError(
-            f"{source}: float images must lie in [0, 1], got [{np.nanmin(a):.4g}, {np.nanmax(a):.4g}]"
-        )
+    # NaN and infinities by name, with where they are: a NaN used to be reported as a range error
+    for name, bad in (("NaN", np.isnan(a)), ("infinite", np.isinf(a))):
+        if bad.any():
+            images = np.flatnonzero(bad.reshape(len(a), -1).any(axis=1))
+            shown = ", ".join(f"x[{i}]" for i in images[:SHOWN]) + (" ..." if len(images) > SHOWN else "")
+            raise BatchError(
+                f"{source}: {int(bad.sum())} pixel values are {name}, in {len(images)} of {len(a)} images "
+                f"({shown}); images must be uint8 or float in [0, 1]"
+            )
+    if a.size and (a.min() < 0.0 or a.max() > 1.0):
+        raise BatchError(f"{source}: float images must lie in [0, 1], got [{a.min():.4g}, {a.max():.4g}]")
     return a
 
 

@@ -2,13 +2,15 @@
 
 :func:`preflight` runs in every entry point (``python -m oodgate``, ``python -m flows.pipeline``, the
 flow itself before its first task) after the config is loaded: the device exists, the class indices
-exist in the dataset, and every OOD path is readable and holds images of a usable shape (an ``.npz``
-is inspected through its header, never loaded whole). Each problem is one line naming the key, the
-value and the fix (:class:`PreflightError`); the caller prints it without a traceback.
+exist in the dataset, the work directory can be written, the pretrained weights fit the backbone,
+and every OOD path is readable and holds images of a usable shape (an ``.npz`` is inspected through
+its header, never loaded whole). Each problem is one line naming the key, the value and the fix
+(:class:`PreflightError`); the caller prints it without a traceback.
 """
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -24,6 +26,16 @@ NUM_CLASSES = {
     "cifar10": 10,
     "cifar100": 100,
     "svhn": 10,
+}
+# The (channels, side) of each dataset's images, which a backbone's weights depend on; folder
+# datasets are RGB at data.image_size.
+IMAGE_SHAPES = {
+    "embedded_mnist": (1, 28),
+    "mnist": (1, 28),
+    "fashion_mnist": (1, 28),
+    "cifar10": (3, 32),
+    "cifar100": (3, 32),
+    "svhn": (3, 32),
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -128,6 +140,9 @@ def check_folder(cfg: Config, project: Path) -> None:
 
 
 def check_weights(cfg: Config, project: Path) -> None:
+    """The file exists, holds tensors only and fits the backbone, key by key and shape by shape
+    (the backbone is built on the meta device: no memory, no time). A file of another architecture
+    used to fail in every training, after the data was prepared."""
     if cfg.model.weights is None:
         return
     path = project / cfg.model.weights
@@ -136,6 +151,59 @@ def check_weights(cfg: Config, project: Path) -> None:
             f"model.weights: {str(path)!r} does not exist; give a local file written by "
             "torch.save(model.state_dict(), path) (nothing is downloaded)"
         )
+    import torch
+
+    from oodgate.models import create_backbone
+    from oodgate.models.torchvision_models import WeightsError
+    from oodgate.models.torchvision_models import check_weights as fits
+
+    shape = (3, cfg.data.image_size) if cfg.data.dataset == "folder" else IMAGE_SHAPES.get(cfg.data.dataset)
+    try:
+        backbone = None  # a dataset of unknown shape: only what can be checked without the data
+        if shape is not None:
+            with torch.device("meta"):
+                backbone = create_backbone(cfg.model.backbone, shape[0], shape[1], **cfg.model.options)
+        fits(backbone, path)
+    except WeightsError as e:
+        raise PreflightError(str(e)) from None
+
+
+def check_workdir(cfg: Config, project: Path) -> None:
+    """The work directory is a directory this process can write, or can be created in one. A file
+    there used to fail after the MLflow run was created; a read-only one after training, or with a
+    changed param in a loss reported as failed while the run exited 0."""
+    path = Path(os.path.abspath(project / cfg.workdir))  # absolute: the message names the real place
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    fix = "set workdir (in params.yaml, or --set workdir=DIR) to a directory this user can write"
+    if existing == path and not path.is_dir():
+        raise PreflightError(
+            f"workdir: {str(path)!r} is a file, not a directory; move the file aside, or {fix}"
+        )
+    if not existing.is_dir():
+        raise PreflightError(f"workdir: {str(path)!r} cannot be created: {str(existing)!r} is a file; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):  # mode bits, and EROFS for root too
+        what = "is" if existing == path else f"would be created in {str(existing)!r}, which is"
+        raise PreflightError(
+            f"workdir: {str(path)!r} {what} not writable (its permissions, or a read-only file "
+            f"system); make it writable, or {fix}"
+        )
+
+
+def check_dvc_project(project: Path, data_root: str = "data") -> None:
+    """``project`` is inside a DVC project, as ``dvc`` looks for one: a ``.dvc`` directory in it or
+    above it, up to the mount point. Only the pipeline flow needs one (it checks the data against
+    ``<data_root>.dvc``); without it DVC's NotDvcRepoError surfaced as a traceback."""
+    here = Path(project).resolve()
+    while not (here / ".dvc").is_dir():
+        if os.path.ismount(here) or here.parent == here:
+            raise PreflightError(
+                f"{str(Path(project).resolve())!r} is not a DVC project (no .dvc directory in it or above it, "
+                f"up to {str(here)!r}); make it one with `dvc init` there (`dvc init --no-scm` outside git) "
+                f"and `dvc add {data_root}`, or pass the project's directory as --root"
+            )
+        here = here.parent
 
 
 def _check_checkpoints(cfg: Config, project: Path) -> None:
@@ -152,6 +220,7 @@ def preflight(cfg: Config, training: bool = True, project: str | Path = ".") -> 
     and the pretrained weights (a step that only reads results). Relative paths are taken from
     ``project`` (default: the working directory)."""
     project = Path(project)
+    check_workdir(cfg, project)
     if training:
         check_device(cfg)
         check_weights(cfg, project)

@@ -129,9 +129,10 @@ def load_champion(
 ) -> tuple[Any, int]:
     """``(model, version)``: the version holding ``alias`` (default the champion; ``challenger``: the
     last run's best candidate), or ``version``, as an MLflow pyfunc whose ``predict(images)`` takes
-    ``(B, C, H, W)`` float images in [0, 1] (or uint8) and returns one row per image: ``p_<class>``,
-    ``predicted``, ``score``, ``in_distribution`` (see ``tasks/pyfunc_model.py``). Its files are
-    verified against the registry's record first, and the model is loaded from the verified copy."""
+    ``(B, C, H, W)`` float images in [0, 1] (or integers 0-255, as uint8) and returns one row per
+    image: ``p_<class>``, ``predicted``, ``score``, ``in_distribution`` (see ``tasks/pyfunc_model.py``).
+    Its files are verified against the registry's record first, and the model is loaded from the
+    verified copy."""
     import mlflow
 
     found = resolve(name, alias, uri, version)

@@ -46,7 +46,10 @@ def check_data(project_root: str, data_dir: str = "data") -> str:
     """The DVC hash of ``data/``; fails with the fixing command if the data is missing or changed."""
     from dvc.repo import Repo
 
+    from oodgate.preflight import check_dvc_project
+
     root = Path(project_root)
+    check_dvc_project(root, data_dir)  # DVC's own NotDvcRepoError names neither the path nor the fix
     version = data_version(root / f"{data_dir}.dvc")
     if not (root / data_dir).is_dir():
         raise DataVersionError(

@@ -130,8 +130,8 @@ class Postgres:
         self.data.mkdir(mode=0o700, exist_ok=True)
         self._own(self.data)
         pwfile = self.root / ".initdb-password"
-        pwfile.write_text(password + "\n")
-        pwfile.chmod(0o600)
+        pwfile.unlink(missing_ok=True)  # left by an initdb that was killed: written anew, 0600 from the start
+        write_secret(pwfile, password + "\n")
         self._own(pwfile)
         try:
             proc = subprocess.run(
@@ -263,13 +263,21 @@ class Server:
     seconds: float  # from the call to a healthy server
 
 
+def write_secret(path: Path, text: str) -> None:
+    """Create ``path`` with mode 0600 from its first byte: written with the umask's mode and then
+    chmodded, it was readable by other users in between. O_EXCL: never through an existing file
+    or a link someone placed there."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def _password(root: Path) -> str:
     path = root / "password"
     if path.exists():
         return path.read_text().strip()
     password = secrets.token_urlsafe(24)
-    path.write_text(password + "\n")
-    path.chmod(0o600)
+    write_secret(path, password + "\n")
     return password
 
 

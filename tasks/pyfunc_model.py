@@ -6,7 +6,8 @@ with pickle deserialisation refused. It checks its input before running the netw
 shape or dtype gets one short message that says what is expected, and names its outputs.
 
 Input: images ``(B, C, H, W)`` (``{"inputs": [...]}`` over REST): float in [0, 1] (any float
-dtype; JSON numbers) or uint8 in [0, 255]. Output: one row per image with ``p_<class>`` (the
+dtype; JSON numbers with a decimal point) or integers in [0, 255], pixel values as uint8 holds them
+(any integer dtype; JSON integers). Output: one row per image with ``p_<class>`` (the
 calibrated probabilities), ``predicted`` (the class name), ``score`` (the OOD score, higher =
 in-distribution) and ``in_distribution`` (the score reaches the validation threshold).
 """
@@ -42,8 +43,10 @@ class ImageInputError(MlflowException):
 
 
 def check_images(x, shape: tuple[int, int, int]) -> np.ndarray:
-    """``x`` as a float32 array (B, C, H, W) in [0, 1], or an ImageInputError saying what is expected."""
-    expected = f"images of shape (batch, {shape[0]}, {shape[1]}, {shape[2]}), float in [0, 1] or uint8"
+    """``x`` as a float32 array (B, C, H, W) in [0, 1], or an ImageInputError saying what is expected.
+    Integers are pixel values 0-255, whatever their dtype: JSON integers arrive as int64, and were
+    refused above 1 although uint8 is accepted."""
+    expected = f"images of shape (batch, {shape[0]}, {shape[1]}, {shape[2]}), float in [0, 1] or integers 0-255 (uint8)"
     if isinstance(x, pd.DataFrame):
         raise ImageInputError(
             f'expected {expected} as a tensor ({{"inputs": [...]}}), got a table with columns {list(x.columns)[:5]}'
@@ -56,12 +59,12 @@ def check_images(x, shape: tuple[int, int, int]) -> np.ndarray:
         raise ImageInputError(f"expected {expected}; got dtype {a.dtype}")
     if a.ndim != 4 or tuple(a.shape[1:]) != tuple(shape) or a.shape[0] == 0:
         raise ImageInputError(f"expected {expected}; got shape {tuple(a.shape)}")
-    if a.dtype == np.uint8:
+    if a.dtype.kind in "iu":
+        if a.min() < 0 or a.max() > 255:
+            raise ImageInputError(
+                f"expected {expected}; got integers in [{a.min()}, {a.max()}], outside the pixel values 0-255"
+            )
         return a.astype(np.float32) / 255.0
-    if a.dtype.kind in "iu" and (a.min() < 0 or a.max() > 1):
-        raise ImageInputError(
-            f"expected {expected}; got integers in [{a.min()}, {a.max()}] (send uint8 or floats in [0, 1])"
-        )
     a = a.astype(np.float32)
     if not np.isfinite(a).all() or a.min() < 0.0 or a.max() > 1.0:
         raise ImageInputError(

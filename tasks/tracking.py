@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import subprocess
 import tempfile
 import urllib.error
@@ -35,8 +36,40 @@ def default_tracking_uri(root: Path = PROJECT_ROOT) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root) / 'mlflow.db'}"
 
 
+def _sqlite_path(uri: str) -> Path:
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def _damaged(path: Path, problem: str) -> TrackingUnavailableError:
+    return TrackingUnavailableError(
+        f"the MLflow tracking database {str(path)!r} is damaged ({problem}); restore it from a backup, or "
+        f"move it aside (mv {shlex.quote(str(path))} {shlex.quote(str(path) + '.damaged')}) to start a new "
+        "one; nothing was changed or deleted"
+    )
+
+
+def _check_sqlite_database(uri: str) -> None:
+    """A truncated or garbled ``mlflow.db`` used to surface as SQLAlchemy's text, naming neither the
+    file nor a fix, once work had begun. SQLite's own check reads every page (milliseconds for a few
+    MB), read-only: nothing is repaired, moved or deleted here."""
+    import sqlite3
+
+    path = _sqlite_path(uri)
+    if not path.is_file() or path.stat().st_size == 0:  # none yet, or empty: MLflow creates the tables
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            result = [row[0] for row in db.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
+        if "locked" in str(e):  # busy, not damaged: MLflow waits for it as usual
+            return
+        raise _damaged(path, f"SQLite: {e}") from None
+    if result != ["ok"]:
+        raise _damaged(path, f"SQLite's quick_check: {'; '.join(map(str, result[:3]))}")
+
+
 def _check_writable_sqlite(uri: str) -> None:
-    path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    path = _sqlite_path(uri)
     target = path if path.exists() else path.parent
     if target.exists() and not os.access(target, os.W_OK):  # also EROFS, for root too
         raise TrackingUnavailableError(
@@ -68,8 +101,10 @@ def connect(
                 f"cannot reach the MLflow tracking server at {uri} ({e}); start it, fix MLFLOW_TRACKING_URI, "
                 "or unset it to use the local SQLite store"
             ) from None
-    if write and uri.startswith("sqlite:///"):
-        _check_writable_sqlite(uri)
+    if uri.startswith("sqlite:///"):
+        _check_sqlite_database(uri)
+        if write:
+            _check_writable_sqlite(uri)
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -84,9 +119,17 @@ def ensure_experiment(name: str, root: Path = PROJECT_ROOT) -> str:
     """The experiment's id, creating it with an absolute artifact location (``<root>/mlartifacts``)
     for a local store; a server keeps its own artifact root."""
     import mlflow
+    from sqlalchemy.exc import DatabaseError
 
-    c = client()
-    exp = c.get_experiment_by_name(name)
+    try:
+        c = client()  # MLflow opens the store (and reads its schema) here
+        exp = c.get_experiment_by_name(name)
+    except DatabaseError as e:  # the first queries: a store damaged after connect() looked at it
+        uri = mlflow.get_tracking_uri()
+        problem = str(e.orig if e.orig is not None else e).splitlines()[0]
+        if uri.startswith("sqlite:///"):
+            raise _damaged(_sqlite_path(uri), f"SQLite: {problem}") from None
+        raise TrackingUnavailableError(f"the MLflow tracking store at {uri} failed: {problem}") from None
     if exp is not None:
         return exp.experiment_id
     location = None
@@ -435,7 +478,7 @@ def log_exported_model(run_id: str, exported: Path, name: str = "model") -> str:
             artifacts=artifacts,
             signature=ModelSignature(outputs=output_schema(list(meta["class_names"]))),
             metadata={
-                "input": f"images (batch, {shape[0]}, {shape[1]}, {shape[2]}): float in [0, 1] or uint8",
+                "input": f"images (batch, {shape[0]}, {shape[1]}, {shape[2]}): float in [0, 1] or integers 0-255 (uint8)",
                 "input_shape": [-1, *shape],
                 # image files of any size: oodgate.data.folder.decode_image (shorter side, centre crop)
                 "preprocessing": meta.get("preprocessing", "exact"),

@@ -42,7 +42,16 @@ def _with(base: dict, dotted: str, value) -> dict:
             "mixup",
             r"train\.augment: .*'none', 'crop_flip', 'crop', 'resized_crop_flip' or 'resized_crop' \(got 'mixup'\)",
         ),
-        ("train.milestones", [20], r"milestones must be increasing epochs in \(0, epochs=15\), got \[20\]"),
+        (
+            "train.milestones",
+            [20],
+            r"train\.epochs=15 conflicts with train\.milestones=\[20\] \(each must be below",
+        ),
+        (
+            "train.milestones",
+            [5, 2],
+            r"milestones must be increasing epochs in \(0, epochs=15\), got \[5, 2\]",
+        ),
         ("data.val_fraction", 0.7, r"data\.val_fraction: .*less than 0\.5 \(got 0\.7\)"),
         ("data.classes", [1, 1], r"data\.classes: needs at least 2 distinct"),
         ("seeds", [0, 0], r"seeds: must be distinct"),
@@ -51,7 +60,11 @@ def _with(base: dict, dotted: str, value) -> dict:
         ("calibration.objective", "brier", r"calibration\.objective: .*'nll' or 'ece' \(got 'brier'\)"),
         ("gate.baseline", "softmax2", r"gate\.baseline='softmax2' is not a key of losses"),
         ("gate.confidence", 1.5, r"gate\.confidence: .*less than 1 \(got 1\.5\)"),
-        ("gate.bootstrap", {"enabled": True}, r"gate: gate\.bootstrap was replaced.*gate\.confidence"),
+        (
+            "gate.bootstrap",
+            {"enabled": True},
+            r"in params\.yaml: gate\.bootstrap was replaced.*gate\.confidence",
+        ),
         ("gate.fpr95.over", "median", r"gate\.fpr95\.over: .*'mean', 'groups' or 'worst' \(got 'median'\)"),
         ("gate.fpr95", "worst", r"gate\.fpr95 is a section now: write gate\.fpr95: \{over: worst\}"),
         (
@@ -62,7 +75,7 @@ def _with(base: dict, dotted: str, value) -> dict:
         ("gate.ece.test", "better", r"gate\.ece\.test: .*'superior' or 'noninferior' \(got 'better'\)"),
         ("gate.accuracy.margin", -0.1, r"gate\.accuracy\.margin: .*greater than or equal to 0"),
         ("seeds", [0], r"gate\.confidence=0\.95 needs at least 2 seeds.*gate\.confidence: null"),
-        ("train.warmup_epochs", 99, r"train\.warmup_epochs=99 must be below train\.epochs"),
+        ("train.warmup_epochs", 99, r"conflicts with train\.warmup_epochs=99 \(must be below epochs\)"),
         ("data.ood", [{"name": "letters", "path": "x.npz"}], r"'letters' needs a group: near .* or far"),
         ("data.ood", ["mnist_unseen", "worst"], r"data\.ood: 'worst' names a summary over OOD sets"),
         ("data.ood", [{"name": "x", "path": "x.npz", "group": "middle"}], r"group: .*'near' or 'far'"),
@@ -182,3 +195,115 @@ def test_a_rejected_value_is_shown_once(repo_params):
     with pytest.raises(ConfigError) as e:
         parse_config({**repo_params, "data": {**repo_params["data"], "classes": [0]}})
     assert str(e.value).count("[0]") == 1 and "(got [0])" in str(e.value)
+
+
+# ------------------------------------------------------------------ names, epochs, files, --set
+@pytest.mark.parametrize("name", ["my/set", "../up", ".hidden", "two words", "x\\y"])
+def test_an_ood_set_name_that_cannot_name_a_file_is_refused_with_the_rule(repo_params, name):
+    """It names files (roc_<name>.csv) and metrics (ood/<name>/fpr95): 'my/set' used to be accepted
+    and the run crashed after training."""
+    raw = _with(repo_params, "data.ood", [{"name": name, "path": "x.npz", "group": "far"}])
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw, "params.yaml")
+    message = str(e.value)
+    assert f"data.ood: the name {name!r} is not allowed" in message
+    assert "letters, digits, '_', '-' and '.' only, not starting with '.'" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["letters", "letters.v2", "my-set_1", "SVHN"])
+def test_an_ood_set_name_of_letters_digits_and_dots_is_accepted(repo_params, name):
+    raw = _with(repo_params, "data.ood", [{"name": name, "path": "x.npz", "group": "near"}])
+    assert parse_config(raw).data.ood[0].name == name
+
+
+def test_a_bad_ood_name_is_refused_by_the_cli_in_one_line(tmp_path, repo_params, capsys):
+    p = tmp_path / "params.yaml"
+    raw = _with(repo_params, "workdir", str(tmp_path / "artifacts"))
+    p.write_text(
+        yaml.safe_dump(_with(raw, "data.ood", [{"name": "my/set", "path": "x.npz", "group": "far"}]))
+    )
+    assert main(["run", "--params", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid configuration in ") and err.count("\n") == 1, err
+    assert "'my/set' is not allowed" in err
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_shortening_a_run_names_every_conflict_and_the_overrides_that_work(tmp_path, repo_params):
+    """`--set train.epochs=2` on the default params conflicts with train.milestones ([10]) and
+    train.warmup_epochs (3); it used to take three refusals to find out."""
+    from oodgate.config import parse_overrides
+
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(repo_params))
+    with pytest.raises(ConfigError) as e:
+        load_config(p, parse_overrides(["train.epochs=2"]))
+    message = str(e.value)
+    assert "\n" not in message
+    assert "train.epochs=2 conflicts with train.milestones=[10] (each must be below epochs)" in message
+    assert "and train.warmup_epochs=3 (must be below epochs)" in message
+    command = "--set train.epochs=2 --set train.milestones=[] --set train.warmup_epochs=0"
+    assert command in message
+    items = command.replace("--set ", "").split()
+    assert load_config(p, parse_overrides(items)).train.epochs == 2  # the advice works as given
+
+
+def test_a_conflict_keeps_the_milestones_that_still_fit(repo_params):
+    raw = _with(_with(repo_params, "train.milestones", [3, 10]), "train.epochs", 5)
+    with pytest.raises(ConfigError, match=r"--set train\.epochs=5 --set train\.milestones=\[3\] \(or"):
+        parse_config(raw)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        # the first bytes of a PNG image
+        b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89",
+        bytes(range(256)) * 4,
+    ],
+    ids=["png", "random-bytes"],
+)
+def test_a_binary_params_file_is_refused_with_its_path(tmp_path, content, capsys):
+    """It used to end in a UnicodeDecodeError traceback."""
+    p = tmp_path / "image.png"
+    p.write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"{p} is not a text YAML file .*pass the params file"):
+        load_config(p)
+    assert main(["run", "--params", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {p} is not a text YAML file") and err.count("\n") == 1, err
+    from flows.pipeline import main as flow_main
+
+    assert flow_main(["--params", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert f"{p} is not a text YAML file" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["oodgate", "run"], ["flows.pipeline"], ["flows.monitor"]],
+    ids=["oodgate-run", "flows.pipeline", "flows.monitor"],
+)
+def test_a_set_value_that_is_not_yaml_is_one_line_in_every_entry_point(tmp_path, command):
+    """`--set 'seeds=[0,1'`: the program, as a user starts it, says which value in one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [sys.executable, "-m", *command, "--set", "seeds=[0,1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert out.stderr.startswith("error: --set 'seeds=[0,1': '[0,1' is not a YAML value"), out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written

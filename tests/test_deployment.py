@@ -61,6 +61,7 @@ class Served:
     trigger: subprocess.CompletedProcess
     trigger_seconds: float
     flow_run_id: str
+    trigger_lines: list  # (line, the run's state on the server when the line arrived)
 
     @property
     def mlflow(self) -> MlflowClient:
@@ -105,6 +106,45 @@ def _trigger(stack: Stack, *args: str, timeout: float = 120) -> subprocess.Compl
     )
 
 
+def _trigger_watched(
+    stack: Stack, *args: str, timeout: float = 300
+) -> tuple[subprocess.CompletedProcess, list]:
+    """``python -m flows.trigger ARGS`` read line by line as it prints: each line with the state the
+    server holds for the run at the moment the line arrived (None before the run's address)."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.trigger", *args],
+        cwd=REPO,
+        env=dict(stack.env, PREFECT_API_URL=stack.api_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    lines, run_id = [], None
+    try:
+        with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
+            for line in proc.stdout:
+                match = re.search(r"/runs/flow-run/([0-9a-f-]{36})", line)
+                run_id = run_id or (match.group(1) if match else None)
+                state = client.read_flow_run(run_id).state.name if run_id else None
+                lines.append((line.rstrip("\n"), state))
+        proc.wait()
+    finally:
+        timer.cancel()
+        reader.join(timeout=10)
+    out = "".join(f"{line}\n" for line, _ in lines)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "".join(err)), lines
+
+
 @pytest.fixture(scope="module")
 def served(project_template, tmp_path_factory):
     from flows.deploy import wait_healthy
@@ -129,11 +169,11 @@ def served(project_template, tmp_path_factory):
         _wait_for_deployment(stack)
 
         t0 = time.perf_counter()
-        trigger = _trigger(stack, "--wait", timeout=300)
+        trigger, lines = _trigger_watched(stack, "--wait", timeout=300)
         seconds = time.perf_counter() - t0
         match = re.search(r"/runs/flow-run/([0-9a-f-]{36})", trigger.stdout)
         assert match, f"{trigger.stdout}\n{trigger.stderr}\n{stack.diagnostics()}"
-        yield Served(stack, project, reference, trigger, seconds, match.group(1))
+        yield Served(stack, project, reference, trigger, seconds, match.group(1), lines)
     finally:
         stack.stop()
 
@@ -198,6 +238,24 @@ def test_trigger_prints_the_run_address_and_its_completion(served):
     print(f"triggered deployment run, trigger to Completed: {served.trigger_seconds:.1f} s")
 
 
+def test_trigger_wait_prints_each_state_as_it_happens(served):
+    """`--wait` used to print nothing while the run was Running. Each state line must arrive while
+    the server still holds that state (a line held in a buffer until the end would arrive after the
+    run had Completed), and the last line says how it ended."""
+    shown = [
+        (line.split()[-1], state)
+        for line, state in served.trigger_lines
+        if re.match(r"  \d\d:\d\d:\d\d ", line)
+    ]
+    print("\n".join(line for line, _ in served.trigger_lines))
+    assert [name for name, _ in shown][-2:] == ["Running", "Completed"], served.trigger.stdout
+    assert ("Running", "Running") in shown, shown  # printed while the run was running
+    assert (
+        served.trigger_lines[-1][0].startswith("Flow run '")
+        and "ended Completed" in served.trigger_lines[-1][0]
+    )
+
+
 def test_triggered_run_leaves_what_make_run_leaves(served):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
     from prefect.client.schemas.objects import StateType
@@ -226,6 +284,16 @@ def test_triggered_run_leaves_what_make_run_leaves(served):
         timeout=300,
     )
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    # `make run > out.txt` captures the table and the decision (they used to be log lines on stderr only)
+    for part in (
+        "# oodgate pipeline",
+        "| loss | score | accuracy |",
+        "## Gate (baseline: softmax; ",
+        "## Registry",
+    ):
+        assert part in ref.stdout, ref.stdout[-3000:]
+    assert "**isomax_plus**: PROMOTE" in ref.stdout
+    assert "Beginning flow run" in ref.stderr and "Beginning flow run" not in ref.stdout  # logs: stderr
 
     got, want = served.mlflow, MlflowClient(tracking_uri=f"sqlite:///{served.reference / 'mlflow.db'}")
     parent = _parent(got, served.flow_run_id)
@@ -481,6 +549,14 @@ def test_serve_model_answers_invocations_with_named_columns(served, tmp_path):
         assert len(rows) == 2
         assert set(rows[0]) == {"p_0", "p_1", "p_2", "predicted", "score", "in_distribution"}
         assert abs(sum(rows[0][f"p_{c}"] for c in "012") - 1) < 1e-5
+        # JSON integers are pixel values 0-255 (uint8), as the README says; they were refused above 1
+        code, text = _post(url, json.dumps({"inputs": [[[[255] * 28] * 28]]}).encode())
+        assert code == 200, text
+        code, as_float = _post(url, json.dumps({"inputs": [[[[1.0] * 28] * 28]]}).encode())
+        assert json.loads(text) == json.loads(as_float)
+        code, text = _post(url, json.dumps({"inputs": [[[[256] * 28] * 28]]}).encode())
+        assert code == 400
+        assert "got integers in [256, 256], outside the pixel values 0-255" in json.loads(text)["message"]
         code, text = _post(url, json.dumps({"inputs": [[[0.0] * 28] * 28]}).encode())
         assert code == 400
         message = json.loads(text)["message"]

@@ -184,7 +184,10 @@ def test_bad_layouts_fail_before_any_work_saying_what_was_found(tmp_path, layout
         ({"model": {"backbone": "torchvision:resnet_nine"}}, r"or torchvision:<name>"),
         ({"model": {"backbone": "torchvision:resnet18", "options": {"depth": 3}}}, r"'depth' rejected"),
         ({"model": {"backbone": "torchvision:vit_b_16"}}, r"does not take 32x32 images"),
-        ({"train": {"epochs": 2, "freeze_backbone_epochs": 2}}, r"freeze_backbone_epochs=2 must be below"),
+        (
+            {"train": {"epochs": 2, "freeze_backbone_epochs": 2}},
+            r"freeze_backbone_epochs=2 \(must be below epochs",
+        ),
         ({"train": {"crop_scale": [0.5, 0.2]}}, r"crop_scale must be 0 < low <= high <= 1"),
     ],
 )

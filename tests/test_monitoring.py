@@ -149,6 +149,32 @@ def test_bad_npz_batches_say_what_is_wrong(tmp_path, make, message):
         load_batch(tmp_path / "b.npz", SHAPE)
 
 
+def _with(value: float, at: tuple[int, ...]) -> np.ndarray:
+    x = np.full((4, 8, 8), 0.5, np.float32)
+    x[at] = value
+    return x
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (_with(np.nan, (2, 3, 3)), r"1 pixel values are NaN, in 1 of 4 images \(x\[2\]\)"),
+        (
+            _with(np.nan, (slice(1, 4), 0, 0)),
+            r"3 pixel values are NaN, in 3 of 4 images \(x\[1\], x\[2\], x\[3\]\)",
+        ),
+        (_with(np.inf, (0, 0, 0)), r"1 pixel values are infinite, in 1 of 4 images \(x\[0\]\)"),
+    ],
+    ids=["one-nan", "nan-in-three", "inf"],
+)
+def test_nan_and_infinity_in_a_batch_are_named_as_such(tmp_path, x, message):
+    """A NaN used to be reported as a range error ("must lie in [0, 1], got [0.5, 0.5]")."""
+    np.savez(tmp_path / "b.npz", x=x)
+    with pytest.raises(BatchError, match=message) as e:
+        load_batch(tmp_path / "b.npz", SHAPE)
+    assert "must lie in" not in str(e.value) and "\n" not in str(e.value)
+
+
 def test_bad_folders_name_the_files(tmp_path):
     from PIL import Image
 

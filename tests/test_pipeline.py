@@ -459,15 +459,22 @@ def test_champion_moves_only_to_a_better_model_and_loads_from_the_registry(mlflo
     assert table["in_distribution"].dtype == bool and set(table["predicted"]) <= {"0", "1", "2"}
     as_uint8 = model.predict((images * 255).round().astype(np.uint8))
     assert as_uint8.shape == table.shape
+    # integers of any dtype are pixel values 0-255, as uint8 holds them (JSON integers arrive as int64)
+    as_int64 = model.predict((images * 255).round().astype(np.int64))
+    assert as_int64.equals(as_uint8)
     from mlflow.exceptions import MlflowException
 
     for bad, got in (
         (images[:, 0], r"got shape \(4, 28, 28\)"),
         (images * 300, r"got values in \[[\d.]+, 299"),
         (np.array([["a"]]), "got dtype <U1"),
+        (np.full((1, 1, 28, 28), 256), r"got integers in \[256, 256\], outside the pixel values 0-255"),
+        (np.full((1, 1, 28, 28), -1), r"got integers in \[-1, -1\], outside the pixel values 0-255"),
     ):
         with pytest.raises(
-            MlflowException, match=r"expected images of shape \(batch, 1, 28, 28\).*" + got
+            MlflowException,
+            match=r"expected images of shape \(batch, 1, 28, 28\), float in \[0, 1\] or integers 0-255 \(uint8\); "
+            + got,
         ) as e:
             model.predict(bad)
         assert len(str(e.value)) < 200

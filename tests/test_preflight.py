@@ -5,6 +5,7 @@ bad override. Each case: exit status 2, the key, the value and the fix, no trace
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,3 +71,152 @@ def test_the_flow_entry_point_refuses_before_prefect_starts(params, capsys):
     assert main(["--params", str(params), "--set", "data.classes=[0, 99]"]) == 2
     err = capsys.readouterr().err
     assert "data.classes: 99 is out of range" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ the work directory
+def _refused_in_one_line(err: str, *parts: str) -> None:
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for part in parts:
+        assert part in err, err
+
+
+def test_a_workdir_that_is_a_file_is_refused_before_any_run(params, capsys):
+    """It used to fail only after the flow had created its MLflow run."""
+    workdir = params.parent / "w"
+    workdir.write_text("not a directory")
+    assert cli.main(["train", "--params", str(params), "--quiet"]) == 2
+    _refused_in_one_line(capsys.readouterr().err, f"workdir: '{workdir}' is a file, not a directory")
+    assert cli.main(["train", "--params", str(params), "--set", f"workdir={workdir}/sub", "--quiet"]) == 2
+    _refused_in_one_line(capsys.readouterr().err, f"'{workdir}/sub' cannot be created: '{workdir}' is a file")
+
+
+def test_the_flow_refuses_a_workdir_that_is_a_file_before_tracking_anything(project, capsys):
+    from flows.pipeline import main
+
+    (project / "artifacts").write_text("a file where the work directory goes")
+    assert main(["--root", str(project)]) == 2
+    _refused_in_one_line(capsys.readouterr().err, f"workdir: '{project / 'artifacts'}' is a file")
+    assert not (project / "mlflow.db").exists()  # no MLflow run was created
+
+
+def _read_only_command(directory: Path, command: list[str]) -> list[str]:
+    """``command`` with ``directory`` read-only: for root (who writes through file modes) a read-only
+    bind mount in a private mount namespace, gone with the process; else the directory's mode."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        return command
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--mount", "true"]).returncode != 0:
+        pytest.skip("root, and no private mount namespace for a read-only mount")
+    # cd again: a working directory inside the mounted directory still points at the writable one below
+    script = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && cd "$PWD" && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(directory), *command]
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["read-only-workdir", "read-only-parent"])
+def test_a_read_only_workdir_is_refused_up_front_by_both_entry_points(project, exists):
+    """A read-only `artifacts/` used to give a traceback, and with a changed param a run that exited 0
+    with every loss 'FAILED, not gated'. Now: exit 2, one line, before any server or run."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    workdir = project / "artifacts"
+    if exists:
+        workdir.mkdir()
+    locked = workdir if exists else project
+    what = "is not writable" if exists else f"would be created in '{project}', which is not writable"
+    try:
+        for command in (
+            [sys.executable, "-m", "flows.pipeline", "--root", str(project), "--set", "train.lr=0.01"],
+            [sys.executable, "-m", "oodgate", "run", "--params", str(project / "params.yaml")],
+        ):
+            out = subprocess.run(
+                _read_only_command(locked, command),
+                cwd=project,  # the core CLI takes workdir relative to the working directory
+                env=dict(__import__("os").environ, PYTHONPATH=str(REPO)),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+            _refused_in_one_line(out.stderr, f"workdir: '{workdir}' {what}", "--set workdir=DIR")
+            assert out.stdout == ""
+    finally:
+        locked.chmod(0o755)
+    assert not (project / "mlflow.db").exists()
+    assert list(workdir.iterdir()) == [] if exists else not workdir.exists()
+
+
+# ------------------------------------------------------------------ pretrained weights
+@pytest.fixture
+def weights(tmp_path):
+    """Files a user might give as model.weights, for the tiny config's small_cnn of width 8."""
+    import torch
+
+    from oodgate.models import create_backbone
+
+    files = {}
+    for width in (8, 4):
+        files[f"width{width}"] = tmp_path / f"small_cnn_w{width}.pt"
+        torch.save(create_backbone("small_cnn", 1, 28, width=width).state_dict(), files[f"width{width}"])
+    files["lists"] = tmp_path / "lists.pt"
+    torch.save({"features.0.weight": [1.0, 2.0], "epoch": 3}, files["lists"])
+    files["pickled"] = tmp_path / "pickled.pt"
+    torch.save({"model": Path("an object")}, files["pickled"])
+    return files
+
+
+@pytest.mark.parametrize(
+    ("file", "message"),
+    [
+        (
+            "width4",
+            r"does not fit backbone SmallCNN: 15 of another shape \(file vs model: features\.0\.weight \(4, 1, 3, 3\) vs \(8, 1, 3, 3\)",
+        ),
+        ("lists", r"holds a dict, not a state dict of tensors; save it with torch\.save"),
+        ("pickled", r"cannot be loaded as plain tensors \(UnpicklingError"),
+    ],
+)
+def test_weights_that_do_not_fit_are_refused_at_preflight(params, weights, file, message, capsys):
+    """They used to fail once per training, after the data was prepared (exit 1, tracebacks)."""
+    path = weights[file]
+    assert cli.main(["train", "--params", str(params), "--set", f"model.weights={path}", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    _refused_in_one_line(err, f"model.weights: '{path}'")
+    assert re.search(message, err), err
+    assert not (params.parent / "w").exists()  # nothing prepared
+
+
+def test_weights_that_fit_pass_preflight(params, weights):
+    from oodgate.config import load_config
+    from oodgate.preflight import preflight
+
+    preflight(load_config(params, {"model.weights": str(weights["width8"])}), project=params.parent)
+
+
+# ------------------------------------------------------------------ a project that DVC does not know
+def test_a_root_that_is_not_a_dvc_project_is_refused_with_the_fix(project, capsys):
+    """`--root` on a directory without .dvc/ used to end in DVC's NotDvcRepoError traceback."""
+    import shutil
+
+    from flows.pipeline import main
+    from oodgate.preflight import PreflightError
+    from tasks.data import check_data
+
+    shutil.rmtree(project / ".dvc")
+    assert main(["--root", str(project)]) == 2
+    _refused_in_one_line(
+        capsys.readouterr().err,
+        f"'{project}' is not a DVC project (no .dvc directory in it or above it",
+        "`dvc init` there (`dvc init --no-scm` outside git) and `dvc add data`, or pass the project's "
+        "directory as --root",
+    )
+    assert not (project / "mlflow.db").exists()
+    with pytest.raises(PreflightError, match="is not a DVC project"):  # a deployment's run says the same
+        check_data.fn(str(project))

@@ -1,6 +1,7 @@
-"""``python -m flows.deploy`` (``make serve``) without a real server: a bad schedule fails before
-anything is registered, serve talks to the server it started, and that server is stopped on every
-exit. The served deployment's runs (triggered and fired by the cron) are in ``test_deployment.py``.
+"""``python -m flows.deploy`` (``make serve``): a bad schedule fails before anything is registered,
+serve talks to the server it started, and that server is stopped on every exit (with a stand-in
+server); with a real one on another port, its UI and the printed hints name that port. The served
+deployment's runs (triggered and fired by the cron) are in ``test_deployment.py``.
 """
 
 from __future__ import annotations
@@ -129,3 +130,51 @@ def test_started_server_is_stopped_on_every_exit(own_server, patch, expected):
     assert result == expected
     assert server.calls[:2] == ["terminate", "wait"]
     assert handler_after is _raise_unhandled  # main() restores the handler it replaced
+
+
+@pytest.mark.slow
+def test_on_another_port_the_ui_talks_to_that_port_and_the_hints_name_it(project, tmp_path):
+    """`python -m flows.deploy --port P` used to serve a UI that called port 4200 ("Can't connect to
+    Server API") until PREFECT_UI_API_URL was set by hand, and its `make trigger` hint talked to 4200."""
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from stack import isolated_env, stop_process
+
+    from flows.deploy import wait_healthy
+
+    port = _free_port()
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    log = tmp_path / "serve.log"
+    with log.open("w") as fh:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.deploy", "--root", str(project), "--port", str(port)],
+            cwd=REPO,
+            env=isolated_env(home),  # no PREFECT_API_URL: it starts its own server, as `make serve`
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while "Serving deployment" not in log.read_text():
+            assert serve.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        api = f"http://127.0.0.1:{port}/api"
+        wait_healthy(api, timeout=30)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as r:
+            settings = json.loads(r.read())
+        assert settings["api_url"] == api, settings  # what the UI in the browser calls
+        printed = log.read_text()
+        assert f"Prefect UI: http://127.0.0.1:{port}" in printed
+        assert f"Trigger a run now:  PREFECT_API_URL={api} make trigger\n" in printed
+        assert f"PREFECT_API_URL={api} python -m flows.trigger" in printed
+        assert ":4200/" not in printed and ":4200 " not in printed
+    finally:
+        assert stop_process(serve, timeout=30), log.read_text()[
+            -3000:
+        ]  # SIGTERM stops serve, then its server

@@ -87,11 +87,13 @@ def test_serve_prints_how_to_trigger():
     from flows.deploy import trigger_hint
 
     hint = trigger_hint("http://127.0.0.1:4200/api")
-    assert "make trigger" in hint
+    assert hint.startswith("Trigger a run now:  make trigger\n")  # the default address: nothing to add
     assert (
         "PREFECT_API_URL=http://127.0.0.1:4200/api prefect deployment run 'oodgate-pipeline/scheduled'"
         in hint
     )
+    other = trigger_hint("http://127.0.0.1:4311/api/")
+    assert other.startswith("Trigger a run now:  PREFECT_API_URL=http://127.0.0.1:4311/api make trigger\n")
 
 
 # ------------------------------------------------------------------ the champion loader
@@ -173,3 +175,150 @@ def test_a_read_only_tracking_database_is_refused_with_its_path(mlflow_template,
             subprocess.run(["umount", str(ro)])
         else:
             src.chmod(0o755)
+
+
+# ------------------------------------------------------------------ a damaged tracking database
+def _damaged_copy(template: Path, dst: Path, how: str) -> Path:
+    data = template.read_bytes()
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    else:  # garbled: every 97th byte changed, the header included
+        garbled = bytearray(data)
+        for i in range(0, len(garbled), 97):
+            garbled[i] = (garbled[i] * 7 + 13) % 256
+        data = bytes(garbled)
+    dst.write_bytes(data)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("how", "problem"),
+    [("truncated", "database disk image is malformed"), ("garbled", "file is not a database")],
+)
+def test_a_damaged_tracking_database_is_refused_before_any_work(
+    mlflow_template, project, how, problem, capsys, monkeypatch
+):
+    """It used to end in SQLAlchemy's text, naming neither the file nor a fix. Now the flow's entry
+    point refuses it before Prefect starts, with the path and the fix, and leaves its bytes alone."""
+    import hashlib
+
+    import mlflow
+
+    from flows.pipeline import main
+
+    # the project's own mlflow.db, as for a user: no URI left behind by an earlier test in this process
+    mlflow.set_tracking_uri(None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    db = _damaged_copy(mlflow_template, project / "mlflow.db", how)
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    assert main(["--root", str(project)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the MLflow tracking database '{db}' is damaged (SQLite: {problem})"), err
+    assert f"move it aside (mv {db} {db}.damaged) to start a new one; nothing was changed or deleted" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in project.iterdir() if p.name.startswith("mlflow")) == ["mlflow.db"]
+    assert not (project / "artifacts").exists()  # no work began
+
+
+def test_a_database_damaged_after_connect_is_named_where_the_store_is_first_read(mlflow_template, tmp_path):
+    import mlflow
+
+    from tasks import tracking
+
+    db = _damaged_copy(mlflow_template, tmp_path / "mlflow.db", "truncated")
+    mlflow.set_tracking_uri(f"sqlite:///{db}")  # as if connect() had seen it whole
+    try:
+        with pytest.raises(
+            tracking.TrackingUnavailableError,
+            match=rf"'{re.escape(str(db))}' is damaged \(SQLite: database disk image is malformed\)",
+        ):
+            tracking.ensure_experiment("oodgate", tmp_path)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_reading_the_champion_from_a_damaged_database_names_it(mlflow_template, tmp_path):
+    from tasks import tracking
+    from tasks.champion import resolve
+
+    db = _damaged_copy(mlflow_template, tmp_path / "mlflow.db", "garbled")
+    with pytest.raises(tracking.TrackingUnavailableError, match=rf"'{re.escape(str(db))}' is damaged"):
+        resolve(uri=f"sqlite:///{db}")
+
+
+# ------------------------------------------------------------------ the shared server's password
+def test_the_database_password_is_created_0600_and_never_chmodded(tmp_path, monkeypatch):
+    """It was written with the umask's mode (0644 under the usual 022) and chmodded after, readable by
+    other users in between. A chmod after creation is now a failure, so the mode can only come
+    from the creation itself."""
+    import os
+    import stat
+
+    from tasks import mlflow_server
+
+    def no_chmod(*args, **kwargs):
+        raise AssertionError("the password file was chmodded after it was created")
+
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    for umask in (0o000, 0o022):
+        root = tmp_path / f"umask{umask:03o}"
+        root.mkdir()
+        previous = os.umask(umask)
+        try:
+            password = mlflow_server._password(root)
+        finally:
+            os.umask(previous)
+        st = (root / "password").stat()
+        assert stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode)
+        assert len(password) >= 32 and (root / "password").read_text() == password + "\n"
+        assert mlflow_server._password(root) == password  # kept: the cluster was initialised with it
+    with pytest.raises(FileExistsError):  # never written through something already there
+        mlflow_server.write_secret(root / "password", "x")
+
+
+# ------------------------------------------------------------------ make mlflow-ui
+@pytest.mark.slow
+def test_make_mlflow_ui_runs_the_two_processes_the_readme_promises(tmp_path):
+    """It ran 7: MLflow 3.17's `mlflow ui` starts uvicorn with 4 workers by default. Started here as
+    a user starts it, through the Makefile's own recipe (run in an empty directory, so that it opens
+    a new mlflow.db there, on a free port), then its process tree is counted and stopped."""
+    import time
+    import urllib.request
+
+    import psutil
+    from stack import stop_process
+
+    venv = Path(sys.executable).parents[1]
+    if shutil.which("make") is None or not (venv / "bin" / "mlflow").exists():
+        pytest.skip("needs make and the project's virtualenv")
+    port = free_port()
+    command = [
+        "make", "-s", "-C", str(tmp_path), "-f", str(REPO / "Makefile"),
+        "-o", str(venv / ".installed"),  # the virtualenv is set up already: never reinstalled here
+        "mlflow-ui", f"VENV={venv}", f"MLFLOW_UI_PORT={port}",
+    ]  # fmt: skip
+    log = tmp_path / "mlflow-ui.log"
+    with log.open("w") as fh:
+        make = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert make.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+        time.sleep(2)  # any worker a server forks after it first answers
+        tree = [psutil.Process(make.pid), *psutil.Process(make.pid).children(recursive=True)]
+        (ui,) = [p for p in tree if "ui" in p.cmdline()[1:3] and p.cmdline()[1].endswith("mlflow")]
+        processes = [ui, *ui.children(recursive=True)]
+        shown = [" ".join(p.cmdline())[:120] for p in processes]
+        assert len(processes) == 2, shown
+        assert any("uvicorn" in line for line in shown), shown
+        assert f"MLflow UI: http://127.0.0.1:{port}/#/experiments" in log.read_text()
+    finally:
+        stop_process(make, timeout=20)  # then SIGKILL to its whole process group, if anything is left

@@ -112,6 +112,17 @@ class WeightsError(ValueError):
     """``model.weights`` is missing, unreadable or does not fit the backbone."""
 
 
+def _load_tensors(path: Path) -> object:
+    """The file's content, loaded as plain tensors only; memory-mapped when its format allows, so
+    that preflight checks even a large file without reading it whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):  # only the legacy (non-zip) format cannot be mapped
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(
@@ -119,7 +130,7 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
             "torch.save(model.state_dict(), path) (nothing is downloaded)"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _load_tensors(path)
     except Exception as e:  # pickle refused (weights_only), not a torch file, truncated
         raise WeightsError(
             f"model.weights: {str(path)!r} cannot be loaded as plain tensors ({type(e).__name__}: "
@@ -140,11 +151,10 @@ def _listed(keys: list[str]) -> str:
     return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
-def load_weights(backbone: nn.Module, path: str | Path) -> dict[str, int]:
-    """Load ``path`` into ``backbone`` (a torchvision network's own keys, or the backbone's);
-    the classification layer's weights are ignored. Missing, unexpected or mis-shaped keys are a
-    :class:`WeightsError` naming them. Returns the counts of loaded and ignored tensors."""
-    path = Path(path)
+def _fitted_state(backbone: nn.Module, path: Path) -> tuple[nn.Module, dict[str, torch.Tensor], list[str]]:
+    """The module the file loads into, the file's tensors for it and the ignored classifier keys;
+    a :class:`WeightsError` naming every missing, unexpected or mis-shaped key. Only names and
+    shapes are compared, so ``backbone`` may live on the meta device (preflight builds it there)."""
     target = backbone.net if isinstance(backbone, TorchvisionBackbone) else backbone
     state = _state_dict(path)
     ignored = []
@@ -173,5 +183,22 @@ def load_weights(backbone: nn.Module, path: str | Path) -> dict[str, int]:
             f"model.weights: {str(path)!r} does not fit backbone {what}: {'; '.join(parts)}; "
             "use weights saved from the same architecture (and model.options)"
         )
+    return target, state, ignored
+
+
+def check_weights(backbone: nn.Module | None, path: str | Path) -> None:
+    """What :func:`load_weights` would refuse, without loading anything into ``backbone`` (None:
+    only that the file holds a state dict of tensors)."""
+    if backbone is None:
+        _state_dict(Path(path))
+    else:
+        _fitted_state(backbone, Path(path))
+
+
+def load_weights(backbone: nn.Module, path: str | Path) -> dict[str, int]:
+    """Load ``path`` into ``backbone`` (a torchvision network's own keys, or the backbone's);
+    the classification layer's weights are ignored. Missing, unexpected or mis-shaped keys are a
+    :class:`WeightsError` naming them. Returns the counts of loaded and ignored tensors."""
+    target, state, ignored = _fitted_state(backbone, Path(path))
     target.load_state_dict(state, strict=True)
     return {"loaded": len(state), "ignored": len(ignored)}

@@ -42,11 +42,11 @@ def file_digest(path: str | Path) -> str:
 
 # ---------------------------------------------------------------- JSON
 def write_json(path: Path, obj: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
+    """Atomically: a reader never sees half a record, and a failed write (a full disk) leaves
+    neither the old file changed nor a temporary file behind (:mod:`oodgate.files`)."""
+    from oodgate.files import write_text
+
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: Path) -> Any:

@@ -11,6 +11,7 @@ import torch
 from oodgate import evaluation
 from oodgate.classifier import load_classifier, with_score
 from oodgate.config import Config
+from oodgate.files import torch_save
 from oodgate.steps.common import (
     activate_numerics,
     check_fresh,
@@ -61,7 +62,7 @@ def evaluate(
     device, amp = inference_device(cfg)
     ev = evaluation.evaluate(model, bundle, batch_size=cfg.train.eval_batch_size, device=device, amp=amp)
     write_json(out_dir / "metrics.json", ev.metrics)
-    torch.save(
+    torch_save(  # atomic, as every result file
         {
             "logits": torch.from_numpy(ev.logits),
             "labels": torch.from_numpy(ev.labels),

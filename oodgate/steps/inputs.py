@@ -57,7 +57,7 @@ _MODEL = (
     "data/__init__.py",
     "data/bundle.py",
 )
-_STEP = ("steps/common.py", "steps/results.py", "numerics.py")
+_STEP = ("steps/common.py", "steps/results.py", "numerics.py", "files.py")
 _INFERENCE = (*_STEP, *_MODEL, "engine.py", "evaluation.py", "calibration.py", "metrics.py")
 STEP_CODE: dict[str, tuple[str, ...]] = {
     "prepare": ("steps/prepare_step.py", *_STEP, "data/*.py", "registry.py"),

@@ -6,9 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from oodgate.config import Config
+from oodgate.files import torch_save
 from oodgate.steps.common import output_digests, pack, write_json
 
 
@@ -38,11 +37,12 @@ def _save(bundle, out_dir: Path) -> dict[str, Any]:
         "std": list(bundle.std),
         "class_names": list(bundle.class_names),
     }
-    torch.save(
+    # atomic: a failed write (a full disk) keeps the previous file whole and leaves no temporary one
+    torch_save(
         {"meta": meta, "train": pack(bundle.train), "val": pack(bundle.val), "test": pack(bundle.test)},
         out_dir / "id.pt",
     )
-    torch.save(
+    torch_save(
         {
             "names": list(bundle.ood),
             "groups": dict(bundle.ood_groups),
