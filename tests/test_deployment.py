@@ -419,9 +419,11 @@ def test_the_cron_fires_a_run_and_a_rerun_trains_nothing(served):
     start = cron_run.expected_start_time
     assert (start.second, start.microsecond) == (0, 0)  # on the cron's minute
 
-    completed = [r for r in runs if r.state.type == StateType.COMPLETED]
-    first, later = completed[0], completed[1]  # the triggered and the cron run, in start order
-    assert {str(first.id), str(later.id)} == {served.flow_run_id, str(cron_run.id)}
+    # the triggered run and the first cron run, in start order (on busy cores a second cron run may
+    # have come due meanwhile; it waits for its slot and changes nothing here)
+    pair = [r for r in runs if str(r.id) in {served.flow_run_id, str(cron_run.id)}]
+    assert len(pair) == 2 and all(r.state.type == StateType.COMPLETED for r in pair), pair
+    first, later = sorted(pair, key=lambda r: r.start_time)
     assert any(n.startswith("train-") for n in _task_names(served, first.id))
     later_tasks = _task_names(served, later.id)
     assert not [n for n in later_tasks if n.startswith(("train-", "calibrate-", "evaluate-"))], later_tasks

@@ -162,8 +162,11 @@ def test_history_has_one_step_per_batch_and_a_rescored_batch_adds_nothing(projec
 def test_a_new_champion_version_is_recorded(project):
     import mlflow
 
+    from tasks import registry
+
     with _store(project.root):
         v2 = mlflow.register_model(project.model_uri, MODEL)
+        registry.record_files(MODEL, v2)  # what the registry records for every version it adds
     project.mlflow.set_registered_model_alias(MODEL, "champion", v2.version)
     s = _monitor(project, project.batches["in_distribution"])
     assert s["champion_version"] == int(v2.version) == 2
@@ -259,14 +262,16 @@ def test_a_model_logged_without_its_reference_gets_the_binomial_test_only(projec
     from flows.monitor import MonitorError
     from oodgate.classifier import load_classifier
     from oodgate.serving import ServingModel
-    from tasks import tracking
+    from tasks import registry, tracking
 
     model = load_classifier(project.root / "artifacts" / "calibrate" / "calibrated.pt")
     with _store(project.root):
         run_id = tracking.start_run(tracking.ensure_experiment("oodgate", project.root), "by-hand", {})
         example = torch.rand((2, 1, 28, 28), generator=torch.Generator().manual_seed(0))
         uri = tracking.log_model(run_id, ServingModel(model, 0.9), example, list(model.spec.class_names))
-        version = mlflow.register_model(uri, MODEL).version
+        registered = mlflow.register_model(uri, MODEL)
+        registry.record_files(MODEL, registered)  # what the registry records for every version it adds
+        version = registered.version
     project.mlflow.set_registered_model_alias(MODEL, "champion", version)
     with pytest.raises(
         MonitorError, match=rf"{MODEL} v{version} carries no validation scores.*monitor.test: binomial"

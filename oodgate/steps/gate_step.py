@@ -63,7 +63,7 @@ def gate(
 
     numerics.activate(cfg.numerics.mode, cfg.numerics.threads)  # the bootstrap and tests: NumPy, SciPy
     # a single imported checkpoint is one model, however many seeds were evaluated
-    single = {k for k in metrics_by_loss if len(cfg.seeds_of(k)) < len(cfg.seeds)}
+    single = {k for k in metrics_by_loss if k in cfg.losses and len(cfg.seeds_of(k)) < len(cfg.seeds)}
     metrics_by_loss = {k: list(v[:1]) if k in single else v for k, v in metrics_by_loss.items()}
     if samples_by_loss is not None:
         samples_by_loss = {k: list(v[:1]) if k in single else v for k, v in samples_by_loss.items()}
