@@ -108,7 +108,7 @@ worker: data
 
 # The champion over REST (mlflow models serve, this .venv's packages, 127.0.0.1:5001).
 serve-model: $(STAMP)
-	$(PY) -m tasks.champion serve $(ARGS)
+	$(PY) -m oodgate_mlflow.champion serve $(ARGS)
 
 # MLflow UI over the local tracking database: 2 processes, `mlflow ui` and one uvicorn process.
 # MLflow 3.17 starts uvicorn with 4 worker processes (and a multiprocessing resource tracker), 7 in
@@ -122,7 +122,7 @@ mlflow-ui: $(STAMP)
 # A shared tracking server: PostgreSQL (Debian's postgresql package) in .mlflow-server/, proxied
 # artifacts; flows use it with MLFLOW_TRACKING_URI=http://127.0.0.1:5050.
 mlflow-server: $(STAMP)
-	$(PY) -m tasks.mlflow_server --port 5050 $(ARGS)
+	$(PY) -m oodgate_servers.mlflow_server --port 5050 $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_methods.py

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.false_alarms:
         false_alarms()
         return 0
-    from flows import telemetry_off
+    from oodgate.project import telemetry_off
 
     telemetry_off()
     if not (REPO / "mlflow.db").is_file():
@@ -95,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.monitor import monitor
-    from tasks import monitor as monitor_tasks
-    from tasks import tracking
-    from tasks.champion import load_champion
+    from oodgate_mlflow import monitor_runs, tracking
+    from oodgate_mlflow.champion import load_champion
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             model, version = load_champion(uri=tracking.connect(root=root))
             x = np.load(paths[-1])["x"][:, None].astype(np.float32) / 255.0
             t = time.perf_counter()
-            monitor_tasks.predict(model, x)
+            monitor_runs.predict(model, x)
             predict_s = time.perf_counter() - t
     n = np.array([r[0] for r in rows], dtype=float)
     s = np.array([r[1] for r in rows])

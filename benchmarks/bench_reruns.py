@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from flows import TELEMETRY_OFF
+from oodgate.project import TELEMETRY_OFF
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = {"softmax": {"method": "softmax"}, "dismax_fpr": {"method": "dismax", "options": {"fpr": True}}}

@@ -42,7 +42,7 @@ RUNNERS = {
 
 
 def _env(tmp: Path, name: str) -> dict[str, str]:
-    from flows import TELEMETRY_OFF
+    from oodgate.project import TELEMETRY_OFF
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     env.update(TELEMETRY_OFF, PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp / f"prefect-{name}"))

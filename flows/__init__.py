@@ -1,41 +1,17 @@
 """Prefect flows: compose the tasks in ``tasks/``; no ML logic here.
 
-The constants every entry point needs live here, so that ``flows.deploy`` and ``flows.trigger``
-start without importing the pipeline (Prefect, torch) until they need it.
+Here: the temporary Prefect server a ``python -m flows.pipeline`` run starts early (it boots while
+the rest imports) and the API URL the flow's processes share.
 """
 
-from pathlib import Path
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# Nothing phones home: set by every entry point (the Makefile exports the same).
-TELEMETRY_OFF = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "DVC_NO_ANALYTICS": "1",
-}
-
-
-# The temporary Prefect server of a run without PREFECT_API_URL creates its database on the first
-# start; on 2 busy cores that took over Prefect's default 20 s, and the run failed before its first task.
-RUNTIME_DEFAULTS = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
-
-
-def telemetry_off() -> None:
-    """Set :data:`TELEMETRY_OFF` and :data:`RUNTIME_DEFAULTS` where the environment does not already
-    say otherwise."""
-    import os
-
-    for key, value in {**TELEMETRY_OFF, **RUNTIME_DEFAULTS}.items():
-        os.environ.setdefault(key, value)
-
+from oodgate.project import telemetry_off
 
 _server_start = None  # the thread bringing up Prefect's temporary server, if one was started early
 
 
 def start_temporary_prefect_server() -> None:
     """Start Prefect's temporary server (the one a flow run starts itself when no
-    ``PREFECT_API_URL`` is set; here :mod:`flows.temporary_server`'s, which ends with this process
+    ``PREFECT_API_URL`` is set; here :mod:`oodgate_servers.prefect_temporary`'s, which ends with this process
     even after a SIGKILL) in a background thread, so that it boots while the caller imports the
     rest; :func:`wait_for_temporary_prefect_server` joins it before the first flow call, which then
     finds it running (Prefect keeps one such server per process). Does nothing when a server is
@@ -50,7 +26,7 @@ def start_temporary_prefect_server() -> None:
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
-    from flows.temporary_server import TemporaryServer  # imported here, not in the thread
+    from oodgate_servers.prefect_temporary import TemporaryServer  # imported here, not in the thread
 
     server = TemporaryServer()  # Prefect's clients find it as the process's temporary server
 
@@ -78,6 +54,6 @@ def prefect_api_url() -> str | None:
 
     if PREFECT_API_URL.value():
         return PREFECT_API_URL.value()
-    from flows.temporary_server import running_api_url
+    from oodgate_servers.prefect_temporary import running_api_url
 
     return running_api_url()

@@ -20,7 +20,7 @@ import urllib.request
 from contextlib import nullcontext
 from pathlib import Path
 
-from flows import PROJECT_ROOT, telemetry_off
+from oodgate.project import PROJECT_ROOT, telemetry_off
 
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"  # what the trigger and Prefect's clients use unless told
 DEPLOYMENT_NAME = "scheduled"

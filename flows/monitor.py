@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 if __name__ == "__main__":  # before NumPy and torch load: the numerics of the params (oodgate.numerics)
-    from flows import PROJECT_ROOT as _ROOT
     from oodgate import numerics as _numerics
+    from oodgate.project import PROJECT_ROOT as _ROOT
 
     _numerics.apply_from_argv(sys.argv[1:], default_root=_ROOT)
 
@@ -40,13 +40,12 @@ from prefect.cache_policies import NONE
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from flows import PROJECT_ROOT, telemetry_off
 from oodgate import monitoring
 from oodgate.config import ConfigError, load_config
 from oodgate.evaluation import THRESHOLD_TPR
-from tasks import monitor as monitor_tasks
-from tasks import tracking
-from tasks.champion import load_champion
+from oodgate.project import PROJECT_ROOT, telemetry_off
+from oodgate_mlflow import monitor_runs, tracking
+from oodgate_mlflow.champion import load_champion
 from tasks.data import data_version
 
 FAR_OOD = ("photo_patches", "gaussian_noise")  # what the demo's shifted batch mixes in
@@ -70,7 +69,7 @@ def read_batch(path: str, shape: tuple[int, int, int], fit: bool = False) -> mon
 
 @task(name="score-batch", cache_policy=NONE)
 def score_batch(model: Any, batch: monitoring.Batch, class_names: list[str]) -> Any:
-    table = monitor_tasks.predict(model, batch.x)
+    table = monitor_runs.predict(model, batch.x)
     table.insert(0, "image", batch.names)
     table.insert(2, "confidence", table[[f"p_{c}" for c in class_names]].max(axis=1))
     return table
@@ -131,15 +130,15 @@ def monitor(
     numerics.activate(cfg.numerics.mode, cfg.numerics.threads)  # the champion scores under them
     model, v = load_champion_task(name, mon.alias, uri, version)
     used = f"version {version}" if version is not None else mon.alias
-    info = monitor_tasks.describe(model, f"{name} v{v} ({used})")
+    info = monitor_runs.describe(model, f"{name} v{v} ({used})")
     data = read_batch(str(path), info.shape, getattr(info, "preprocessing", "exact") == "fit")
     exp_id = tracking.ensure_experiment(mon.experiment, project)
     out_dir = (project / cfg.workdir / "monitor").resolve()
     final = out_dir / f"{path.stem}-{data.digest[:12]}-v{v}.parquet"
-    previous = monitor_tasks.already_scored(exp_id, name, data.digest, v)
+    previous = monitor_runs.already_scored(exp_id, name, data.digest, v)
     if previous is not None and final.is_file():
         print(f"batch {path} (digest {data.digest[:12]}) was already scored by {name} v{v}: nothing logged")
-        summary = monitor_tasks.previous_summary(previous)
+        summary = monitor_runs.previous_summary(previous)
         return {**summary, "predictions": str(final), "mlflow_run_id": previous.info.run_id, "reused": True}
 
     table = score_batch(model, data, info.class_names)
@@ -159,9 +158,9 @@ def monitor(
     staging = out_dir / f".{final.stem}.staging"
     files = _write_outputs(staging, table, report, summary, info.reference, f"{path.name} vs {name} v{v}")
     dvc_md5 = data_version(monitoring.dvc_file(path)) if monitoring.dvc_file(path).is_file() else None
-    run_id, step = monitor_tasks.log_batch(
+    run_id, step = monitor_runs.log_batch(
         exp_id,
-        monitor_tasks.history_run(exp_id, name),
+        monitor_runs.history_run(exp_id, name),
         f"batch-{path.stem}-v{v}",
         tags={
             "oodgate.model_name": name,
@@ -289,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from oodgate.config import parse_overrides
     from oodgate.data import DataNotFoundError
-    from tasks.champion import ChampionNotFoundError
+    from oodgate_mlflow.champion import ChampionNotFoundError
 
     root = Path(args.root).resolve() if args.root else PROJECT_ROOT
     try:
@@ -325,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         MonitorError,
         monitoring.BatchError,
         ChampionNotFoundError,
-        monitor_tasks.NotAnOODGateModelError,
+        monitor_runs.NotAnOODGateModelError,
         DataNotFoundError,
         tracking.TrackingUnavailableError,
     ) as e:

@@ -38,10 +38,10 @@ def _checked(argv: list[str] | None) -> tuple[argparse.Namespace, Path, dict, An
     """The arguments, the params file, the overrides and the config, checked before any server
     starts: the numerics in force (before torch loads, when run as a program), the config, the
     preflight and the MLflow store; raises what a user must fix."""
-    from flows import telemetry_off as _telemetry_off
     from oodgate import numerics
     from oodgate.config import load_config as _load_config
     from oodgate.config import parse_overrides
+    from oodgate.project import telemetry_off as _telemetry_off
 
     _telemetry_off()
     args = _arguments(argv)
@@ -51,7 +51,7 @@ def _checked(argv: list[str] | None) -> tuple[argparse.Namespace, Path, dict, An
     numerics.apply_from_params(params, overrides)  # before anything below loads NumPy or torch
     from oodgate.preflight import check_dvc_project as _check_dvc_project
     from oodgate.preflight import preflight as _preflight
-    from tasks import tracking as _tracking
+    from oodgate_mlflow import tracking as _tracking
 
     cfg = _load_config(params, overrides)
     _preflight(cfg, project=root or _project_root())
@@ -61,7 +61,7 @@ def _checked(argv: list[str] | None) -> tuple[argparse.Namespace, Path, dict, An
 
 
 def _project_root() -> Path:
-    from flows import PROJECT_ROOT as root
+    from oodgate.project import PROJECT_ROOT as root
 
     return root
 
@@ -69,7 +69,7 @@ def _project_root() -> Path:
 def _refusals() -> tuple[type[BaseException], ...]:
     from oodgate.config import ConfigError
     from oodgate.numerics import NumericsError
-    from tasks.tracking import TrackingUnavailableError
+    from oodgate_mlflow.tracking import TrackingUnavailableError
 
     return (ConfigError, TrackingUnavailableError, NumericsError)
 
@@ -95,23 +95,19 @@ from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import (
-    PROJECT_ROOT,
-    prefect_api_url,
-    start_temporary_prefect_server,
-    wait_for_temporary_prefect_server,
-)
+from flows import prefect_api_url, start_temporary_prefect_server, wait_for_temporary_prefect_server
 from oodgate import engine, numerics  # engine.STOP, by module: a served flow is pickled by value
 from oodgate.config import Config, load_config
 from oodgate.files import is_no_space
 from oodgate.preflight import preflight
+from oodgate.project import PROJECT_ROOT
 from oodgate.steps import inputs
-from tasks import tracking
+from oodgate_mlflow import tracking
+from oodgate_mlflow.registry import Registration
 from tasks.caching import Job
 from tasks.data import check_data, prepare_data
 from tasks.evaluate import calibrate_model, evaluate_model
 from tasks.gate import gate_losses, samples_of
-from tasks.registry import Registration
 from tasks.track import (
     LossResult,
     evaluation_images,

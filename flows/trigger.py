@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from flows import PROJECT_ROOT, telemetry_off
 from flows.deploy import DEFAULT_API_URL, FULL_NAME, MONITOR_NAME, wait_healthy
+from oodgate.project import PROJECT_ROOT, telemetry_off
 
 
 def ui_url(api_url: str, flow_run_id: object) -> str:

@@ -24,8 +24,8 @@ import signal
 import sys
 from pathlib import Path
 
-from flows import PROJECT_ROOT, TELEMETRY_OFF, telemetry_off
 from flows.deploy import wait_healthy
+from oodgate.project import PROJECT_ROOT, TELEMETRY_OFF, telemetry_off
 
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
 POOL_ENV = "OODGATE_POOL"

@@ -9,7 +9,7 @@ from prefect import task
 
 from oodgate import steps
 from oodgate.config import Config
-from tasks import tracking
+from oodgate_mlflow import tracking
 from tasks.track import LossResult
 
 

@@ -28,7 +28,7 @@ from oodgate.evaluation import THRESHOLD_TPR
 from oodgate.serving import ServingModel, fingerprint
 from oodgate.steps.common import PROVENANCE
 from oodgate.steps.results import Calibrated, Evaluated, Trained, choose_seed
-from tasks import registry, tracking
+from oodgate_mlflow import registry, tracking
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from conftest import shell_env
 
-from flows import TELEMETRY_OFF
+from oodgate.project import TELEMETRY_OFF
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -516,7 +516,7 @@ def test_serve_model_answers_invocations_with_named_columns(served, tmp_path):
             [
                 sys.executable,
                 "-m",
-                "tasks.champion",
+                "oodgate_mlflow.champion",
                 "serve",
                 "--port",
                 str(port),
@@ -573,7 +573,7 @@ def test_serve_model_answers_invocations_with_named_columns(served, tmp_path):
         assert _post_chunked(port, big)[0] == 413
         # the port is taken: a second server refuses at once, before loading anything
         again = subprocess.run(
-            [sys.executable, "-m", "tasks.champion", "serve", "--port", str(port)],
+            [sys.executable, "-m", "oodgate_mlflow.champion", "serve", "--port", str(port)],
             cwd=tmp_path,
             env=env,
             capture_output=True,

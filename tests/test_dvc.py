@@ -219,7 +219,9 @@ def test_repro_runs_every_stage_once_in_dependency_order(dvc_project):
         assert metrics == json.loads((root / f"artifacts/evaluate/{k}/seed0/metrics.json").read_text())
     gate = json.loads((root / "artifacts/gate.json").read_text())
     assert set(gate["decisions"]) == {"dismax_fpr"}
-    assert "on the means over seeds only (gate.confidence: null)" in (root / "artifacts/report.md").read_text()
+    assert (
+        "on the means over seeds only (gate.confidence: null)" in (root / "artifacts/report.md").read_text()
+    )
     print(f"tiny dvc repro ({len(STAGES)} stages): {dvc_project.repro_seconds:.1f} s")
 
 

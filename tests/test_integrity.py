@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from oodgate import steps
-from tasks import integrity, registry, tracking
+from oodgate_mlflow import integrity, registry, tracking
 
 MODEL = "verified"
 GOOD = {"test/accuracy": 0.95, "test/ece": 0.01, "ood/mean/fpr95": 0.2}
@@ -71,7 +71,7 @@ def registered(mlflow_db, prepared_dir, tmp_path):
 
 
 def _load():
-    from tasks.champion import load_champion
+    from oodgate_mlflow.champion import load_champion
 
     return load_champion(MODEL)
 
@@ -157,7 +157,7 @@ def _new_loader_module(root: Path, marker: Path) -> str:
 def test_a_changed_model_file_is_refused_naming_it_before_any_code_runs(
     registered, tamper, tmp_path, prepared_dir
 ):
-    from tasks.integrity import ModelIntegrityError
+    from oodgate_mlflow.integrity import ModelIntegrityError
 
     marker = tmp_path / "payload-ran"
     if tamper == "program":  # another valid program: a model with other weights, logged elsewhere
@@ -192,7 +192,7 @@ def test_a_changed_model_file_is_refused_naming_it_before_any_code_runs(
 
 
 def test_a_missing_file_is_refused(registered):
-    from tasks.integrity import ModelIntegrityError
+    from oodgate_mlflow.integrity import ModelIntegrityError
 
     (registered / "artifacts" / "reference.json").unlink()
     with pytest.raises(
@@ -204,7 +204,7 @@ def test_a_missing_file_is_refused(registered):
 def test_a_version_registered_without_a_record_is_refused(registered):
     from mlflow.tracking import MlflowClient
 
-    from tasks.integrity import ModelIntegrityError
+    from oodgate_mlflow.integrity import ModelIntegrityError
 
     MlflowClient().delete_model_version_tag(MODEL, "1", integrity.TAG)
     with pytest.raises(ModelIntegrityError, match=r"has no record of its files .*register it again"):

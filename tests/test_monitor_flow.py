@@ -49,7 +49,7 @@ class Project:
 def _store(root: Path):
     """The project's tracking store for this block; MLflow's set_tracking_uri also writes
     MLFLOW_TRACKING_URI into the environment, which is restored afterwards."""
-    from tasks import tracking
+    from oodgate_mlflow import tracking
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
@@ -62,7 +62,7 @@ def project(tmp_path_factory, embedded_root, mlflow_template, prefect_harness) -
     from flows.monitor import write_demo_batches
     from oodgate import steps
     from oodgate.config import parse_config
-    from tasks import registry, tracking
+    from oodgate_mlflow import registry, tracking
     from tasks.track import log_loss_run
 
     root = tmp_path_factory.mktemp("monitored")
@@ -162,7 +162,7 @@ def test_history_has_one_step_per_batch_and_a_rescored_batch_adds_nothing(projec
 def test_a_new_champion_version_is_recorded(project):
     import mlflow
 
-    from tasks import registry
+    from oodgate_mlflow import registry
 
     with _store(project.root):
         v2 = mlflow.register_model(project.model_uri, MODEL)
@@ -229,7 +229,7 @@ def test_a_failed_batch_changes_nothing(project, tmp_path, write, error):
 
 
 def test_a_missing_alias_names_the_model_and_its_versions(project):
-    from tasks.champion import ChampionNotFoundError
+    from oodgate_mlflow.champion import ChampionNotFoundError
 
     with pytest.raises(
         ChampionNotFoundError, match=r"has no version with alias 'production' \(versions: 1, 2\)"
@@ -262,7 +262,7 @@ def test_a_model_logged_without_its_reference_gets_the_binomial_test_only(projec
     from flows.monitor import MonitorError
     from oodgate.classifier import load_classifier
     from oodgate.serving import ServingModel
-    from tasks import registry, tracking
+    from oodgate_mlflow import registry, tracking
 
     model = load_classifier(project.root / "artifacts" / "calibrate" / "calibrated.pt")
     with _store(project.root):

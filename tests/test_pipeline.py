@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from oodgate import methods, steps
 from oodgate.config import ConfigError, load_config
 from oodgate.methods.softmax import SoftMaxHead
-from tasks import registry, tracking
+from oodgate_mlflow import registry, tracking
 from tasks.caching import Job
 from tasks.data import DataVersionError, check_data
 from tasks.train import train_model
@@ -612,7 +612,7 @@ def test_a_tampered_champion_is_refused_without_running_its_payload(mlflow_db, p
     from mlflow.exceptions import MlflowException
 
     from oodgate.config import GateConfig
-    from tasks.champion import load_champion
+    from oodgate_mlflow.champion import load_champion
 
     exp = tracking.ensure_experiment("oodgate", tmp_path)
     run_id, uri = _logged_model(exp, "t", GOOD, prepared_dir)
@@ -633,7 +633,7 @@ def test_a_tampered_champion_is_refused_without_running_its_payload(mlflow_db, p
         with zipfile.ZipFile(archive, "w") as z:
             for n, data in entries.items():
                 z.writestr(n, data)
-    from tasks.integrity import ModelIntegrityError
+    from oodgate_mlflow.integrity import ModelIntegrityError
 
     # refused by the registry's record of the files first (tests/test_integrity.py) ...
     with pytest.raises(ModelIntegrityError, match=r"model\.pt2 is not the file registered"):
@@ -642,7 +642,7 @@ def test_a_tampered_champion_is_refused_without_running_its_payload(mlflow_db, p
     # unpickle anything
     from mlflow.tracking import MlflowClient
 
-    from tasks import integrity
+    from oodgate_mlflow import integrity
 
     files = integrity.manifest(tracking.download_model("models:/tampered/1", tmp_path / "copy"))
     MlflowClient().set_model_version_tag("tampered", "1", integrity.TAG, integrity.encode(files))

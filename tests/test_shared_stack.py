@@ -45,7 +45,7 @@ EPOCHS = {"first": 2, "better": 3}
 
 @dataclass
 class TrackingServer:
-    """``python -m tasks.mlflow_server`` (what ``make mlflow-server`` runs) as a subprocess."""
+    """``python -m oodgate_servers.mlflow_server`` (what ``make mlflow-server`` runs) as a subprocess."""
 
     root: Path
     port: int
@@ -110,7 +110,7 @@ def _start_tracking_server(root: Path) -> TrackingServer:
     with log.open("w") as fh:
         proc = subprocess.Popen(
             [
-                *(sys.executable, "-m", "tasks.mlflow_server", "--dir", str(root)),
+                *(sys.executable, "-m", "oodgate_servers.mlflow_server", "--dir", str(root)),
                 *("--port", str(port), "--pg-port", str(pg_port), "--workers", "1"),
             ],
             cwd=REPO,
@@ -125,7 +125,7 @@ def _start_tracking_server(root: Path) -> TrackingServer:
 @pytest.fixture(scope="module")
 def shared(project_template, tmp_path_factory):
     from flows.deploy import wait_healthy
-    from tasks import mlflow_server
+    from oodgate_servers import mlflow_server
 
     if mlflow_server.postgres_bin() is None:
         pytest.skip("PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin or on PATH)")
@@ -218,7 +218,7 @@ def test_both_flows_complete_against_the_shared_servers(shared):
 def test_runs_live_in_postgres_and_artifacts_in_the_served_directory(shared):
     import psycopg2
 
-    from tasks import mlflow_server
+    from oodgate_servers import mlflow_server
 
     exp = shared.mlflow.get_experiment_by_name("oodgate")
     assert exp.artifact_location.startswith("mlflow-artifacts:"), exp.artifact_location  # proxied
@@ -278,7 +278,7 @@ def test_exactly_one_champion_the_better_model_and_both_decisions(shared):
 
 @pytest.mark.slow
 def test_the_champion_loads_through_the_server(shared, monkeypatch):
-    from tasks.champion import load_champion
+    from oodgate_mlflow.champion import load_champion
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", shared.server.url)
     model, version = load_champion()
@@ -322,7 +322,7 @@ def test_a_limit_widened_by_hand_is_refused(shared):
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks import registry
+    from oodgate_mlflow import registry
 
     with shared.prefect() as client:
         client.update_global_concurrency_limit(LIMIT, GlobalConcurrencyLimitUpdate(limit=2))
@@ -357,7 +357,7 @@ def test_ctrl_c_stops_mlflow_then_postgres(shared):
 
 # ------------------------------------------------------------------ refusals, before anything starts
 def test_without_postgresql_the_server_says_how_to_install_it(tmp_path, monkeypatch, capsys):
-    from tasks import mlflow_server
+    from oodgate_servers import mlflow_server
 
     monkeypatch.setenv("OODGATE_PG_BIN", str(tmp_path))  # no initdb there
     assert mlflow_server.main(["--dir", str(tmp_path / "server")]) == 2
@@ -369,7 +369,7 @@ def test_without_postgresql_the_server_says_how_to_install_it(tmp_path, monkeypa
 def test_as_root_a_directory_the_cluster_user_cannot_enter_is_refused(tmp_path, capsys):
     import os
 
-    from tasks import mlflow_server
+    from oodgate_servers import mlflow_server
 
     if os.geteuid() != 0:
         pytest.skip("only root hands the cluster to another user")
@@ -387,7 +387,7 @@ def test_as_root_a_directory_the_cluster_user_cannot_enter_is_refused(tmp_path, 
 def test_a_port_in_use_is_refused_before_anything_starts(tmp_path, capsys):
     import socket
 
-    from tasks import mlflow_server
+    from oodgate_servers import mlflow_server
 
     if mlflow_server.postgres_bin() is None:
         pytest.skip("PostgreSQL is not installed")
@@ -405,7 +405,7 @@ def test_a_port_in_use_is_refused_before_anything_starts(tmp_path, capsys):
 def test_as_root_an_unknown_cluster_user_is_refused(tmp_path, capsys):
     import os
 
-    from tasks import mlflow_server
+    from oodgate_servers import mlflow_server
 
     if os.geteuid() != 0 or mlflow_server.postgres_bin() is None:
         pytest.skip("only root hands the cluster to another user; needs PostgreSQL")

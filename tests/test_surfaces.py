@@ -4,6 +4,7 @@ value, the trigger command's errors, and the champion loader's errors (no databa
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import shutil
 import subprocess
@@ -64,7 +65,9 @@ def test_flow_parameters_validate_after_pickling_by_value(tmp_path):
         "print(json.dumps(f.validate_parameters("
         "{'params_path': 'p.yaml', 'root': '/x', 'overrides': {'train.epochs': 2}})))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    # the runner's process has the checkout on its path, as `make serve` does (flows/ is not installed)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert '"overrides": {"train.epochs": 2}' in out.stdout
 
@@ -98,7 +101,7 @@ def test_serve_prints_how_to_trigger():
 
 # ------------------------------------------------------------------ the champion loader
 def test_champion_without_a_database_names_it_and_creates_nothing(tmp_path, monkeypatch):
-    from tasks.champion import ChampionNotFoundError, resolve
+    from oodgate_mlflow.champion import ChampionNotFoundError, resolve
 
     db = tmp_path / "mlflow.db"
     monkeypatch.chdir(tmp_path)
@@ -110,7 +113,7 @@ def test_champion_without_a_database_names_it_and_creates_nothing(tmp_path, monk
 def test_champion_errors_name_the_model_and_the_uri(mlflow_db):
     from mlflow.tracking import MlflowClient
 
-    from tasks.champion import ChampionNotFoundError, resolve
+    from oodgate_mlflow.champion import ChampionNotFoundError, resolve
 
     with pytest.raises(ChampionNotFoundError, match=rf"no registered model 'nope' at {re.escape(mlflow_db)}"):
         resolve("nope", uri=mlflow_db)
@@ -149,7 +152,7 @@ def test_a_read_only_tracking_database_is_refused_with_its_path(mlflow_template,
     import shutil
     import subprocess
 
-    from tasks import tracking
+    from oodgate_mlflow import tracking
 
     src, ro = tmp_path / "src", tmp_path / "ro"
     src.mkdir()
@@ -225,7 +228,7 @@ def test_a_damaged_tracking_database_is_refused_before_any_work(
 def test_a_database_damaged_after_connect_is_named_where_the_store_is_first_read(mlflow_template, tmp_path):
     import mlflow
 
-    from tasks import tracking
+    from oodgate_mlflow import tracking
 
     db = _damaged_copy(mlflow_template, tmp_path / "mlflow.db", "truncated")
     mlflow.set_tracking_uri(f"sqlite:///{db}")  # as if connect() had seen it whole
@@ -240,8 +243,8 @@ def test_a_database_damaged_after_connect_is_named_where_the_store_is_first_read
 
 
 def test_reading_the_champion_from_a_damaged_database_names_it(mlflow_template, tmp_path):
-    from tasks import tracking
-    from tasks.champion import resolve
+    from oodgate_mlflow import tracking
+    from oodgate_mlflow.champion import resolve
 
     db = _damaged_copy(mlflow_template, tmp_path / "mlflow.db", "garbled")
     with pytest.raises(tracking.TrackingUnavailableError, match=rf"'{re.escape(str(db))}' is damaged"):
@@ -256,7 +259,7 @@ def test_the_database_password_is_created_0600_and_never_chmodded(tmp_path, monk
     import os
     import stat
 
-    from tasks import mlflow_server
+    from oodgate_servers import mlflow_server
 
     def no_chmod(*args, **kwargs):
         raise AssertionError("the password file was chmodded after it was created")

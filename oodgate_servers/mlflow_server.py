@@ -1,7 +1,7 @@
 """A shared MLflow tracking server: PostgreSQL for the runs and the registry, artifacts proxied by
 the server into one directory.
 
-``python -m tasks.mlflow_server`` (``make mlflow-server``) initialises a PostgreSQL cluster in a
+``python -m oodgate_servers.mlflow_server`` (``make mlflow-server``) initialises a PostgreSQL cluster in a
 project-local directory on its first start (``.mlflow-server/`` by default: the cluster, its socket,
 the artifacts, the logs), starts ``postgres`` on 127.0.0.1, then ``mlflow server`` on 127.0.0.1 with
 ``--serve-artifacts``, prints the address to put in ``MLFLOW_TRACKING_URI``, and runs until Ctrl-C
@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows import PROJECT_ROOT, telemetry_off
+from oodgate.project import PROJECT_ROOT, telemetry_off
 
 DB_USER = "oodgate"
 DB_NAME = "mlflow"
@@ -425,7 +425,9 @@ def _stop(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tasks.mlflow_server", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m oodgate_servers.mlflow_server", description=__doc__.splitlines()[0]
+    )
     p.add_argument(
         "--dir", default=str(DEFAULT_DIR), help="the cluster, artifacts and logs (default: %(default)s)"
     )

@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from tasks import tracking
+from oodgate_mlflow import tracking
 
 HISTORY = "monitor-history"
 BATCH = "monitor-batch"

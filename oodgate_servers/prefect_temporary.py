@@ -37,7 +37,7 @@ class TemporaryServer(SubprocessASGIServer):
     def _run_uvicorn_command(self) -> subprocess.Popen:
         from prefect.settings import get_current_settings
 
-        from flows import PROJECT_ROOT
+        from oodgate.project import PROJECT_ROOT
 
         # Prefect's command and environment (SubprocessASGIServer._run_uvicorn_command of the pinned
         # Prefect), but this module's factory, found on --app-dir, and the parent's pid

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from flows import telemetry_off
+from oodgate.project import telemetry_off
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TAG = "oodgate."  # prefix of every tag this project sets
@@ -456,7 +456,7 @@ def export_model(
 
 def log_exported_model(run_id: str, exported: Path, name: str = "model") -> str:
     """Log the serving model that :func:`export_model` wrote: a pyfunc from code
-    (``tasks/pyfunc_model.py``, no pickle) around the exported program, with the named output
+    (``oodgate_mlflow/pyfunc_model.py``, no pickle) around the exported program, with the named output
     columns as its signature and the input shape in its metadata. Runs no torch code. Re-attaches to
     the run by id (this may run in a worker thread) and finishes it: call it last. Returns the model
     URI to register."""

@@ -28,7 +28,7 @@ from typing import Any
 
 from oodgate.config import GateConfig
 from oodgate.gate import compare_means
-from tasks import integrity, tracking
+from oodgate_mlflow import integrity, tracking
 
 CHAMPION = "champion"
 FINGERPRINT_TAG = "oodgate.model_fingerprint"
@@ -263,7 +263,7 @@ def metric_label_in(reason: str, metric: str) -> bool:
 
 def record_files(name: str, version: Any) -> None:
     """Hash every file of the new version and record the digests in the registry
-    (:mod:`tasks.integrity`): every loader compares them before it loads anything."""
+    (:mod:`oodgate_mlflow.integrity`): every loader compares them before it loads anything."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,10 +2,10 @@
 
 In Python (any working directory; the project's ``mlflow.db`` unless ``MLFLOW_TRACKING_URI`` is set)::
 
-    from tasks.champion import load_champion
+    from oodgate_mlflow.champion import load_champion
     model, version = load_champion()        # model.predict(images (B, C, H, W)) -> one row per image
 
-Over REST: ``python -m tasks.champion serve`` (``make serve-model``) runs MLflow's scoring server
+Over REST: ``python -m oodgate_mlflow.champion serve`` (``make serve-model``) runs MLflow's scoring server
 (``mlflow.pyfunc.scoring_server``, what ``mlflow models serve`` runs) for the champion's exact
 version on 127.0.0.1 with this interpreter's environment, from a copy whose files were verified
 against the registry's record, with a request-size limit.
@@ -24,9 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from flows import telemetry_off
 from oodgate.config import RegistryConfig
-from tasks import integrity, tracking
+from oodgate.project import telemetry_off
+from oodgate_mlflow import integrity, tracking
 
 MODEL_NAME = RegistryConfig().model_name  # the default of params.yaml's registry.model_name
 ALIAS = "champion"
@@ -115,7 +115,7 @@ def resolve(
 
 def verified_copy(name: str, version: Any, dst: Path) -> Path:
     """The version's files downloaded into ``dst`` and checked against the digests recorded at
-    registration (:mod:`tasks.integrity`); raises :class:`~tasks.integrity.ModelIntegrityError`
+    registration (:mod:`oodgate_mlflow.integrity`); raises :class:`~oodgate_mlflow.integrity.ModelIntegrityError`
     naming the first file that differs, before anything is loaded from them."""
     local = tracking.download_model(f"models:/{name}/{version.version}", dst)
     integrity.verify(
@@ -130,7 +130,7 @@ def load_champion(
     """``(model, version)``: the version holding ``alias`` (default the champion; ``challenger``: the
     last run's best candidate), or ``version``, as an MLflow pyfunc whose ``predict(images)`` takes
     ``(B, C, H, W)`` float images in [0, 1] (or integers 0-255, as uint8) and returns one row per
-    image: ``p_<class>``, ``predicted``, ``score``, ``in_distribution`` (see ``tasks/pyfunc_model.py``).
+    image: ``p_<class>``, ``predicted``, ``score``, ``in_distribution`` (see ``oodgate_mlflow/pyfunc_model.py``).
     Its files are verified against the registry's record first, and the model is loaded from the
     verified copy."""
     import mlflow
@@ -231,7 +231,7 @@ def serve(name: str, version: Any, host: str, port: int, max_request_mb: float) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tasks.champion", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m oodgate_mlflow.champion", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a registered version over REST (MLflow's scoring server)")
     s.add_argument("--name", default=MODEL_NAME)
