@@ -13,7 +13,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup data run core-run monitor test test-fast lint bench bench-stability bench-flow bench-images bench-scaling serve trigger server deploy worker serve-model mlflow-ui mlflow-server repro clean help
+.PHONY: setup data run core-run monitor test test-fast lint bench bench-stability bench-gate-power bench-numerics bench-flow bench-images bench-scaling serve trigger server deploy worker serve-model mlflow-ui mlflow-server repro clean help
 
 help:
 	@echo "make run          set up .venv, write the embedded data, run the pipeline flow once (minutes on CPU;"
@@ -35,6 +35,8 @@ help:
 	@echo "make monitor      score a batch with the champion, alert on drift (BATCH=path; default: two demo batches)"
 	@echo "make bench        per-method training/inference time relative to SoftMax"
 	@echo "make bench-stability  the gate's decisions on three disjoint seed sets (about 10 min on CPU)"
+	@echo "make bench-gate-power  how often the gate promotes known-truth candidates, by the number of seeds"
+	@echo "make bench-numerics  training and evaluation time, portable numerics against native and each pin alone"
 	@echo "make bench-flow   wall time of the Prefect flow against the core alone (same params)"
 	@echo "make bench-images torchvision resnet18 on a folder of JPEGs at 64 and 224: decode, train, eval images/s"
 	@echo "make bench-scaling  the fan-out per task runner (threads, Dask), per-task overhead, DDP step time"
@@ -129,6 +131,12 @@ bench: $(STAMP)
 
 bench-stability: data
 	PYTHONPATH=. $(PY) benchmarks/bench_stability.py $(ARGS)
+
+bench-gate-power: $(STAMP)
+	PYTHONPATH=. $(PY) benchmarks/bench_gate_power.py $(ARGS)
+
+bench-numerics: data
+	PYTHONPATH=. $(PY) benchmarks/bench_numerics.py $(ARGS)
 
 bench-flow: data
 	PYTHONPATH=. $(PY) benchmarks/bench_flow.py $(ARGS)
