@@ -84,8 +84,10 @@ def deployments(params_path: str, project: Path, root_param: str | None = None) 
     from flows.monitor import monitor
     from flows.pipeline import pipeline
     from oodgate.config import load_config
+    from oodgate.preflight import check_names
 
     cfg = load_config(project / params_path)  # a bad params.yaml fails here, before registering
+    check_names(cfg)
     parameters = {"params_path": params_path, "root": root_param or str(project)}
     built = [
         pipeline.to_deployment(

@@ -30,6 +30,7 @@ def check_overrides(overrides: dict, deployment: str = FULL_NAME) -> None:
     from prefect.client.orchestration import get_client
 
     from oodgate.config import ConfigError, load_config
+    from oodgate.preflight import check_names
 
     fixed = sorted(k for k in overrides if k == "numerics" or k.startswith("numerics."))
     if fixed:
@@ -42,7 +43,7 @@ def check_overrides(overrides: dict, deployment: str = FULL_NAME) -> None:
         params = client.read_deployment_by_name(deployment).parameters or {}
     path = Path(params.get("root") or PROJECT_ROOT) / params.get("params_path", "params.yaml")
     if path.is_file():
-        load_config(path, overrides)  # raises ConfigError
+        check_names(load_config(path, overrides))  # raises ConfigError
 
 
 def trigger(

@@ -449,34 +449,9 @@ class Config(_Frozen):
         return v
 
     @model_validator(mode="after")
-    def _check_registries(self) -> Config:
-        # Imported here: the registries import torch, the schema itself does not need to.
-        from oodgate import methods, models, scores
-        from oodgate.data import ID_DATASETS, OOD_DATASETS
-        from oodgate.metrics import OOD_SUMMARIES
-
-        reserved = (*OOD_SUMMARIES, "threshold")  # ood/<name>/... names taken by the evaluation
-
-        if not models.is_known(self.model.backbone):
-            raise ValueError(
-                f"model.backbone={self.model.backbone!r} is not a known backbone; "
-                f"valid backbones: {', '.join(models.names())}, or torchvision:<name> for a torchvision "
-                "classification model (torchvision:resnet18, torchvision:efficientnet_b0, ...)"
-            )
-        try:
-            models.check_options(self.model.backbone, self.model.options, self.data.image_size)
-        except ValueError as e:
-            raise ValueError(f"model.options: {e}") from None
-        if self.data.dataset != "folder" and self.data.dataset not in ID_DATASETS:
-            raise ValueError(
-                f"data.dataset={self.data.dataset!r} is not a known dataset; "
-                f"valid datasets: folder (your own images), {', '.join(ID_DATASETS.names())}"
-            )
-        if not self.data.ood:
-            raise ValueError(
-                "data.ood is empty: the gate compares FPR95 on OOD sets, so nothing could ever be "
-                f"promoted; list at least one (e.g. {', '.join(OOD_DATASETS.names()[:3])})"
-            )
+    def _check_consistency(self) -> Config:
+        # The names of backbones, datasets, OOD sets, methods and scores are checked against their
+        # registries by oodgate.preflight.check_names: the registries import torch, the schema does not.
         seen: set[str] = set()
         for source in self.data.ood:
             if not OOD_NAME.fullmatch(source.name):
@@ -488,31 +463,14 @@ class Config(_Frozen):
             if source.name in seen:
                 raise ValueError(f"data.ood lists {source.name!r} twice; list each OOD set once")
             seen.add(source.name)
-            if source.name in reserved:
-                raise ValueError(
-                    f"data.ood: {source.name!r} names a summary over OOD sets "
-                    f"({', '.join(reserved)}); give the set another name"
-                )
             if source.path is not None and source.group is None:
                 raise ValueError(
                     f"data.ood: {source.name!r} needs a group: near (unseen classes, letters, other "
                     "datasets of the same kind) or far (photos, noise, unrelated images)"
                 )
-            if source.path is None and source.name not in OOD_DATASETS:
-                raise ValueError(
-                    f"data.ood: {source.name!r} is not a known OOD set; valid sets: "
-                    f"{', '.join(OOD_DATASETS.names())}, or {{name: <label>, path: <folder or .npz>}}"
-                )
-
-        for key, loss in self.losses.items():
+        for key in self.losses:
             if not key.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"losses.{key}: loss ids may hold letters, digits, '_' and '-' only")
-            try:
-                methods.check_options(loss.method, loss.options)
-                if loss.score is not None:
-                    scores.get(loss.score)
-            except ValueError as e:
-                raise ValueError(f"losses.{key}: {e}") from None
         if self.gate.confidence is not None and len(self.seeds) < 2:
             raise ValueError(
                 f"gate.confidence={self.gate.confidence} needs at least 2 seeds to measure the seed "

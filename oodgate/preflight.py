@@ -1,10 +1,11 @@
 """Everything about a config that can be known before any work starts, checked in well under a second.
 
 :func:`preflight` runs in every entry point (``python -m oodgate``, ``python -m flows.pipeline``, the
-flow itself before its first task) after the config is loaded: the device exists, the class indices
-exist in the dataset, the work directory can be written, the pretrained weights fit the backbone,
-and every OOD path is readable and holds images of a usable shape (an ``.npz`` is inspected through
-its header, never loaded whole). Each problem is one line naming the key, the value and the fix
+flow itself before its first task) after the config is loaded: every name the config gives is one
+the code has (:func:`check_names`), the device exists, the class indices exist in the dataset, the
+work directory can be written, the pretrained weights fit the backbone, and every OOD path is
+readable and holds images of a usable shape (an ``.npz`` is inspected through its header, never
+loaded whole). Each problem is one line naming the key, the value and the fix
 (:class:`PreflightError`); the caller prints it without a traceback.
 """
 
@@ -42,6 +43,55 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 class PreflightError(ConfigError):
     """The config names something this machine does not have."""
+
+
+def check_names(cfg: Config) -> None:
+    """Every name the config gives is one the code has: the backbone and its options, the dataset,
+    the OOD sets (known ones, no summary's name), the methods with their options and the scores.
+    The registries import torch, so this runs here and not when the config is parsed."""
+    from oodgate import methods, models, scores
+    from oodgate.data import ID_DATASETS, OOD_DATASETS
+    from oodgate.metrics import OOD_SUMMARIES
+
+    if not models.is_known(cfg.model.backbone):
+        raise PreflightError(
+            f"model.backbone={cfg.model.backbone!r} is not a known backbone; "
+            f"valid backbones: {', '.join(models.names())}, or torchvision:<name> for a torchvision "
+            "classification model (torchvision:resnet18, torchvision:efficientnet_b0, ...)"
+        )
+    try:
+        models.check_options(cfg.model.backbone, cfg.model.options, cfg.data.image_size)
+    except ValueError as e:
+        raise PreflightError(f"model.options: {e}") from None
+    if cfg.data.dataset != "folder" and cfg.data.dataset not in ID_DATASETS:
+        raise PreflightError(
+            f"data.dataset={cfg.data.dataset!r} is not a known dataset; "
+            f"valid datasets: folder (your own images), {', '.join(ID_DATASETS.names())}"
+        )
+    if not cfg.data.ood:
+        raise PreflightError(
+            "data.ood is empty: the gate compares FPR95 on OOD sets, so nothing could ever be "
+            f"promoted; list at least one (e.g. {', '.join(OOD_DATASETS.names()[:3])})"
+        )
+    reserved = (*OOD_SUMMARIES, "threshold")  # ood/<name>/... names taken by the evaluation
+    for source in cfg.data.ood:
+        if source.name in reserved:
+            raise PreflightError(
+                f"data.ood: {source.name!r} names a summary over OOD sets "
+                f"({', '.join(reserved)}); give the set another name"
+            )
+        if source.path is None and source.name not in OOD_DATASETS:
+            raise PreflightError(
+                f"data.ood: {source.name!r} is not a known OOD set; valid sets: "
+                f"{', '.join(OOD_DATASETS.names())}, or {{name: <label>, path: <folder or .npz>}}"
+            )
+    for key, loss in cfg.losses.items():
+        try:
+            methods.check_options(loss.method, loss.options)
+            if loss.score is not None:
+                scores.get(loss.score)
+        except ValueError as e:
+            raise PreflightError(f"losses.{key}: {e}") from None
 
 
 def check_device(cfg: Config) -> None:
@@ -220,6 +270,7 @@ def preflight(cfg: Config, training: bool = True, project: str | Path = ".") -> 
     and the pretrained weights (a step that only reads results). Relative paths are taken from
     ``project`` (default: the working directory)."""
     project = Path(project)
+    check_names(cfg)
     check_workdir(cfg, project)
     if training:
         check_device(cfg)

@@ -9,10 +9,18 @@ import yaml
 
 from oodgate.cli import main
 from oodgate.config import ConfigError, load_config, parse_config
+from oodgate.preflight import check_names
+
+
+def _checked(raw: dict, source: str = "<dict>"):
+    """The config as every entry point has it before work starts: parsed, and its names checked."""
+    cfg = parse_config(raw, source)
+    check_names(cfg)
+    return cfg
 
 
 def test_repository_params_are_valid(repo_params):
-    cfg = parse_config(repo_params)
+    cfg = _checked(repo_params)
     assert cfg.gate.baseline == "softmax"
     assert cfg.losses["dismax_fpr"].options == {"fpr": True, "alpha": 1.0}
     assert cfg.candidates() == ["isomax", "dismax_fpr", "logitnorm"]
@@ -99,7 +107,7 @@ def _with(base: dict, dotted: str, value) -> dict:
 )
 def test_bad_values_are_named(repo_params, key, value, match):
     with pytest.raises(ConfigError, match=match):
-        parse_config(_with(repo_params, key, value), "params.yaml")
+        _checked(_with(repo_params, key, value), "params.yaml")
 
 
 def test_baseline_must_be_softmax(repo_params):
@@ -146,7 +154,7 @@ def test_every_shipped_params_file_is_valid():
     files = sorted((Path(__file__).resolve().parents[1] / "params").glob("*.yaml"))
     assert files, "params/ holds the full-scale configurations"
     for f in files:
-        load_config(f)
+        check_names(load_config(f))
 
 
 @pytest.mark.parametrize(
@@ -177,10 +185,10 @@ def test_every_shipped_params_file_is_valid():
     ],
     ids=["backbone", "backbone-option", "dataset", "ood-name", "ood-twice", "no-ood"],
 )
-def test_names_the_code_cannot_honour_fail_at_load(repo_params, section, value, message):
+def test_names_the_code_cannot_honour_fail_before_any_work(repo_params, section, value, message):
     raw = {**repo_params, section: {**repo_params[section], **value}}
     with pytest.raises(ConfigError, match=message):
-        parse_config(raw)
+        _checked(raw)
 
 
 def test_an_ood_set_with_a_path_may_have_any_name(repo_params):
@@ -188,7 +196,7 @@ def test_an_ood_set_with_a_path_may_have_any_name(repo_params):
         **repo_params,
         "data": {**repo_params["data"], "ood": [{"name": "letters", "path": "x.npz", "group": "near"}]},
     }
-    assert parse_config(raw).data.ood[0].name == "letters"
+    assert _checked(raw).data.ood[0].name == "letters"
 
 
 def test_a_rejected_value_is_shown_once(repo_params):

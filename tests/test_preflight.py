@@ -48,6 +48,8 @@ CASES = [
     (_ood("no_images"), r"folder 'no_images' holds no images"),
     (_ood("params.yaml"), r"'params\.yaml' must be a folder of images or an \.npz file"),
     ("train.lr.x=1", r"override train\.lr\.x=1: train\.lr is a value \(0\.05\), not a section"),
+    ("model.backbone=resnet99", r"model\.backbone='resnet99' is not a known backbone; valid backbones: "),
+    ("data.ood=[nope]", r"data\.ood: 'nope' is not a known OOD set; valid sets: "),
 ]
 
 
