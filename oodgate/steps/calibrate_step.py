@@ -11,13 +11,11 @@ from oodgate.classifier import load_classifier, save_classifier
 from oodgate.config import Config
 from oodgate.steps.common import (
     activate_numerics,
-    check_fresh,
     inference_device,
     load_prepared,
     output_digests,
-    read_record,
     reusable,
-    verified,
+    upstream,
     write_json,
     write_provenance,
 )
@@ -37,11 +35,7 @@ def calibrate(
 
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     want = expected(cfg, loss_id, seed, prepared_dir)
-    what = f"the trained model of {loss_id} seed {seed}"
-    fix = f"train it first (`python -m oodgate train --loss {loss_id} --seed {seed}` or `dvc repro`)"
-    trained = read_record(train_dir / "train.json", what, fix)
-    check_fresh(trained, want.fingerprint["train"], want.inputs["train"], what, train_dir, fix)
-    best = verified(trained, train_dir, engine.BEST, what, fix)
+    best = upstream("train", loss_id, seed, train_dir, want, (engine.BEST,)).files[engine.BEST]
     previous = reusable(out_dir, RECORD, want.fingerprint["calibrate"])
     if previous is not None:
         return Calibrated(**previous, dir=str(out_dir))

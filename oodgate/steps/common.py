@@ -6,15 +6,19 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from oodgate.config import Config
 from oodgate.data.bundle import DataBundle, ImageSet
 from oodgate.steps.results import CorruptResultError, StaleResultError
+
+if TYPE_CHECKING:
+    from oodgate.steps.inputs import Expected
 
 log = logging.getLogger("oodgate")
 
@@ -152,6 +156,39 @@ def verified(record: Mapping[str, Any], out_dir: Path, name: str, what: str, fix
             f"since it was written); {fix}"
         )
     return path
+
+
+# ---------------------------------------------------------------- upstream results
+# step -> (its record file, what its result is called, the verb that makes it)
+UPSTREAM = {
+    "train": ("train.json", "the trained model", "train"),
+    "calibrate": ("calibration.json", "the calibrated model", "calibrate"),
+    "evaluate": ("evaluation.json", "the evaluation", "evaluate"),
+}
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """An upstream step's record, checked fresh, and the paths of the files it vouches for."""
+
+    record: dict[str, Any]
+    files: dict[str, Path]
+
+
+def upstream(
+    step: str, loss_id: str, seed: int, out_dir: str | Path, want: Expected, files: tuple[str, ...]
+) -> Upstream:
+    """The result of ``step`` for (``loss_id``, ``seed``) in ``out_dir``, which a later step reads:
+    its record must exist (FileNotFoundError), have the fingerprint the current inputs give
+    (:func:`check_fresh`), and each of ``files`` must be the bytes it recorded (:func:`verified`).
+    Every message names the result and the command that makes it."""
+    out_dir = Path(out_dir)
+    record_name, noun, verb = UPSTREAM[step]
+    what = f"{noun} of {loss_id} seed {seed}"
+    fix = f"{verb} it first (`python -m oodgate {verb} --loss {loss_id} --seed {seed}` or `dvc repro`)"
+    record = read_record(out_dir / record_name, what, fix)
+    check_fresh(record, want.fingerprint[step], want.inputs[step], what, out_dir, fix)
+    return Upstream(record, {name: verified(record, out_dir, name, what, fix) for name in files})
 
 
 # ---------------------------------------------------------------- prepared data

@@ -14,14 +14,12 @@ from oodgate.config import Config
 from oodgate.files import torch_save
 from oodgate.steps.common import (
     activate_numerics,
-    check_fresh,
     inference_device,
     load_prepared,
     output_digests,
     read_json,
-    read_record,
     reusable,
-    verified,
+    upstream,
     write_json,
     write_provenance,
 )
@@ -46,11 +44,8 @@ def evaluate(
 
     calibrate_dir, out_dir = Path(calibrate_dir), Path(out_dir)
     want = expected(cfg, loss_id, seed, prepared_dir)
-    what = f"the calibrated model of {loss_id} seed {seed}"
-    fix = f"calibrate it first (`python -m oodgate calibrate --loss {loss_id} --seed {seed}` or `dvc repro`)"
-    calibrated = read_record(calibrate_dir / "calibration.json", what, fix)
-    check_fresh(calibrated, want.fingerprint["calibrate"], want.inputs["calibrate"], what, calibrate_dir, fix)
-    model_file = verified(calibrated, calibrate_dir, "calibrated.pt", what, fix)
+    calibrated = upstream("calibrate", loss_id, seed, calibrate_dir, want, ("calibrated.pt",))
+    model_file = calibrated.files["calibrated.pt"]
     previous = reusable(out_dir, RECORD, want.fingerprint["evaluate"])
     if previous is not None:
         return Evaluated(**previous, dir=str(out_dir), metrics=read_json(out_dir / "metrics.json"))

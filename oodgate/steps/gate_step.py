@@ -10,7 +10,7 @@ from typing import Any
 from oodgate.config import Config
 from oodgate.gate import SampleSet, decide_all, rank_key
 from oodgate.metrics import OOD_SUMMARIES, aggregate
-from oodgate.steps.common import check_fresh, read_json, read_record, verified
+from oodgate.steps.common import read_json, upstream
 from oodgate.steps.results import Evaluated
 
 
@@ -23,14 +23,10 @@ def collect(cfg: Config, evaluate_dir, prepared_dir: str | Path) -> list[Evaluat
     for loss_id in cfg.loss_ids():
         for seed in cfg.seeds:
             d = Path(evaluate_dir(loss_id, seed))
-            what = f"the evaluation of {loss_id} seed {seed}"
-            fix = f"evaluate it first (`python -m oodgate evaluate --loss {loss_id} --seed {seed}` or `dvc repro`)"
-            record = read_record(d / "evaluation.json", what, fix)
             want = expected(cfg, loss_id, seed, prepared_dir)
-            check_fresh(record, want.fingerprint["evaluate"], want.inputs["evaluate"], what, d, fix)
-            verified(record, d, "samples.pt", what, fix)
-            metrics = read_json(verified(record, d, "metrics.json", what, fix))
-            out.append(Evaluated(**record, dir=str(d), metrics=metrics))
+            found = upstream("evaluate", loss_id, seed, d, want, ("samples.pt", "metrics.json"))
+            metrics = read_json(found.files["metrics.json"])
+            out.append(Evaluated(**found.record, dir=str(d), metrics=metrics))
     return out
 
 
