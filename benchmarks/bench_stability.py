@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|" + "---|" * (len(names) + 1))
     agree_all = True
     for loss_id in cfg.candidates():
-        verdicts = ["PROMOTE" if r["decisions"][loss_id]["promote"] else "reject" for r in reports]
+        verdicts = ["PROMOTE" if r.decisions[loss_id].promote else "reject" for r in reports]
         agree = len(set(verdicts)) == 1
         agree_all &= agree
         print(f"| {loss_id} | " + " | ".join(verdicts) + f" | {'yes' if agree else 'NO'} |")
@@ -87,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if agree_all else 1
 
 
-def _print_evidence(candidates: list[str], names: list[str], reports: list[dict]) -> None:
+def _print_evidence(candidates: list[str], names: list[str], reports: list[steps.GateReport]) -> None:
     print("\nOne-sided p-value of each improvement (gain / lower bound), per seed set\n")
     for loss_id in candidates:
         for name, r in zip(names, reports):
-            ev = r["decisions"][loss_id]["evidence"]
+            ev = r.decisions[loss_id].evidence
             metrics_ = sorted({k.split("/", 1)[1].rsplit("/", 1)[0] for k in ev})
             cells = [
                 f"{m}: p={ev[f'gate/{m}/p_value']:.3g} ({ev[f'gate/{m}/gain']:+.4f} / {ev[f'gate/{m}/lower']:+.4f})"

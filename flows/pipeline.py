@@ -102,6 +102,7 @@ from oodgate.files import is_no_space
 from oodgate.preflight import preflight
 from oodgate.project import PROJECT_ROOT
 from oodgate.steps import inputs
+from oodgate.steps.gate_step import GateReport, gate_markdown
 from oodgate_mlflow import tracking
 from oodgate_mlflow.registry import Registration
 from tasks.caching import Job
@@ -157,7 +158,7 @@ class LossRun:
 class Outcome:
     """What the flow run returns."""
 
-    report: dict[str, Any]
+    report: GateReport
     registration: Registration | None
     failed: dict[str, str]
     reused: list[str]
@@ -465,11 +466,11 @@ def _gate_and_register(ctx: Context, logged: dict[str, LossResult], failed: dict
     report = gate_losses(cfg, logged)
     lock = str(ctx.workdir / ".registry.lock")
     registration = None
-    best = report["challenger"]
+    best = report.challenger
     if best is not None:  # the run's best candidate: the challenger, and champion if it wins
         samples = samples_of(cfg, logged[best]) if cfg.gate.confidence is not None else None
         registration = register_model(
-            cfg, best, logged[best], report["decisions"][best], samples, lock, report["rule"]
+            cfg, best, logged[best], report.decisions[best], samples, lock, report.rule
         )
     _record(ctx, report, registration, failed, logged)
     return Outcome(report, registration, failed, sorted(reused_ids), ctx.parent_run_id)
@@ -477,35 +478,35 @@ def _gate_and_register(ctx: Context, logged: dict[str, LossResult], failed: dict
 
 def _record(
     ctx: Context,
-    report: dict,
+    report: GateReport,
     registration: Registration | None,
     failed: dict[str, str],
     logged: dict[str, LossResult],
 ) -> None:
     """The decisions into MLflow (parent and fresh child runs) and a Prefect markdown artifact."""
     parent = ctx.parent_run_id
-    for loss_id, d in report["decisions"].items():
+    for loss_id, d in report.decisions.items():
         decision = {
-            "oodgate.gate": "promote" if d["promote"] else "reject",
-            "oodgate.gate_reasons": "; ".join(d["reasons"]),
-            "oodgate.gate_tests": json.dumps(d["tests"], sort_keys=True),  # each criterion's test and bound
+            "oodgate.gate": "promote" if d.promote else "reject",
+            "oodgate.gate_reasons": "; ".join(d.reasons),
+            "oodgate.gate_tests": json.dumps(d.tests, sort_keys=True),  # each criterion's test and bound
         }
         if not logged[loss_id].reused:
             tracking.set_tags(logged[loss_id].run_id, decision)
-            tracking.log_metrics(logged[loss_id].run_id, d["evidence"])
+            tracking.log_metrics(logged[loss_id].run_id, d.evidence)
         tracking.set_tags(parent, {f"oodgate.gate.{loss_id}": decision["oodgate.gate"]})
         # gate/<loss>/<metric>/{gain,lower,p_value}: the evidence side by side in the runs table
         tracking.log_metrics(
-            parent, {f"gate/{loss_id}/{k.removeprefix('gate/')}": v for k, v in d["evidence"].items()}
+            parent, {f"gate/{loss_id}/{k.removeprefix('gate/')}": v for k, v in d.evidence.items()}
         )
     text = report_markdown(report, registration, failed)
     tracking.log_text(parent, text, "comparison.md")
-    tracking.log_text(parent, report["table"], "comparison_table.md")
+    tracking.log_text(parent, report.table, "comparison_table.md")
     tracking.set_tags(
         parent,
         {
-            "oodgate.promoted": ",".join(report["promoted"]) or "none",
-            "oodgate.challenger": report["challenger"] or "none",
+            "oodgate.promoted": ",".join(report.promoted) or "none",
+            "oodgate.challenger": report.challenger or "none",
             "oodgate.champion": (
                 registration.loss if registration is not None and registration.promoted_now else "unchanged"
             ),
@@ -518,10 +519,8 @@ def _record(
     print(text)
 
 
-def report_markdown(report: dict, registration: Registration | None, failed: dict[str, str]) -> str:
-    from oodgate.steps import gate_markdown
-
-    lines = ["# oodgate pipeline", "", report["table"], "", gate_markdown(report), "## Registry", ""]
+def report_markdown(report: GateReport, registration: Registration | None, failed: dict[str, str]) -> str:
+    lines = ["# oodgate pipeline", "", report.table, "", gate_markdown(report), "## Registry", ""]
     if registration is None:
         lines.append("Nothing registered: no candidate was evaluated.")
     else:

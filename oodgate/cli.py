@@ -11,12 +11,16 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from oodgate.config import Config, ConfigError, load_config, parse_overrides
 from oodgate.files import is_no_space, no_space_error, write_text
 from oodgate.layout import Layout
 from oodgate.numerics import NumericsError
 from oodgate.steps.results import CorruptResultError, StaleResultError
+
+if TYPE_CHECKING:  # the gate step imports torch, which loads after the numerics are in force
+    from oodgate.steps.gate_step import GateReport
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -159,7 +163,7 @@ def cmd_evaluate(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
     return 0
 
 
-def _gate_report(cfg: Config, lay: Layout) -> dict:
+def _gate_report(cfg: Config, lay: Layout) -> GateReport:
     from oodgate import steps
 
     evaluated = steps.collect(cfg, lay.evaluate, lay.prepared)  # refuses a stale evaluation
@@ -173,12 +177,12 @@ def _gate_report(cfg: Config, lay: Layout) -> dict:
     return steps.gate(cfg, metrics, samples, scores=scores)
 
 
-def _gate_text(report: dict) -> str:
+def _gate_text(report: GateReport) -> str:
     from oodgate import steps
 
     return (
-        f"{steps.gate_markdown(report)}\nBest promoted: {report['best'] or 'none'}\n"
-        f"The run's best candidate (the challenger): {report['challenger'] or 'none'}\n"
+        f"{steps.gate_markdown(report)}\nBest promoted: {report.best or 'none'}\n"
+        f"The run's best candidate (the challenger): {report.challenger or 'none'}\n"
     )
 
 
@@ -187,17 +191,8 @@ def cmd_gate(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
 
     report = _gate_report(cfg, lay)
     # no training seconds: report.md is versioned, and a re-run must write the same bytes
-    keys = [key for _, key in steps.TABLE_COLUMNS]
-    gate_json = {
-        "promoted": len(report["promoted"]),
-        "best": report["best"],
-        "challenger": report["challenger"],
-        "decisions": report["decisions"],
-        "seeds": list(cfg.seeds),
-        "mean": {k: {key: m[key] for key in keys if key in m} for k, m in report["means"].items()},
-    }
-    steps.write_json(lay.gate, gate_json)
-    text = f"{report['table']}\n\n{_gate_text(report)}"
+    steps.write_json(lay.gate, report.record())
+    text = f"{report.table}\n\n{_gate_text(report)}"
     write_text(lay.report, text)
     print(text)
     return 0
@@ -236,7 +231,7 @@ def cmd_run(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
         else:
             report = _gate_report(sub, lay)
             print(
-                f"{report['table']}\n\n{_gate_text(report)}(--loss/--seed selection: not written to {lay.gate})"
+                f"{report.table}\n\n{_gate_text(report)}(--loss/--seed selection: not written to {lay.gate})"
             )
     print(f"total {time.perf_counter() - t0:.1f} s")
     return 0

@@ -9,6 +9,7 @@ from prefect import task
 
 from oodgate import steps
 from oodgate.config import Config
+from oodgate.steps.gate_step import GateReport
 from oodgate_mlflow import tracking
 from tasks.track import LossResult
 
@@ -27,7 +28,7 @@ def samples_of(cfg: Config, entry: LossResult) -> list:
 
 
 @task(name="gate", task_run_name="gate")
-def gate_losses(cfg: Config, logged: dict[str, LossResult]) -> dict:
+def gate_losses(cfg: Config, logged: dict[str, LossResult]) -> GateReport:
     metrics = {k: v.metrics_by_seed for k, v in logged.items()}
     samples = {k: samples_of(cfg, v) for k, v in logged.items()} if cfg.gate.confidence is not None else None
     return steps.gate(

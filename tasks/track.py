@@ -27,6 +27,7 @@ from oodgate.config import Config
 from oodgate.evaluation import THRESHOLD_TPR
 from oodgate.serving import ServingModel, fingerprint
 from oodgate.steps.common import PROVENANCE
+from oodgate.steps.gate_step import LossDecision
 from oodgate.steps.results import Calibrated, Evaluated, Trained, choose_seed
 from oodgate_mlflow import registry, tracking
 
@@ -219,7 +220,7 @@ def register_model(
     cfg: Config,
     loss_id: str,
     logged: LossResult,
-    decision: dict,
+    decision: LossDecision,
     samples: list | None,
     lock_path: str,
     rule: str,
@@ -231,10 +232,10 @@ def register_model(
         model_uri=logged.model_uri,
         run_id=logged.run_id,
         fingerprint=logged.model_fingerprint,
-        promote=decision["promote"],
-        reasons=tuple(decision["reasons"]),
-        tests=decision.get("tests", {}),
-        evidence=decision.get("evidence", {}),
+        promote=decision.promote,
+        reasons=decision.reasons,
+        tests=decision.tests,
+        evidence=decision.evidence,
         metrics=logged.mean,
         metrics_by_seed=tuple(logged.metrics_by_seed),
         samples=tuple(samples) if samples else None,

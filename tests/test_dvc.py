@@ -301,7 +301,7 @@ def test_metrics_equal_an_in_process_run_of_the_same_steps(dvc_project, embedded
         assert (root / f"artifacts/evaluate/{k}/seed0/metrics.json").read_text() == text(metrics[k][0]) + "\n"
     report = steps.gate(cfg, metrics)
     gate = json.loads((root / "artifacts/gate.json").read_text())
-    assert (gate["decisions"], gate["best"]) == (report["decisions"], report["best"])
+    assert (gate["decisions"], gate["best"]) == (report.record()["decisions"], report.best)
 
 
 @pytest.mark.slow

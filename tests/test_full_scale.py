@@ -158,7 +158,7 @@ def test_cifar10_resnet34_config_runs_through_the_flow_on_tiny_files(
     )
     assert {r.data.tags["oodgate.loss"] for r in runs} == set(cfg.losses)
     assert all(r.info.status == "FINISHED" for r in runs) and not outcome.failed
-    assert set(outcome.report["decisions"]) == set(cfg.losses) - {"softmax"}
+    assert set(outcome.report.decisions) == set(cfg.losses) - {"softmax"}
     for r in runs:
         assert r.data.tags["oodgate.device"] == "cpu"
         assert "ood/svhn/fpr95" in r.data.metrics and "ood/cifar100/fpr95" in r.data.metrics

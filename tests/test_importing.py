@@ -319,10 +319,10 @@ def test_the_pipeline_gates_and_registers_an_imported_loss(
     result = pipeline(root=str(project))
     assert not result.failed, result.failed
     imported = "softmax" if fmt == "torchvision" else "theirs"
-    assert len(result.report["decisions"]["theirs"]["reasons"]) == 3
+    assert len(result.report.decisions["theirs"].reasons) == 3
     assert all(
         "(a single checkpoint: its evidence is the test samples alone)" in r
-        for r in result.report["decisions"]["theirs"]["reasons"]
+        for r in result.report.decisions["theirs"].reasons
     )
     assert result.registration is not None and result.registration.loss == "theirs"
     version = MlflowClient().get_model_version_by_alias("oodgate-classifier", "challenger")
@@ -331,4 +331,4 @@ def test_the_pipeline_gates_and_registers_an_imported_loss(
     records = [yaml.safe_load(p.read_text()) for p in cache]
     (record,) = [r for r in records if r["loss"] == imported]  # one model for both seeds: imported once
     assert record["imported"]["format"] == fmt and record["epochs"] == 0
-    assert np.isfinite(result.report["means"][imported]["test/accuracy"])
+    assert np.isfinite(result.report.means[imported]["test/accuracy"])

@@ -146,7 +146,7 @@ def test_flow_weighs_the_evidence_over_seeds_and_logs_it(prefect_harness, projec
     summaries are logged beside the overall mean."""
     overrides = {"seeds": [0, 1], "gate.confidence": 0.95, "gate.samples": 200, "gate.fpr95.over": "groups"}
     result = _pipeline(project, **overrides)
-    reasons = result.report["decisions"]["dismax_fpr"]["reasons"]
+    reasons = result.report.decisions["dismax_fpr"].reasons
     assert [r.split(" ")[0] for r in reasons] == ["accuracy", "calibrated", "near-OOD", "far-OOD"]
     assert all(
         re.search(r"gain [+-]\d\.\d{4}, 95% lower bound [+-]\d\.\d{4}, p = \S+, 2 vs 2 seeds: ", r)
@@ -156,7 +156,7 @@ def test_flow_weighs_the_evidence_over_seeds_and_logs_it(prefect_harness, projec
         r for r in _runs("dismax_fpr") if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id
     )
     m, parent = child.data.metrics, MlflowClient().get_run(result.parent_run_id).data.metrics
-    evidence = result.report["decisions"]["dismax_fpr"]["evidence"]
+    evidence = result.report.decisions["dismax_fpr"].evidence
     for key in ("test/accuracy", "test/ece", "ood/near/fpr95", "ood/far/fpr95"):
         for stat in ("gain", "bound", "lower", "p_value"):
             assert m[f"gate/{key}/{stat}"] == pytest.approx(evidence[f"gate/{key}/{stat}"])
@@ -177,7 +177,7 @@ def test_second_run_reuses_every_finished_child_run(first_run):
     assert parent.data.tags["oodgate.reused_runs"].count("=") == 2
     names = [r.info.run_name for r in _runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert names == []  # no new child run: nothing was trained, calibrated, evaluated or logged
-    assert second.report["means"] == first.report["means"]
+    assert second.report.means == first.report.means
     # a changed evaluation-side param makes new child runs (the trainings come from Prefect's cache)
     third = _pipeline(project, **{"calibration.objective": "ece"})
     assert third.reused == []
@@ -191,7 +191,7 @@ def test_a_run_whose_artifacts_are_gone_is_logged_again_not_reused(first_run, ca
     shutil.rmtree(project / "mlartifacts")
     again = _pipeline(project)
     assert again.reused == [] and not again.failed
-    assert again.report["means"] == first.report["means"]
+    assert again.report.means == first.report.means
     assert "its artifacts are gone (metrics_by_seed.json" in caplog.text
     reused = _pipeline(project)  # and now they are there again: reused
     assert reused.reused == ["dismax_fpr", "softmax"]

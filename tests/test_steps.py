@@ -34,10 +34,10 @@ def test_means_only_gate_compares_means_over_seeds(repo_params):
             "dismax": [_m(0.95, 0.01, 0.2), _m(0.89, 0.04, 0.7)],
         },
     )
-    assert report["decisions"]["dismax"]["promote"] is True
-    assert report["means"]["dismax"]["test/accuracy"] == pytest.approx(0.92)
-    assert report["promoted"] == ["dismax"] and report["best"] == "dismax"
-    table = steps.comparison_table(report["means"], report["stds"], {"softmax": "mps", "dismax": "mmles"})
+    assert report.decisions["dismax"].promote is True
+    assert report.means["dismax"]["test/accuracy"] == pytest.approx(0.92)
+    assert report.promoted == ("dismax",) and report.best == "dismax"
+    table = steps.comparison_table(report.means, report.stds, {"softmax": "mps", "dismax": "mmles"})
     assert "| dismax | mmles | 0.9200 ± 0.0424 |" in table
 
 

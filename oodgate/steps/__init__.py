@@ -39,6 +39,8 @@ _EXPORTS = {
     "collect": "gate_step",
     "comparison_table": "gate_step",
     "gate": "gate_step",
+    "GateReport": "gate_step",
+    "LossDecision": "gate_step",
     "gate_markdown": "gate_step",
     "TABLE_COLUMNS": "gate_step",
     "Trained": "results",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from oodgate.config import Config
-from oodgate.gate import SampleSet, decide_all, rank_key
+from oodgate.gate import Decision, SampleSet, decide_all, rank_key
 from oodgate.metrics import OOD_SUMMARIES, aggregate
 from oodgate.steps.common import read_json, upstream
 from oodgate.steps.results import Evaluated
@@ -28,6 +28,64 @@ def collect(cfg: Config, evaluate_dir, prepared_dir: str | Path) -> list[Evaluat
             metrics = read_json(found.files["metrics.json"])
             out.append(Evaluated(**found.record, dir=str(d), metrics=metrics))
     return out
+
+
+# ---------------------------------------------------------------- the report
+@dataclass(frozen=True)
+class LossDecision:
+    """The gate's decision on one candidate: promoted or not, every reason, the evidence
+    (``gate/<metric>/{gain,bound,lower,p_value}``) and each criterion's test and bound."""
+
+    promote: bool
+    reasons: tuple[str, ...]
+    evidence: dict[str, float]
+    tests: dict[str, str]
+
+    @classmethod
+    def of(cls, d: Decision) -> LossDecision:
+        return cls(promote=d.promote, reasons=tuple(d.reasons), evidence=d.metrics(), tests=d.tests())
+
+    def record(self) -> dict[str, object]:
+        """As ``gate.json`` holds it."""
+        return {
+            "promote": self.promote,
+            "reasons": list(self.reasons),
+            "evidence": self.evidence,
+            "tests": self.tests,
+        }
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """Every candidate against the baseline, and what the flow and the CLI report of it."""
+
+    baseline: str
+    rule: str  # the rule in one line (:func:`rule_text`)
+    decisions: dict[str, LossDecision]
+    promoted: tuple[str, ...]  # best first
+    best: str | None  # the best promoted candidate
+    # the run's best candidate (registered as the challenger): the best promoted one, else the one
+    # with the strongest evidence
+    challenger: str | None
+    means: dict[str, dict[str, float]]
+    stds: dict[str, dict[str, float]]
+    seeds: dict[str, int]  # how many seeds each loss was gated on
+    config_seeds: tuple[int, ...]  # the config's seeds
+    confidence: float | None
+    table: str  # the comparison table (:func:`comparison_table`)
+
+    def record(self) -> dict[str, object]:
+        """``gate.json``: the decisions, and the means of the table's metrics (no training seconds:
+        the file is versioned, and a re-run must write the same bytes)."""
+        keys = [key for _, key in TABLE_COLUMNS]
+        return {
+            "promoted": len(self.promoted),
+            "best": self.best,
+            "challenger": self.challenger,
+            "decisions": {k: d.record() for k, d in self.decisions.items()},
+            "seeds": list(self.config_seeds),
+            "mean": {k: {key: m[key] for key in keys if key in m} for k, m in self.means.items()},
+        }
 
 
 # ---------------------------------------------------------------- gate
@@ -51,10 +109,10 @@ def gate(
     samples_by_loss: Mapping[str, list[SampleSet]] | None = None,
     scores: Mapping[str, str] | None = None,
     seconds: Mapping[str, float] | None = None,
-) -> dict[str, Any]:
+) -> GateReport:
     """Decide every candidate against the baseline (:func:`oodgate.gate.decide`: per-seed metrics,
-    and with ``gate.confidence`` the per-sample arrays of every seed). Returns a JSON-able report
-    whose ``table`` is the comparison table (``scores`` and training ``seconds`` per loss optional)."""
+    and with ``gate.confidence`` the per-sample arrays of every seed). The report's ``table`` is the
+    comparison table (``scores`` and training ``seconds`` per loss optional)."""
     from oodgate import numerics
 
     numerics.activate(cfg.numerics.mode, cfg.numerics.threads)  # the bootstrap and tests: NumPy, SciPy
@@ -71,27 +129,23 @@ def gate(
     stds = {k: std for k, (_, std) in aggregated.items()}
     decisions = decide_all(metrics_by_loss, base_id, cfg.gate, samples_by_loss)
     promoted = sorted((k for k, d in decisions.items() if d.promote), key=lambda k: rank_key(means[k]))
-    return {
-        "baseline": base_id,
-        "rule": rule_text(cfg),
-        "decisions": {
-            k: {"promote": d.promote, "reasons": list(d.reasons), "evidence": d.metrics(), "tests": d.tests()}
-            for k, d in decisions.items()
-        },
-        "promoted": promoted,
-        "best": promoted[0] if promoted else None,
-        # the run's best candidate (registered as the challenger): the best promoted one, else the one
-        # with the strongest evidence
-        "challenger": promoted[0] if promoted else strongest(decisions, means),
-        "means": means,
-        "stds": stds,
-        "seeds": {k: len(v) for k, v in metrics_by_loss.items()},
-        "confidence": cfg.gate.confidence,
-        "table": comparison_table(means, stds, scores, seconds),
-    }
+    return GateReport(
+        baseline=base_id,
+        rule=rule_text(cfg),
+        decisions={k: LossDecision.of(d) for k, d in decisions.items()},
+        promoted=tuple(promoted),
+        best=promoted[0] if promoted else None,
+        challenger=promoted[0] if promoted else strongest(decisions, means),
+        means=means,
+        stds=stds,
+        seeds={k: len(v) for k, v in metrics_by_loss.items()},
+        config_seeds=tuple(cfg.seeds),
+        confidence=cfg.gate.confidence,
+        table=comparison_table(means, stds, scores, seconds),
+    )
 
 
-def strongest(decisions: Mapping[str, Any], means: Mapping[str, Mapping[str, float]]) -> str | None:
+def strongest(decisions: Mapping[str, Decision], means: Mapping[str, Mapping[str, float]]) -> str | None:
     """The candidate whose evidence is strongest (:meth:`oodgate.gate.Decision.strength`; ties: the
     better means, :func:`oodgate.gate.rank_key`)."""
     if not decisions:
@@ -119,12 +173,12 @@ def rule_text(cfg: Config) -> str:
     return f"{', '.join(parts)}, {evidence}{means}"
 
 
-def gate_markdown(report: Mapping[str, Any]) -> str:
+def gate_markdown(report: GateReport) -> str:
     """The gate's decision for every candidate, with every reason, as a markdown section."""
-    lines = [f"## Gate (baseline: {report['baseline']}; {report['rule']})", ""]
-    for loss_id, d in report["decisions"].items():
-        lines.append(f"- **{loss_id}**: {'PROMOTE' if d['promote'] else 'REJECT'}")
-        lines += [f"    - {r}" for r in d["reasons"]]
+    lines = [f"## Gate (baseline: {report.baseline}; {report.rule})", ""]
+    for loss_id, d in report.decisions.items():
+        lines.append(f"- **{loss_id}**: {'PROMOTE' if d.promote else 'REJECT'}")
+        lines += [f"    - {r}" for r in d.reasons]
     return "\n".join(lines) + "\n"
 
 
