@@ -15,12 +15,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from contextlib import nullcontext
 from pathlib import Path
 
 from oodgate.project import PROJECT_ROOT, telemetry_off
+from oodgate_servers import health
 
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"  # what the trigger and Prefect's clients use unless told
 DEPLOYMENT_NAME = "scheduled"
@@ -29,16 +28,8 @@ MONITOR_NAME = f"oodgate-monitor/{DEPLOYMENT_NAME}"  # served too when params.ya
 
 
 def wait_healthy(api_url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"Prefect server at {api_url} was not healthy after {timeout:.0f} s")
+    """Until the Prefect server at ``api_url`` answers its health check (TimeoutError otherwise)."""
+    health.wait_healthy(api_url, timeout, name="Prefect server")
 
 
 def server_environment(host: str, port: int) -> dict[str, str]:

@@ -27,12 +27,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from oodgate.project import PROJECT_ROOT, telemetry_off
+from oodgate_servers import health
 
 DB_USER = "oodgate"
 DB_NAME = "mlflow"
@@ -196,24 +196,24 @@ class Postgres:
             **self._user_kwargs(),
         )
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             if self.proc.poll() is not None:
                 raise ServerError(
                     f"PostgreSQL exited at start (code {self.proc.returncode}; port {self.port} in use? "
                     f"pass --pg-port); log {self.log}:\n{_tail(self.log)}"
                 )
-            ready = subprocess.run(
+            probe = subprocess.run(
                 [str(self.bin / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)],
                 env=self._env(),
                 check=False,
             )
-            if ready.returncode == 0:
-                return
-            time.sleep(0.2)
-        raise ServerError(
-            f"PostgreSQL was not ready after {timeout:.0f} s; log {self.log}:\n{_tail(self.log)}"
-        )
+            return probe.returncode == 0
+
+        try:
+            health.wait_until(ready, timeout, 0.2, "PostgreSQL was not ready")
+        except TimeoutError as e:
+            raise ServerError(f"{e}; log {self.log}:\n{_tail(self.log)}") from None
 
     def stop(self, timeout: float = 30.0) -> None:
         """A fast shutdown (SIGINT): sessions end, open transactions roll back, the data is kept."""
@@ -282,22 +282,17 @@ def _password(root: Path) -> str:
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         if proc.poll() is not None:
             raise ServerError(
                 f"mlflow server exited at start (code {proc.returncode}); log {log}:\n{_tail(log)}"
             )
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise ServerError(
-        f"mlflow server at {url} was not healthy after {timeout:.0f} s; log {log}:\n{_tail(log)}"
-    )
+        return health.healthy(url)
+
+    try:
+        health.wait_until(ready, timeout, 0.5, f"mlflow server at {url} was not healthy")
+    except TimeoutError as e:
+        raise ServerError(f"{e}; log {log}:\n{_tail(log)}") from None
 
 
 def _stop_mlflow(proc: subprocess.Popen, timeout: float = 20.0) -> None:

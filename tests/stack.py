@@ -17,6 +17,7 @@ from pathlib import Path
 from conftest import shell_env
 
 from oodgate.project import TELEMETRY_OFF
+from oodgate_servers.health import poll
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,20 +63,18 @@ def read_events(api_url: str, name: str, wait: float = 30.0) -> list[dict]:
     """Events named ``name`` from a Prefect server's events API, waiting up to ``wait`` seconds for
     the first (a client sends them over a websocket; the server persists them shortly after)."""
     import json
-    import time
     import urllib.request
 
     body = json.dumps({"filter": {"event": {"name": [name]}}, "limit": 50}).encode()
-    deadline = time.monotonic() + wait
-    while True:
+
+    def fetch() -> list[dict]:
         req = urllib.request.Request(
             f"{api_url}/events/filter", data=body, headers={"Content-Type": "application/json"}
         )
         with urllib.request.urlopen(req, timeout=10) as r:
-            events = json.loads(r.read())["events"]
-        if events or time.monotonic() > deadline:
-            return events
-        time.sleep(1)
+            return json.loads(r.read())["events"]
+
+    return poll(fetch, bool, wait, interval=1)
 
 
 def isolated_env(home: Path) -> dict[str, str]:

@@ -27,6 +27,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from stack import REPO, Stack, free_port, isolated_env, read_events
 
+from oodgate_servers.health import poll, wait_until
+
 pytestmark = pytest.mark.slow
 
 FULL_NAME = "oodgate-pipeline/scheduled"
@@ -80,18 +82,22 @@ def _wait_for_deployment(stack: Stack, timeout: float = 120) -> None:
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    deadline = time.monotonic() + timeout
     with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
+
+        def deployed() -> bool:
             for name, proc in (("serve", stack.serve), ("server", stack.server)):
                 if proc.poll() is not None:
                     pytest.fail(f"{name} exited early (rc={proc.returncode})\n{stack.diagnostics()}")
             try:
                 client.read_deployment_by_name(FULL_NAME)
-                return
             except ObjectNotFound:
-                time.sleep(0.5)
-    pytest.fail(f"deployment {FULL_NAME!r} never appeared\n{stack.diagnostics()}")
+                return False
+            return True
+
+        try:
+            wait_until(deployed, timeout)
+        except TimeoutError:
+            pytest.fail(f"deployment {FULL_NAME!r} never appeared\n{stack.diagnostics()}")
 
 
 def _trigger(stack: Stack, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -402,17 +408,17 @@ def test_the_monitoring_deployment_scores_the_batch_with_the_champion(served):
 def test_the_cron_fires_a_run_and_a_rerun_trains_nothing(served):
     from prefect.client.schemas.objects import StateType
 
-    deadline = time.monotonic() + 150  # the next minute boundary, then the run itself
-    runs = []
-    while time.monotonic() < deadline:
-        runs = _flow_runs(served)
-        cron_runs = [r for r in runs if r.auto_scheduled and r.state.type == StateType.COMPLETED]
-        if cron_runs:
-            break
+    def cron_completed(runs: list) -> bool:
+        if any(r.auto_scheduled and r.state.type == StateType.COMPLETED for r in runs):
+            return True
         failed = [r for r in runs if r.state.type in (StateType.FAILED, StateType.CRASHED)]
         assert not failed, f"{[(r.name, r.state.message) for r in failed]}\n{served.stack.diagnostics()}"
-        time.sleep(2)
-    else:
+        return False
+
+    # the next minute boundary, then the run itself
+    runs = poll(lambda: _flow_runs(served), cron_completed, 150, interval=2)
+    cron_runs = [r for r in runs if r.auto_scheduled and r.state.type == StateType.COMPLETED]
+    if not cron_runs:
         pytest.fail(f"no cron-fired run completed: {[(r.name, r.state.name) for r in runs]}")
     cron_run = cron_runs[0]
     assert cron_run.parameters == {"params_path": "params.yaml", "root": str(served.project)}
@@ -532,16 +538,18 @@ def test_serve_model_answers_invocations_with_named_columns(served, tmp_path):
     from stack import stop_process
 
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+
+        def answers() -> bool:
             assert proc.poll() is None, log.read_text()[-3000:]
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
+                    return r.status == 200
             except OSError:
-                time.sleep(0.5)
-        else:
+                return False
+
+        try:
+            wait_until(answers, 120)
+        except TimeoutError:
             pytest.fail(f"mlflow models serve never answered /ping\n{log.read_text()[-3000:]}")
         assert "Serving oodgate-classifier version 1 (champion, loss isomax_plus)" in log.read_text()
         url = f"http://127.0.0.1:{port}/invocations"

@@ -15,6 +15,8 @@ import pytest
 import yaml
 from stack import free_port as _free_port
 
+from oodgate_servers.health import wait_until
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -159,11 +161,15 @@ def test_on_another_port_the_ui_talks_to_that_port_and_the_hints_name_it(project
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 240
-        while "Serving deployment" not in log.read_text():
+
+        def serving() -> bool:
             assert serve.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+            return "Serving deployment" in log.read_text()
+
+        try:
+            wait_until(serving, 240)
+        except TimeoutError:
+            pytest.fail(log.read_text()[-3000:])
         api = f"http://127.0.0.1:{port}/api"
         wait_healthy(api, timeout=30)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as r:

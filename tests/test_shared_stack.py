@@ -36,6 +36,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from stack import REPO, Stack, free_port, isolated_env, read_events, stop_process
 
+from oodgate_servers.health import poll
+
 MODEL = "oodgate-classifier"
 LIMIT = f"oodgate-registry-{MODEL}"
 # Seed 1, IsoMax+ against SoftMax: after 2 epochs accuracy 0.867 vs 0.817, ECE 0.038 vs 0.114,
@@ -290,17 +292,17 @@ def test_the_champion_loads_through_the_server(shared, monkeypatch):
 def _limit_events(api_url: str, wait: float = 30.0) -> list[tuple[str, str]]:
     """(time, phase) of the limit's acquired/released events, once both of each reached the server
     (clients send them over a websocket; the server persists them shortly after)."""
-    deadline = time.monotonic() + wait
-    while True:
+
+    def fetch() -> list[tuple[str, str]]:
         events = []
         for phase in ("acquired", "released"):
             got = read_events(api_url, f"prefect.concurrency-limit.{phase}", wait=0)
             events += [
                 (e["occurred"], phase) for e in got if e["resource"].get("prefect.resource.name") == LIMIT
             ]
-        if len(events) >= 4 or time.monotonic() > deadline:
-            return sorted(events)
-        time.sleep(1)
+        return events
+
+    return sorted(poll(fetch, lambda events: len(events) >= 4, wait, interval=1))
 
 
 @pytest.mark.slow

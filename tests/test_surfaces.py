@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from stack import free_port
 
+from oodgate_servers.health import healthy, wait_until
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -288,7 +290,6 @@ def test_make_mlflow_ui_runs_the_two_processes_the_readme_promises(tmp_path):
     a user starts it, through the Makefile's own recipe (run in an empty directory, so that it opens
     a new mlflow.db there, on a free port), then its process tree is counted and stopped."""
     import time
-    import urllib.request
 
     import psutil
     from stack import stop_process
@@ -306,15 +307,15 @@ def test_make_mlflow_ui_runs_the_two_processes_the_readme_promises(tmp_path):
     with log.open("w") as fh:
         make = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
+
+        def up() -> bool:
             assert make.poll() is None, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
+            return healthy(f"http://127.0.0.1:{port}")
+
+        try:
+            wait_until(up, 180)
+        except TimeoutError:
+            pytest.fail(log.read_text()[-3000:])
         time.sleep(2)  # any worker a server forks after it first answers
         tree = [psutil.Process(make.pid), *psutil.Process(make.pid).children(recursive=True)]
         (ui,) = [p for p in tree if "ui" in p.cmdline()[1:3] and p.cmdline()[1].endswith("mlflow")]

@@ -28,6 +28,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from stack import REPO, Stack, free_port, isolated_env, stop_process
 
+from oodgate_servers.health import poll, wait_until
+
 POOL = "test-pool"
 FULL_NAME = "oodgate-pipeline/scheduled"
 MONITOR_NAME = "oodgate-monitor/scheduled"
@@ -44,15 +46,17 @@ def _client(api_url: str):
 
 def _wait_for_worker(stack: Stack, worker: subprocess.Popen, timeout: float = 60) -> None:
     """Until the pool has an ONLINE worker (it polls, so a run it misses waits for the next poll)."""
-    deadline = time.monotonic() + timeout
     with _client(stack.api_url) as client:
-        while time.monotonic() < deadline:
+
+        def online() -> bool:
             if worker.poll() is not None:
                 pytest.fail(f"the worker exited (rc={worker.returncode})\n{stack.diagnostics()}")
-            if [w for w in client.read_workers_for_work_pool(POOL) if w.status == "ONLINE"]:
-                return
-            time.sleep(0.5)
-    pytest.fail(f"no worker came online in pool {POOL!r}\n{stack.diagnostics()}")
+            return any(w.status == "ONLINE" for w in client.read_workers_for_work_pool(POOL))
+
+        try:
+            wait_until(online, timeout)
+        except TimeoutError:
+            pytest.fail(f"no worker came online in pool {POOL!r}\n{stack.diagnostics()}")
 
 
 def _trigger(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -73,13 +77,8 @@ def _run_id(trigger_output: str) -> str:
 
 def _final(stack: Stack, flow_run_id: str, timeout: float = 240):
     """The flow run once its state is final."""
-    deadline = time.monotonic() + timeout
     with _client(stack.api_url) as client:
-        while True:
-            run = client.read_flow_run(flow_run_id)
-            if run.state.is_final() or time.monotonic() > deadline:
-                return run
-            time.sleep(0.5)
+        return poll(lambda: client.read_flow_run(flow_run_id), lambda run: run.state.is_final(), timeout)
 
 
 def _ignore_sigint() -> None:
