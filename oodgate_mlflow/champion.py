@@ -21,12 +21,23 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from oodgate.config import RegistryConfig
 from oodgate.project import telemetry_off
 from oodgate_mlflow import integrity, tracking
+
+if TYPE_CHECKING:  # mlflow loads on first use: the CLI's errors come before it
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.pyfunc import PyFuncModel
+
+# ASGI, as the scoring server speaks it: a message (and a scope) is a dict of plain values
+Message = dict[str, object]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Message, Receive, Send], Awaitable[None]]
 
 MODEL_NAME = RegistryConfig().model_name  # the default of params.yaml's registry.model_name
 ALIAS = "champion"
@@ -51,7 +62,7 @@ def _failed(reason: str) -> bool:
     return any(w in reason for w in ("not shown", ", fails ", "not better", "missing or NaN"))
 
 
-def _no_alias(name: str, alias: str, uri: str, versions: list) -> str:
+def _no_alias(name: str, alias: str, uri: str, versions: list[ModelVersion]) -> str:
     """Why there is no version with ``alias``, in one line; for the champion: which version is the
     challenger, why it was not promoted, and how to use it anyway."""
     client = tracking.client()
@@ -81,7 +92,7 @@ def _no_alias(name: str, alias: str, uri: str, versions: list) -> str:
 
 def resolve(
     name: str = MODEL_NAME, alias: str = ALIAS, uri: str | None = None, version: int | None = None
-) -> Any:
+) -> ModelVersion:
     """The model version that holds ``alias`` (or the given ``version``); errors name the tracking
     URI, the model and the fix."""
     from mlflow.exceptions import MlflowException
@@ -113,7 +124,7 @@ def resolve(
         raise ChampionNotFoundError(_no_alias(name, alias, uri, versions)) from None
 
 
-def verified_copy(name: str, version: Any, dst: Path) -> Path:
+def verified_copy(name: str, version: ModelVersion, dst: Path) -> Path:
     """The version's files downloaded into ``dst`` and checked against the digests recorded at
     registration (:mod:`oodgate_mlflow.integrity`); raises :class:`~oodgate_mlflow.integrity.ModelIntegrityError`
     naming the first file that differs, before anything is loaded from them."""
@@ -126,7 +137,7 @@ def verified_copy(name: str, version: Any, dst: Path) -> Path:
 
 def load_champion(
     name: str = MODEL_NAME, alias: str = ALIAS, uri: str | None = None, version: int | None = None
-) -> tuple[Any, int]:
+) -> tuple[PyFuncModel, int]:
     """``(model, version)``: the version holding ``alias`` (default the champion; ``challenger``: the
     last run's best candidate), or ``version``, as an MLflow pyfunc whose ``predict(images)`` takes
     ``(B, C, H, W)`` float images in [0, 1] (or integers 0-255, as uint8) and returns one row per
@@ -151,10 +162,10 @@ class _BodyLimit:
     line, whether it announces its length or streams it, before the model sees it (a 45 MB request
     otherwise took 0.7 GB of memory to parse)."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
@@ -175,7 +186,7 @@ class _BodyLimit:
         body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         await self.app(scope, _replay([body], receive), send)
 
-    async def _refuse(self, send: Any, size: int) -> None:
+    async def _refuse(self, send: Send, size: int) -> None:
         body = json.dumps(
             {
                 "error_code": "REQUEST_TOO_LARGE",
@@ -188,11 +199,11 @@ class _BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def _replay(messages: list[dict], then: Any = None) -> Any:
+def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
     """An ASGI ``receive`` that returns ``messages`` first, then waits on ``then`` (a disconnect)."""
     pending = list(messages)
 
-    async def receive() -> dict:
+    async def receive() -> Message:
         if pending:
             return pending.pop(0)
         if then is None:
@@ -214,7 +225,7 @@ def port_in_use(host: str, port: int) -> str | None:
     return None
 
 
-def serve(name: str, version: Any, host: str, port: int, max_request_mb: float) -> None:
+def serve(name: str, version: ModelVersion, host: str, port: int, max_request_mb: float) -> None:
     """MLflow's scoring server (``mlflow.pyfunc.scoring_server``: ``/invocations``, ``/ping``,
     ``/health``, ``/version``) for the verified local copy of ``version``, under uvicorn, one worker,
     with a request-size limit."""

@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from oodgate_mlflow import tracking
+
+if TYPE_CHECKING:  # mlflow, pandas and the pyfunc load on first use
+    import numpy as np
+    import pandas as pd
+    from mlflow.entities import Run
+    from mlflow.pyfunc import PyFuncModel
+
+    from oodgate_mlflow.pyfunc_model import OODGateModel
 
 HISTORY = "monitor-history"
 BATCH = "monitor-batch"
@@ -25,7 +33,7 @@ class NotAnOODGateModelError(TypeError):
     """The version under the alias is not a model this project logged (no input shape, classes, score)."""
 
 
-def describe(model: Any, label: str) -> Any:
+def describe(model: PyFuncModel, label: str) -> OODGateModel:
     """The project's pyfunc inside ``model`` (its ``shape``, ``class_names`` and ``reference``: the
     threshold's score, TPR and validation ID scores, None if it was logged without them)."""
     from mlflow.exceptions import MlflowException
@@ -44,7 +52,7 @@ def describe(model: Any, label: str) -> Any:
     return inner
 
 
-def predict(model: Any, x: Any) -> Any:
+def predict(model: PyFuncModel, x: np.ndarray) -> pd.DataFrame:
     import pandas as pd
 
     return pd.concat([model.predict(x[i : i + CHUNK]) for i in range(0, len(x), CHUNK)], ignore_index=True)
@@ -67,7 +75,7 @@ def history_run(experiment_id: str, model_name: str) -> str:
     return run_id
 
 
-def already_scored(experiment_id: str, model_name: str, digest: str, version: int) -> Any | None:
+def already_scored(experiment_id: str, model_name: str, digest: str, version: int) -> Run | None:
     return tracking.find_finished_run(
         experiment_id,
         {
@@ -84,7 +92,7 @@ def log_batch(
     history_id: str,
     name: str,
     tags: dict[str, str],
-    params: dict[str, Any],
+    params: dict[str, str | int | float],
     figures: dict[str, float],
     files: list[Path],
 ) -> tuple[str, int]:
@@ -111,5 +119,5 @@ def log_batch(
     return run_id, step
 
 
-def previous_summary(run: Any) -> dict[str, Any]:
+def previous_summary(run: Run) -> dict[str, object]:
     return tracking.download_json(run.info.run_id, "summary.json")
