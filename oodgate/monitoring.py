@@ -27,15 +27,25 @@ channel count (no silent resizing: a resize changes the scores), uint8 or float 
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from oodgate.data.ood import IMAGE_SUFFIXES  # what an OOD folder is read from, read here too
 
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from oodgate.config import MonitorConfig
+
 GRAY_MODES = ("1", "L", "I", "I;16", "F")
+FAR_OOD = ("photo_patches", "gaussian_noise")  # what the demo's shifted batch mixes in
 SHOWN = 5  # offending files named in an error
 
 
@@ -214,7 +224,7 @@ class RateTest:
     alert: str  # "high", "low" or "none"
     basis: str  # what the expected rate rests on
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
     def sentence(self) -> str:
@@ -232,7 +242,7 @@ class RateTest:
         )
 
 
-def validation_counts(validation_scores: Any, threshold: float) -> tuple[int, int]:
+def validation_counts(validation_scores: ArrayLike, threshold: float) -> tuple[int, int]:
     """``(n, k)``: validation ID scores, and how many fall below the threshold (flagged OOD)."""
     s = np.asarray(validation_scores, dtype=np.float64)
     return len(s), int((s < threshold).sum())
@@ -291,7 +301,20 @@ def rate_test(
 
 
 # ------------------------------------------------------------------ summaries and pictures
-def summarise(table: Any, class_names: list[str]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BatchFigures:
+    """What a batch's predictions say, in figures (:func:`summarise`)."""
+
+    n: int  # images
+    flagged: int  # images flagged OOD
+    ood_rate: float
+    mean_confidence: float  # mean calibrated confidence, all images
+    mean_confidence_accepted: float  # of the images accepted as in-distribution (NaN: none)
+    mean_score: float  # mean OOD score
+    class_counts: dict[str, int]  # images predicted per class
+
+
+def summarise(table: pd.DataFrame, class_names: list[str]) -> BatchFigures:
     """Per-batch figures from the model's output table (``p_<class>``, ``predicted``, ``score``,
     ``in_distribution``): the OOD rate, the mean calibrated confidence (of all images and of those
     accepted), and how many images each class was predicted for."""
@@ -299,15 +322,15 @@ def summarise(table: Any, class_names: list[str]) -> dict[str, Any]:
     confidence = probs.max(axis=1)
     accepted = table["in_distribution"].to_numpy(dtype=bool)
     counts = table["predicted"].value_counts()
-    return {
-        "n": len(table),
-        "flagged": int((~accepted).sum()),
-        "ood_rate": float((~accepted).mean()),
-        "mean_confidence": float(confidence.mean()),
-        "mean_confidence_accepted": float(confidence[accepted].mean()) if accepted.any() else float("nan"),
-        "mean_score": float(table["score"].mean()),
-        "class_counts": {c: int(counts.get(c, 0)) for c in class_names},
-    }
+    return BatchFigures(
+        n=len(table),
+        flagged=int((~accepted).sum()),
+        ood_rate=float((~accepted).mean()),
+        mean_confidence=float(confidence.mean()),
+        mean_confidence_accepted=float(confidence[accepted].mean()) if accepted.any() else float("nan"),
+        mean_score=float(table["score"].mean()),
+        class_counts={c: int(counts.get(c, 0)) for c in class_names},
+    )
 
 
 def score_plot(
@@ -338,3 +361,206 @@ def score_plot(
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------ one batch, start to end
+class MonitorError(ValueError):
+    """The monitoring run cannot start: no batch named, or none configured; or the model lacks what
+    the configured test needs."""
+
+
+class Reference(TypedDict):
+    """What a registered model carries about its threshold: the score at it, the TPR it kept and
+    the validation ID scores it was set on."""
+
+    threshold: float
+    tpr: float
+    validation_scores: list[float]
+
+
+def batch_path(batch: str | None, configured: str | None, project: Path) -> Path:
+    """The batch to score: ``batch``, else ``monitor.batch`` (``configured``), relative to ``project``."""
+    chosen = batch or configured
+    if not chosen:
+        raise MonitorError(
+            "no batch to score: pass --batch PATH (a folder of images or an .npz), set monitor.batch "
+            "in params.yaml, or run `make monitor` for the demo batches"
+        )
+    p = Path(chosen)
+    return p if p.is_absolute() else project / p
+
+
+def predictions_path(out_dir: Path, batch: Path, digest: str, version: int) -> Path:
+    """Where a batch's predictions by a model version go: one file per batch content and version."""
+    return out_dir / f"{batch.stem}-{digest[:12]}-v{version}.parquet"
+
+
+def batch_rate_test(mon: MonitorConfig, figures: BatchFigures, ref: Reference | None, label: str) -> RateTest:
+    """:func:`rate_test` as ``monitor`` configures it, against the model's reference (``label``
+    names the model in the error when the test needs what the model lacks)."""
+    from oodgate.evaluation import THRESHOLD_TPR
+
+    validation = None if ref is None else validation_counts(ref["validation_scores"], ref["threshold"])
+    if mon.test == "beta_binomial" and validation is None:
+        raise MonitorError(
+            f"{label} carries no validation scores, which the beta_binomial test needs; "
+            "set monitor.test: binomial, or register a model logged with its reference"
+        )
+    return rate_test(
+        figures.flagged,
+        figures.n,
+        mon.alpha,
+        method=mon.test,
+        expected=mon.expected_ood_rate,
+        tpr=ref["tpr"] if ref else THRESHOLD_TPR,
+        validation=validation,
+    )
+
+
+@dataclass(frozen=True)
+class MonitorSummary:
+    """One scored batch: its figures, the OOD-rate test, the model and the batch (``summary.json``)."""
+
+    figures: BatchFigures
+    test: RateTest
+    model_name: str
+    champion_version: int
+    alias: str  # the alias the model was looked up by, or "version <n>"
+    batch: str
+    batch_digest: str
+
+    def record(self) -> dict[str, object]:
+        """As ``summary.json`` holds it (the figures first, then the test, the model and the batch)."""
+        return {
+            **asdict(self.figures),
+            "test": self.test.as_dict(),
+            "model_name": self.model_name,
+            "champion_version": self.champion_version,
+            "alias": self.alias,
+            "batch": self.batch,
+            "batch_digest": self.batch_digest,
+        }
+
+    @classmethod
+    def from_record(cls, d: Mapping[str, object]) -> MonitorSummary:
+        """The summary a batch's ``summary.json`` holds (:meth:`record`)."""
+        fields = BatchFigures.__dataclass_fields__
+        return cls(
+            figures=BatchFigures(**{k: d[k] for k in fields}),
+            test=RateTest(**d["test"]),
+            model_name=str(d["model_name"]),
+            champion_version=int(d["champion_version"]),
+            alias=str(d["alias"]),
+            batch=str(d["batch"]),
+            batch_digest=str(d["batch_digest"]),
+        )
+
+    def report(self) -> str:
+        """The batch's report in markdown: the verdict, the batch, the model and the figures."""
+        f, test = self.figures, self.test
+        counts = ", ".join(f"{c}: {n}" for c, n in f.class_counts.items())
+        head = {"high": "ALERT (more OOD than expected)", "low": "ALERT (less OOD than expected)"}
+        return "\n".join(
+            [
+                f"## Monitoring: {head.get(test.alert, 'no alert')}",
+                "",
+                f"- batch: `{self.batch}` ({f.n} images)",
+                f"- model: {self.model_name} version {self.champion_version}",
+                f"- {test.sentence()}",
+                f"- mean calibrated confidence {f.mean_confidence:.4f}; mean OOD score {f.mean_score:.4g}",
+                f"- predicted classes: {counts}",
+            ]
+        )
+
+    def params(self) -> dict[str, str | int | float]:
+        """The batch run's parameters."""
+        return {
+            "batch": self.batch,
+            "images": self.figures.n,
+            "alias": self.alias,
+            "test": self.test.method,
+            "alpha": self.test.alpha,
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """The batch run's figures (the history run gets ``ood_rate``, ``mean_confidence``,
+        ``p_value`` and ``champion_version`` of each batch)."""
+        f = self.figures
+        return {
+            "ood_rate": f.ood_rate,
+            "mean_confidence": f.mean_confidence,
+            "mean_score": f.mean_score,
+            "p_value": self.test.p_value,
+            "expected_ood_rate": self.test.expected,
+            "champion_version": self.champion_version,
+            **{f"class_count/{c}": n for c, n in f.class_counts.items()},
+        }
+
+
+@dataclass(frozen=True)
+class MonitorResult:
+    """What a monitoring run returns: the summary, where the predictions are, the batch's MLflow
+    run, and whether it was scored before (then nothing was logged, and there is no new step)."""
+
+    summary: MonitorSummary
+    predictions: str
+    mlflow_run_id: str
+    reused: bool
+    step: int | None = None  # the history step of a newly logged batch
+
+    def record(self) -> dict[str, object]:
+        step = {} if self.step is None else {"step": self.step}
+        return {
+            **self.summary.record(),
+            "predictions": self.predictions,
+            "mlflow_run_id": self.mlflow_run_id,
+            **step,
+            "reused": self.reused,
+        }
+
+
+def write_outputs(
+    staging: Path, table: pd.DataFrame, summary: MonitorSummary, ref: Reference | None, title: str
+) -> list[Path]:
+    """The batch's files (predictions, score plot, report, summary) in ``staging``, a directory next
+    to where the predictions will go (:func:`publish`)."""
+    staging.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(staging / "predictions.parquet", index=False)
+    if ref is not None:  # a model logged without its reference gets no plot
+        scores, val = table["score"].to_numpy(), np.asarray(ref["validation_scores"])
+        score_plot(scores, float(ref["threshold"]), staging / "scores.png", val, title)
+    (staging / "report.md").write_text(summary.report() + "\n")
+    (staging / "summary.json").write_text(json.dumps(summary.record(), indent=1))
+    return sorted(staging.iterdir())
+
+
+def publish(staging: Path, final: Path) -> None:
+    """The staged predictions to ``final`` in one rename, the staging directory gone: only a batch
+    scored and logged leaves predictions."""
+    (staging / "predictions.parquet").replace(final)
+    shutil.rmtree(staging)
+
+
+def write_demo_batches(params_path: Path, out_dir: Path) -> list[Path]:
+    """Two batches from the configured data: the in-distribution test split, and the same with a
+    quarter of its images replaced by far-OOD ones (photo patches and Gaussian noise, half each)."""
+    from oodgate.config import OODSource, load_config
+    from oodgate.data.load import load_data
+    from oodgate.data.ood import load_ood
+
+    cfg = load_config(params_path)
+    data_root = params_path.parent / cfg.data.root
+    bundle = load_data(cfg.data, data_root)
+    x_id = bundle.test.x.numpy()
+    n_ood = len(x_id) // 4
+    shape = (bundle.in_channels, bundle.image_size)
+    far = [load_ood(OODSource(name=n), cfg.data, data_root, *shape).x.numpy() for n in FAR_OOD]
+    ood = np.concatenate([a[: -(-n_ood // len(far))] for a in far])[:n_ood]
+    rng = np.random.default_rng(0)
+    keep = rng.permutation(len(x_id))[: len(x_id) - len(ood)]
+    shifted = np.concatenate([x_id[keep], ood])[rng.permutation(len(keep) + len(ood))]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "in_distribution.npz", out_dir / "shifted.npz"]
+    np.savez_compressed(paths[0], x=x_id)
+    np.savez_compressed(paths[1], x=shifted)
+    return paths

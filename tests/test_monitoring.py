@@ -202,3 +202,23 @@ def test_a_missing_batch_says_so_and_a_dvc_tracked_one_says_to_pull_it(tmp_path)
     (tmp_path / "b.csv").write_text("1,2")
     with pytest.raises(BatchError, match=r"folder of images or an \.npz"):
         load_batch(tmp_path / "b.csv", SHAPE)
+
+
+def test_a_summary_reads_back_from_the_record_it_writes():
+    """``summary.json`` holds the figures, the test, the model and the batch in that order, and a
+    batch scored before is reported from it as it was."""
+    import json
+
+    from oodgate.monitoring import BatchFigures, MonitorResult, MonitorSummary
+
+    figures = BatchFigures(600, 31, 31 / 600, 0.93, float("nan"), 2.5, {"0": 300, "1": 300})
+    summary = MonitorSummary(figures, rate_test(31, 600, 0.01), "m", 2, "champion", "/b.npz", "ab" * 32)
+    record = summary.record()
+    assert list(record)[:8] == ["n", "flagged", "ood_rate", "mean_confidence", "mean_confidence_accepted",
+                                "mean_score", "class_counts", "test"]  # fmt: skip
+    again = MonitorSummary.from_record(json.loads(json.dumps(record, indent=1)))
+    assert json.dumps(again.record()) == json.dumps(record)
+    fresh = MonitorResult(summary, "/p.parquet", "run", reused=False, step=3).record()
+    assert list(fresh)[-4:] == ["predictions", "mlflow_run_id", "step", "reused"]
+    assert "step" not in MonitorResult(again, "/p.parquet", "run", reused=True).record()
+    assert summary.report().startswith("## Monitoring: no alert\n\n- batch: `/b.npz` (600 images)")
