@@ -21,7 +21,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 
 def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +33,7 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _checked(argv: list[str] | None) -> tuple[argparse.Namespace, Path, dict, Any]:
+def _checked(argv: list[str] | None) -> tuple[argparse.Namespace, Path, dict[str, object], "Config"]:
     """The arguments, the params file, the overrides and the config, checked before any server
     starts: the numerics in force (before torch loads, when run as a program), the config, the
     preflight and the MLflow store; raises what a user must fix."""
@@ -93,7 +92,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows import prefect_api_url, start_temporary_prefect_server, wait_for_temporary_prefect_server
 from oodgate import engine, numerics  # engine.STOP, by module: a served flow is pickled by value
@@ -166,7 +165,7 @@ class Outcome:
     seconds: float = 0.0
 
 
-def task_runner_for(cfg: Config) -> Any:
+def task_runner_for(cfg: Config) -> TaskRunner:
     """The task runner ``orchestration`` names: one thread (one training at a time: a CPU training
     already keeps every core busy), or prefect-dask's runner on the scheduler at
     ``orchestration.address`` or on a local cluster of ``orchestration.workers`` processes (one
@@ -230,7 +229,7 @@ def _on_dask() -> bool:
 def pipeline(
     params_path: str = "params.yaml",
     root: str | None = None,
-    overrides: dict[str, Any] | None = None,
+    overrides: dict[str, object] | None = None,
 ) -> Outcome:
     """Train the SoftMax baseline and every candidate loss, gate them, register the winners.
 
