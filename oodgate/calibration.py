@@ -1,4 +1,4 @@
-"""Post-hoc temperature scaling: one scalar ``T`` for the whole head (see "Calibration" in METHODS.md).
+"""Post-hoc temperature scaling: one scalar ``T`` for the whole head; the formulas below are the reference.
 
 ``T`` is fitted on cached VALIDATION logits produced with head temperature 1 (never on the test
 split); the calibrated logits are ``z / T``. Dividing by a positive scalar changes neither the argmax

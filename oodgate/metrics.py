@@ -1,4 +1,4 @@
-"""Classification and OOD-detection metrics (see the "Metrics" section of METHODS.md).
+"""Classification and OOD-detection metrics; each formula is in its function's docstring.
 
 Classification metrics take ``logits`` of shape ``(N, K)``, already divided by the head's
 temperature, and integer ``labels`` of shape ``(N,)``; ``p = softmax(logits)`` is computed in float64

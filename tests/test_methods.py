@@ -1,4 +1,4 @@
-"""Every method against hand-computed values, the invariants of METHODS.md, and the shared contract."""
+"""Every method against hand-computed values, the invariants in its docstring, and the shared contract."""
 
 from __future__ import annotations
 

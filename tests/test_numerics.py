@@ -166,7 +166,8 @@ def test_each_result_records_the_numerics_it_was_computed_under(embedded_root, t
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # one loss: nothing to gate, said, not failed
+    assert "gate: not run: only the baseline 'softmax' was run" in proc.stdout
     for step in ("train", "calibrate", "evaluate"):
         found = json.loads((tmp_path / "w" / step / "softmax" / "seed0" / "provenance.json").read_text())
         assert found["mode"] == "portable" and found["threads"] == 2
