@@ -389,7 +389,7 @@ def _train_epoch(
     if frozen:
         model.backbone.eval()  # and its batch-norm statistics stay those of the pretrained weights
     n, bs = x_all.shape[0], cfg.batch_size
-    net, dist = run.net or model, run.dist
+    net = run.net or model
     perm = torch.randperm(n, generator=gen).to(x_all.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -401,20 +401,7 @@ def _train_epoch(
         xb = to_float(xu, device)
         yb = y_all[idx.to(device)]
         xb = augment(xb, cfg.augment, gen, scale=cfg.crop_scale)
-        weight = 1.0
-        if dist.world > 1:
-            # Every process draws the whole global batch's permutation and augmentation from the same
-            # generator, then trains on its contiguous share; mosaics (DisMax) are formed within the
-            # share from a generator of its own, seeded from the shared one (which all keep in step).
-            # Its loss is weighted by its share of the batch, so DDP's mean of the gradients is the
-            # gradient of the global batch's mean loss (equal shares but for the last batch).
-            share = torch.tensor_split(torch.arange(xb.shape[0]), dist.world)[dist.rank].to(device)
-            weight = share.numel() * dist.world / xb.shape[0]
-            xb, yb = xb[share], yb[share]
-            local = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + dist.rank)
-            xb, yb = head.transform_batch(xb, yb, generator=local)
-        else:
-            xb, yb = head.transform_batch(xb, yb, generator=gen)
+        xb, yb, weight = _share(run, xb, yb)
         if cfg.channels_last and device.type == "cuda":
             xb = xb.contiguous(memory_format=torch.channels_last)
         with _autocast(device, cfg.amp):
@@ -434,7 +421,34 @@ def _train_epoch(
         loss_sum += loss.detach().double() / weight * xb.shape[0]
         correct += (logits.detach().argmax(1) == head.hard_targets(yb)).sum()
         seen += xb.shape[0]
-    if dist.world > 1:  # the epoch's figures over every process's share
+    return _epoch_figures(run.dist, loss_sum, correct, seen)
+
+
+def _share(run: Run, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The part of the augmented global batch this process trains on, transformed by the method
+    (``head.transform_batch``: DisMax's mosaics), and the weight of its loss."""
+    head, dist, gen = run.model.head, run.dist, run.gen
+    if dist.world == 1:
+        xb, yb = head.transform_batch(xb, yb, generator=gen)
+        return xb, yb, 1.0
+    # Every process draws the whole global batch's permutation and augmentation from the same
+    # generator, then trains on its contiguous share; mosaics (DisMax) are formed within the
+    # share from a generator of its own, seeded from the shared one (which all keep in step).
+    # Its loss is weighted by its share of the batch, so DDP's mean of the gradients is the
+    # gradient of the global batch's mean loss (equal shares but for the last batch).
+    share = torch.tensor_split(torch.arange(xb.shape[0]), dist.world)[dist.rank].to(run.device)
+    weight = share.numel() * dist.world / xb.shape[0]
+    xb, yb = xb[share], yb[share]
+    local = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + dist.rank)
+    xb, yb = head.transform_batch(xb, yb, generator=local)
+    return xb, yb, weight
+
+
+def _epoch_figures(
+    dist: Distributed, loss_sum: torch.Tensor, correct: torch.Tensor, seen: torch.Tensor
+) -> tuple[float, float]:
+    """(mean loss, accuracy) of the epoch, over every process's share in a data-parallel launch."""
+    if dist.world > 1:
         import torch.distributed as td
 
         totals = torch.stack([loss_sum, correct.double(), seen.double()])

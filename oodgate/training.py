@@ -136,17 +136,18 @@ def train_here(
     # Wall-clock times go into the returned result only, never into the files: the same inputs
     # write the same bytes (a re-run under `dvc repro` leaves dvc.lock unchanged).
     write_json(out_dir / HISTORY, [engine.without_timing(h) for h in result.history])
-    return finish(
-        cfg,
-        loss_id,
-        seed,
-        out_dir,
-        fingerprint,
-        best_epoch=result.best_epoch,
-        best_val_accuracy=result.best_val_accuracy,
-        epochs=len(result.history),
-        device=result.device,
-        resumed_from_epoch=result.resumed_from_epoch,
-        train_seconds=round(sum(h.get("seconds", 0.0) for h in result.history), 3),
-        epoch_seconds=tuple(round(h.get("seconds", 0.0), 3) for h in result.history),
-    )
+    return finish(cfg, loss_id, seed, out_dir, fingerprint, **_figures(result))
+
+
+def _figures(result: engine.TrainResult) -> dict:
+    """The fields of :class:`~oodgate.steps.results.Trained` a finished training gives."""
+    seconds = [h.get("seconds", 0.0) for h in result.history]
+    return {
+        "best_epoch": result.best_epoch,
+        "best_val_accuracy": result.best_val_accuracy,
+        "epochs": len(result.history),
+        "device": result.device,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "train_seconds": round(sum(seconds), 3),
+        "epoch_seconds": tuple(round(x, 3) for x in seconds),
+    }
