@@ -379,10 +379,10 @@ def _batches(x_all: torch.Tensor, perm: torch.Tensor, bs: int, workers: int):
 
 
 def _train_epoch(
-    run: Run, x_all: torch.Tensor, y_all: torch.Tensor, cfg: TrainConfig, epoch: int, workers: int = 0
+    run: Run, x_all: torch.Tensor, y_all: torch.Tensor, epoch: int, workers: int = 0
 ) -> tuple[float, float]:
     """One pass over the training split; returns (mean loss, accuracy on the hard targets)."""
-    model, device, gen, head = run.model, run.device, run.gen, run.model.head
+    model, device, gen, head, cfg = run.model, run.device, run.gen, run.model.head, run.cfg
     model.train()
     frozen = epoch <= cfg.freeze_backbone_epochs
     model.backbone.requires_grad_(not frozen)  # frozen: no gradients, no updates, no weight decay
@@ -530,7 +530,7 @@ def _epoch(
     so far; the epoch's figures, or None in the other processes (which only train)."""
     te = time.perf_counter()
     lr = run.sched.get_last_lr()[0]
-    train_loss, train_acc = _train_epoch(run, x_all, y_all, run.cfg, epoch, workers)
+    train_loss, train_acc = _train_epoch(run, x_all, y_all, epoch, workers)
     if not run.dist.main:
         run.history.append({"epoch": epoch, "train_loss": train_loss})
         return None
