@@ -60,7 +60,7 @@ def bench_size(args: argparse.Namespace, folder: Path, work: Path, size: int) ->
     from oodgate.classifier import build_classifier
     from oodgate.config import parse_config
     from oodgate.steps.common import load_prepared
-    from oodgate.steps.train_step import model_spec
+    from oodgate.training import model_spec
 
     cfg = parse_config(
         {

@@ -120,10 +120,11 @@ def cmd_inputs(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
 
 
 def cmd_train(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
-    from oodgate import steps
+    from oodgate import engine, steps
 
     for loss_id, seed in _runs(cfg, args):
-        t = steps.train(cfg, loss_id, seed, lay.prepared, lay.train(loss_id, seed), progress=not args.quiet)
+        hooks = () if args.quiet else (engine.ProgressBar(),)
+        t = steps.train(cfg, loss_id, seed, lay.prepared, lay.train(loss_id, seed), hooks)
         print(
             f"train {loss_id} seed {seed}: best epoch {t.best_epoch}, "
             f"val acc {t.best_val_accuracy:.4f}, {t.train_seconds:.1f} s on {t.device}"

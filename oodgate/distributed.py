@@ -3,8 +3,9 @@
 The train step (from the flow, ``python -m oodgate train`` or ``dvc repro``) starts N processes of
 ``python -m oodgate.distributed ...`` for one (loss, seed) and reads the result the first process
 wrote. Each process initialises the default process group (gloo on the CPU, NCCL on GPUs, one GPU per
-process by ``LOCAL_RANK``) and runs the same train step, in which :func:`oodgate.engine.train` wraps
-the model in ``DistributedDataParallel``:
+process by ``LOCAL_RANK``) and runs :func:`oodgate.training.train_here`, the training the train step
+runs in one process, in which :func:`oodgate.engine.train` wraps the model in
+``DistributedDataParallel``:
 
 - ``train.batch_size`` is the global batch; every process draws the whole batch's permutation and
   augmentation from the run's one generator and trains on its contiguous share, with its loss
@@ -59,7 +60,6 @@ def launch(
     out_dir: Path,
     fingerprint: str,
     n: int,
-    max_epochs: int | None = None,
 ) -> None:
     """Run ``n`` training processes on this machine and wait for them. When one fails, the others
     (blocked in a collective with it) are stopped, and the error holds the end of its output."""
@@ -84,7 +84,6 @@ def launch(
         cmd = [sys.executable, "-m", "oodgate.distributed", "--init", (Path(private) / "store").as_uri()]
         cmd += ["--config", str(config), "--loss", loss_id, "--seed", str(seed)]
         cmd += ["--prepared", str(prepared_dir), "--out", str(out_dir), "--fingerprint", fingerprint]
-        cmd += ["--max-epochs", str(max_epochs)] if max_epochs is not None else []
         logs = [Path(private) / f"process-{rank}.log" for rank in range(n)]
         procs: list[subprocess.Popen] = []
         try:
@@ -161,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as td
 
-    from oodgate import steps
     from oodgate.config import parse_config
+    from oodgate.training import train_here
 
     p = argparse.ArgumentParser(prog="python -m oodgate.distributed (started by oodgate.distributed.launch)")
     p.add_argument("--init", required=True, help="the process group's init_method, file://<private path>")
@@ -172,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepared", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--fingerprint", required=True)
-    p.add_argument("--max-epochs", type=int, default=None, help="stop after this many epochs (tests)")
     args = p.parse_args(argv)
     cfg = parse_config(json.loads(Path(args.config).read_text()), args.config)
     _end_with_parent()
@@ -183,15 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         world_size=int(os.environ["WORLD_SIZE"]),
     )
     try:
-        steps.train(
-            cfg,
-            args.loss,
-            args.seed,
-            args.prepared,
-            args.out,
-            fingerprint=args.fingerprint,
-            max_epochs=args.max_epochs,
-        )
+        train_here(cfg, args.loss, args.seed, args.prepared, Path(args.out), args.fingerprint)
     finally:
         td.destroy_process_group()
     return 0

@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,8 +188,6 @@ class EpochStats:
 
 @dataclass
 class TrainResult:
-    best_checkpoint: Path
-    last_checkpoint: Path
     history: list[dict[str, float]]
     best_epoch: int
     best_val_accuracy: float
@@ -270,14 +268,16 @@ def validate(model: Classifier, val: ImageSet, cfg: TrainConfig, device: torch.d
 
 
 @dataclass
-class _Run:
-    """The state of one training run: what ``last.pt`` saves and a resume restores."""
+class Run:
+    """The state of one training run: what ``last.pt`` saves and a resume restores, and what the
+    :class:`Hook` objects of :func:`train` see."""
 
     model: Classifier
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     gen: torch.Generator
     device: torch.device
+    cfg: TrainConfig
     history: list[dict[str, float]]
     best_acc: float = -1.0
     best_epoch: int = 0
@@ -321,9 +321,7 @@ class _Run:
         )
 
 
-def _start(
-    model_factory: Callable[[], Classifier], cfg: TrainConfig, seed: int, steps_per_epoch: int
-) -> _Run:
+def _start(model_factory: Callable[[], Classifier], cfg: TrainConfig, seed: int, steps_per_epoch: int) -> Run:
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -331,12 +329,12 @@ def _start(
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt, sched = _make_optimizer(model, cfg, steps_per_epoch)
-    return _Run(
-        model, opt, sched, torch.Generator().manual_seed(seed), device, history=[], dist=distributed()
+    return Run(
+        model, opt, sched, torch.Generator().manual_seed(seed), device, cfg, history=[], dist=distributed()
     )
 
 
-def _wrap(run: _Run, cfg: TrainConfig) -> None:
+def _wrap(run: Run) -> None:
     """In a data-parallel launch: DistributedDataParallel around the model (after a resume restored its
     weights); on CUDA its batch-norm layers synchronise their statistics across processes."""
     if run.dist.world == 1:
@@ -381,17 +379,17 @@ def _batches(x_all: torch.Tensor, perm: torch.Tensor, bs: int, workers: int):
 
 
 def _train_epoch(
-    run: _Run, x_all: torch.Tensor, y_all: torch.Tensor, cfg: TrainConfig, epoch: int, workers: int = 0
+    run: Run, x_all: torch.Tensor, y_all: torch.Tensor, epoch: int, workers: int = 0
 ) -> tuple[float, float]:
     """One pass over the training split; returns (mean loss, accuracy on the hard targets)."""
-    model, device, gen, head = run.model, run.device, run.gen, run.model.head
+    model, device, gen, head, cfg = run.model, run.device, run.gen, run.model.head, run.cfg
     model.train()
     frozen = epoch <= cfg.freeze_backbone_epochs
     model.backbone.requires_grad_(not frozen)  # frozen: no gradients, no updates, no weight decay
     if frozen:
         model.backbone.eval()  # and its batch-norm statistics stay those of the pretrained weights
     n, bs = x_all.shape[0], cfg.batch_size
-    net, dist = run.net or model, run.dist
+    net = run.net or model
     perm = torch.randperm(n, generator=gen).to(x_all.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -403,20 +401,7 @@ def _train_epoch(
         xb = to_float(xu, device)
         yb = y_all[idx.to(device)]
         xb = augment(xb, cfg.augment, gen, scale=cfg.crop_scale)
-        weight = 1.0
-        if dist.world > 1:
-            # Every process draws the whole global batch's permutation and augmentation from the same
-            # generator, then trains on its contiguous share; mosaics (DisMax) are formed within the
-            # share from a generator of its own, seeded from the shared one (which all keep in step).
-            # Its loss is weighted by its share of the batch, so DDP's mean of the gradients is the
-            # gradient of the global batch's mean loss (equal shares but for the last batch).
-            share = torch.tensor_split(torch.arange(xb.shape[0]), dist.world)[dist.rank].to(device)
-            weight = share.numel() * dist.world / xb.shape[0]
-            xb, yb = xb[share], yb[share]
-            local = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + dist.rank)
-            xb, yb = head.transform_batch(xb, yb, generator=local)
-        else:
-            xb, yb = head.transform_batch(xb, yb, generator=gen)
+        xb, yb, weight = _share(run, xb, yb)
         if cfg.channels_last and device.type == "cuda":
             xb = xb.contiguous(memory_format=torch.channels_last)
         with _autocast(device, cfg.amp):
@@ -436,7 +421,34 @@ def _train_epoch(
         loss_sum += loss.detach().double() / weight * xb.shape[0]
         correct += (logits.detach().argmax(1) == head.hard_targets(yb)).sum()
         seen += xb.shape[0]
-    if dist.world > 1:  # the epoch's figures over every process's share
+    return _epoch_figures(run.dist, loss_sum, correct, seen)
+
+
+def _share(run: Run, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The part of the augmented global batch this process trains on, transformed by the method
+    (``head.transform_batch``: DisMax's mosaics), and the weight of its loss."""
+    head, dist, gen = run.model.head, run.dist, run.gen
+    if dist.world == 1:
+        xb, yb = head.transform_batch(xb, yb, generator=gen)
+        return xb, yb, 1.0
+    # Every process draws the whole global batch's permutation and augmentation from the same
+    # generator, then trains on its contiguous share; mosaics (DisMax) are formed within the
+    # share from a generator of its own, seeded from the shared one (which all keep in step).
+    # Its loss is weighted by its share of the batch, so DDP's mean of the gradients is the
+    # gradient of the global batch's mean loss (equal shares but for the last batch).
+    share = torch.tensor_split(torch.arange(xb.shape[0]), dist.world)[dist.rank].to(run.device)
+    weight = share.numel() * dist.world / xb.shape[0]
+    xb, yb = xb[share], yb[share]
+    local = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + dist.rank)
+    xb, yb = head.transform_batch(xb, yb, generator=local)
+    return xb, yb, weight
+
+
+def _epoch_figures(
+    dist: Distributed, loss_sum: torch.Tensor, correct: torch.Tensor, seen: torch.Tensor
+) -> tuple[float, float]:
+    """(mean loss, accuracy) of the epoch, over every process's share in a data-parallel launch."""
+    if dist.world > 1:
         import torch.distributed as td
 
         totals = torch.stack([loss_sum, correct.double(), seen.double()])
@@ -445,71 +457,128 @@ def _train_epoch(
     return (loss_sum / seen).item(), correct.item() / seen.item()
 
 
+class Hook:
+    """A part of :func:`train`'s loop that is not training itself (detectron2's hooks): each method is
+    called with the :class:`Run`. ``before_train`` runs in every process, after the model and the
+    optimiser are built and before a data-parallel wrapper is put around the model;
+    ``after_epoch`` runs in the first process only (the one that validates and selects), after the
+    epoch's selection; ``after_train`` runs in every process once the last epoch is done. Hooks run
+    in the order given."""
+
+    def before_train(self, run: Run) -> None:
+        pass
+
+    def after_epoch(self, run: Run, stats: EpochStats) -> None:
+        pass
+
+    def after_train(self, run: Run) -> None:
+        pass
+
+
+class Checkpointer(Hook):
+    """``out_dir/last.pt`` (everything needed to resume) after every epoch and ``out_dir/best.pt``
+    (the selected weights) when an epoch is selected. Before training, resumes from a ``last.pt``
+    written under the same ``fingerprint`` (of everything training depends on); one written under
+    other inputs is ignored and overwritten."""
+
+    def __init__(self, out_dir: str | Path, fingerprint: str = "") -> None:
+        self.dir = Path(out_dir)
+        self.fingerprint = fingerprint
+
+    def before_train(self, run: Run) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        run.restore(self.dir / LAST, self.fingerprint)
+
+    def after_epoch(self, run: Run, stats: EpochStats) -> None:
+        if run.best_epoch == stats.epoch:
+            save_classifier(run.model, self.dir / BEST, epoch=stats.epoch)
+        run.save_last(self.dir / LAST, stats.epoch, self.fingerprint)
+
+
+class ProgressBar(Hook):
+    """A tqdm bar over the epochs with the last epoch's loss and accuracies (first process only)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def before_train(self, run: Run) -> None:
+        if run.dist.main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=run.cfg.epochs, initial=run.start_epoch, unit="epoch", leave=False, dynamic_ncols=True
+            )
+
+    def after_epoch(self, run: Run, stats: EpochStats) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{stats.train_loss:.4f}",
+                acc=f"{stats.train_accuracy:.3f}",
+                val_acc=f"{stats.val_accuracy:.3f}",
+            )
+            self.bar.update(1)
+
+    def after_train(self, run: Run) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _epoch(
+    run: Run, x_all: torch.Tensor, y_all: torch.Tensor, val_set: ImageSet, epoch: int, workers: int
+) -> EpochStats | None:
+    """Train one epoch, then (first process) validate it and select it if its accuracy is the best
+    so far; the epoch's figures, or None in the other processes (which only train)."""
+    te = time.perf_counter()
+    lr = run.sched.get_last_lr()[0]
+    train_loss, train_acc = _train_epoch(run, x_all, y_all, epoch, workers)
+    if not run.dist.main:
+        run.history.append({"epoch": epoch, "train_loss": train_loss})
+        return None
+    val_nll, val_acc = validate(run.model, val_set, run.cfg, run.device)
+    stats = EpochStats(epoch, lr, train_loss, train_acc, val_nll, val_acc, time.perf_counter() - te)
+    run.history.append(stats.as_dict())
+    if val_acc > run.best_acc:
+        run.best_acc, run.best_epoch = val_acc, epoch
+    return stats
+
+
 def train(
     model_factory: Callable[[], Classifier],
     train_set: ImageSet,
     val_set: ImageSet,
     cfg: TrainConfig,
     seed: int,
-    out_dir: str | Path,
-    progress: bool = True,
-    on_epoch: Callable[[EpochStats], None] | None = None,
-    max_epochs: int | None = None,
-    fingerprint: str = "",
+    hooks: Sequence[Hook] = (),
     workers: int = 0,
 ) -> TrainResult:
     """Train with SGD (+Nesterov) and :func:`lr_factor`'s schedule; select the epoch by validation accuracy.
 
-    Writes ``last.pt`` (everything needed to resume) and ``best.pt`` (the selected weights) to
-    ``out_dir`` every epoch. If ``last.pt`` exists there and carries the same ``fingerprint`` (of
-    everything training depends on), training resumes from it; a ``last.pt`` written under other
-    inputs is ignored and overwritten. ``max_epochs`` stops early after that many epochs in total
-    (used to simulate an interruption). ``workers`` DataLoader processes read the training batches
-    ahead when the images stay on the CPU (a memory-mapped dataset larger than memory).
+    Everything besides training goes through ``hooks`` (:class:`Hook`): :class:`Checkpointer` resumes
+    and writes the checkpoints, :class:`ProgressBar` shows progress. Training stops early only by
+    :data:`STOP` (:class:`TrainingInterrupted`). ``workers`` DataLoader processes read the training
+    batches ahead when the images stay on the CPU (a memory-mapped dataset larger than memory).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = out_dir / LAST, out_dir / BEST
     run = _start(model_factory, cfg, seed, steps_per_epoch=math.ceil(len(train_set) / cfg.batch_size))
-    run.restore(last_path, fingerprint)
-    _wrap(run, cfg)
-    device, main = run.device, run.dist.main
-    on_device = fits_on_device(train_set.x.numel() + val_set.x.numel(), device)
-    x_all = train_set.x.to(device) if on_device else train_set.x
-    y_all = train_set.y.to(device)
-    bar = _progress_bar(cfg.epochs, run.start_epoch, progress and main)
+    for hook in hooks:
+        hook.before_train(run)
+    _wrap(run)
+    on_device = fits_on_device(train_set.x.numel() + val_set.x.numel(), run.device)
+    x_all = train_set.x.to(run.device) if on_device else train_set.x
+    y_all = train_set.y.to(run.device)
     t0 = time.perf_counter()
-    last_epoch = cfg.epochs if max_epochs is None else min(cfg.epochs, max_epochs)
-    for epoch in range(run.start_epoch + 1, last_epoch + 1):
-        te = time.perf_counter()
-        lr = run.sched.get_last_lr()[0]
-        train_loss, train_acc = _train_epoch(run, x_all, y_all, cfg, epoch, workers)
-        if not main:  # the first process validates, selects and writes; the others only train
-            run.history.append({"epoch": epoch, "train_loss": train_loss})
-            continue
-        val_nll, val_acc = validate(run.model, val_set, cfg, device)
-        stats = EpochStats(epoch, lr, train_loss, train_acc, val_nll, val_acc, time.perf_counter() - te)
-        run.history.append(stats.as_dict())
-        if val_acc > run.best_acc:
-            run.best_acc, run.best_epoch = val_acc, epoch
-            save_classifier(run.model, best_path, epoch=epoch)
-        run.save_last(last_path, epoch, fingerprint)
-        if on_epoch is not None:
-            on_epoch(stats)
-        if bar is not None:
-            bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_acc:.3f}", val_acc=f"{val_acc:.3f}")
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    if main and (not math.isfinite(run.best_acc) or run.best_acc < 0):
-        raise RuntimeError(f"no epoch finished in {out_dir}; nothing to select")
+    for epoch in range(run.start_epoch + 1, cfg.epochs + 1):
+        stats = _epoch(run, x_all, y_all, val_set, epoch, workers)
+        for hook in hooks if stats is not None else ():
+            hook.after_epoch(run, stats)
+    for hook in hooks:
+        hook.after_train(run)
+    if run.dist.main and (not math.isfinite(run.best_acc) or run.best_acc < 0):
+        raise RuntimeError("no epoch finished; nothing to select")
     return TrainResult(
-        best_checkpoint=best_path,
-        last_checkpoint=last_path,
         history=run.history,
         best_epoch=run.best_epoch,
         best_val_accuracy=run.best_acc,
-        device=str(device),
+        device=str(run.device),
         seconds=time.perf_counter() - t0,
         resumed_from_epoch=run.start_epoch,
     )
@@ -520,20 +589,16 @@ def without_timing(h: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in h.items() if k != "seconds"}
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="epoch", leave=False, dynamic_ncols=True)
-
-
 __all__ = [
     "BEST",
     "LAST",
     "STOP",
+    "Checkpointer",
     "EpochStats",
+    "Hook",
     "NonFiniteLossError",
+    "ProgressBar",
+    "Run",
     "TrainResult",
     "TrainingInterrupted",
     "augment",

@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 
 from oodgate import steps
 from oodgate.config import Config
-from oodgate.engine import EpochStats, NonFiniteLossError, TrainingInterrupted
+from oodgate.engine import EpochStats, Hook, NonFiniteLossError, Run, TrainingInterrupted
 from oodgate.steps.results import Trained
 from tasks.caching import Job, by_fingerprint
 
@@ -32,15 +32,20 @@ def _retry_helps(task, task_run, state) -> bool:
     persist_result=True,
 )
 def train_model(cfg: Config, job: Job, prepared_dir: str) -> Trained:
-    log = get_run_logger()
-    epochs = cfg.train.epochs
+    hooks = (_LogEpochs(get_run_logger()),)
+    return steps.train(
+        cfg, job.loss_id, job.seed, prepared_dir, job.out_dir, hooks, fingerprint=job.fingerprint
+    )
 
-    def progress(s: EpochStats) -> None:
-        log.info(
-            f"epoch {s.epoch}/{epochs}: train loss {s.train_loss:.4f}, train accuracy "
+
+class _LogEpochs(Hook):
+    """One line in the task's log per epoch."""
+
+    def __init__(self, log) -> None:
+        self.log = log
+
+    def after_epoch(self, run: Run, s: EpochStats) -> None:
+        self.log.info(
+            f"epoch {s.epoch}/{run.cfg.epochs}: train loss {s.train_loss:.4f}, train accuracy "
             f"{s.train_accuracy:.4f}, val accuracy {s.val_accuracy:.4f} ({s.seconds:.1f} s)"
         )
-
-    return steps.train(
-        cfg, job.loss_id, job.seed, prepared_dir, job.out_dir, on_epoch=progress, fingerprint=job.fingerprint
-    )

@@ -39,6 +39,24 @@ def shell_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def interrupted_after(epochs: int, train) -> None:
+    """``train(hooks)`` stopped as by a SIGINT once epoch ``epochs`` is done: a hook sets
+    ``oodgate.engine.STOP`` after that epoch, the loop raises TrainingInterrupted in the next one's
+    first batch, and STOP is cleared for what runs next. Leaves that epoch's ``last.pt``."""
+    from oodgate import engine
+
+    class StopAfter(engine.Hook):
+        def after_epoch(self, run, stats) -> None:
+            if stats.epoch == epochs:
+                engine.STOP.set("test")
+
+    try:
+        with pytest.raises(engine.TrainingInterrupted, match=rf"at epoch {epochs + 1}, batch 1"):
+            train((StopAfter(),))
+    finally:
+        engine.STOP.clear()
+
+
 @pytest.fixture(scope="session")
 def repo_params() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())

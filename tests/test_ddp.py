@@ -29,6 +29,7 @@ from conftest import tiny_params
 from oodgate import steps
 from oodgate.config import ConfigError, parse_config
 from oodgate.distributed import DistributedTrainingError
+from oodgate.steps.inputs import train_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 FIRST_EPOCH_RTOL = 0.02  # measured 0.5%
@@ -61,10 +62,15 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve_and_resume(embe
     assert again.train_seconds == 0.0
 
     # stopped after epoch 2, then run again: it resumes from last.pt in both processes and ends
-    # with the uninterrupted run's weights and curve
+    # with the uninterrupted run's weights and curve. The stop: a 2-epoch run under the 3-epoch
+    # run's fingerprint (the schedule does not depend on train.epochs) leaves the 3-epoch run's
+    # last.pt of epoch 2; without its record, that is what an interrupt after epoch 2 leaves.
     part = tmp_path / "t2-resumed"
-    stopped = steps.train(cfg, "softmax", 0, tmp_path / "prepared", part, max_epochs=2)
-    assert stopped.epochs == 0 and not (part / "train.json").exists()
+    fingerprint = train_fingerprint(cfg, "softmax", 0, steps.file_digest(tmp_path / "prepared" / "id.pt"))
+    two_epochs = parse_config(tiny_params(embedded_root, tmp_path / "w2", epochs=2, processes=2))
+    stopped = steps.train(two_epochs, "softmax", 0, tmp_path / "prepared", part, fingerprint=fingerprint)
+    assert stopped.epochs == 2
+    (part / "train.json").unlink()
     resumed = steps.train(cfg, "softmax", 0, tmp_path / "prepared", part)
     assert resumed.resumed_from_epoch == 2
     assert [h["train_loss"] for h in _history(part)] == two

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import interrupted_after
 
 from oodgate import engine, methods, steps
 from oodgate.classifier import build_classifier, load_classifier, read_checkpoint
@@ -46,34 +47,36 @@ def _weights(path):
     return read_checkpoint(path)["model"]
 
 
+def _train(factory, train, val, cfg, seed, out, hooks=()):
+    """engine.train writing its checkpoints to ``out`` (best.pt, last.pt)."""
+    return engine.train(factory, train, val, cfg, seed, hooks=(engine.Checkpointer(out), *hooks))
+
+
 def test_same_inputs_give_identical_weights_and_history(small, tmp_path):
     bundle, train, val = small
     spec = _spec(bundle, fpr=True)
-    a = engine.train(lambda: build_classifier(spec, 7), train, val, CFG, 7, tmp_path / "a", progress=False)
-    b = engine.train(lambda: build_classifier(spec, 7), train, val, CFG, 7, tmp_path / "b", progress=False)
-    wa, wb = _weights(a.best_checkpoint), _weights(b.best_checkpoint)
+    a = _train(lambda: build_classifier(spec, 7), train, val, CFG, 7, tmp_path / "a")
+    b = _train(lambda: build_classifier(spec, 7), train, val, CFG, 7, tmp_path / "b")
+    wa, wb = _weights(tmp_path / "a" / engine.BEST), _weights(tmp_path / "b" / engine.BEST)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
     assert strip(a.history) == strip(b.history)
-    c = engine.train(lambda: build_classifier(spec, 8), train, val, CFG, 8, tmp_path / "c", progress=False)
-    assert not torch.equal(_weights(c.last_checkpoint)["head.prototypes"], wa["head.prototypes"])
+    _train(lambda: build_classifier(spec, 8), train, val, CFG, 8, tmp_path / "c")
+    assert not torch.equal(_weights(tmp_path / "c" / engine.LAST)["head.prototypes"], wa["head.prototypes"])
 
 
 def test_resumed_run_equals_uninterrupted_run(small, tmp_path):
     bundle, train, val = small
     spec = _spec(bundle, fpr=True)
-    full = engine.train(
-        lambda: build_classifier(spec, 1), train, val, CFG, 1, tmp_path / "full", progress=False
+    full = _train(lambda: build_classifier(spec, 1), train, val, CFG, 1, tmp_path / "full")
+    interrupted_after(
+        1,
+        lambda hooks: _train(lambda: build_classifier(spec, 1), train, val, CFG, 1, tmp_path / "cut", hooks),
     )
-    part = engine.train(
-        lambda: build_classifier(spec, 1), train, val, CFG, 1, tmp_path / "cut", progress=False, max_epochs=1
-    )
-    assert len(part.history) == 1
-    resumed = engine.train(
-        lambda: build_classifier(spec, 1), train, val, CFG, 1, tmp_path / "cut", progress=False
-    )
+    assert len(read_checkpoint(tmp_path / "cut" / engine.LAST)["history"]) == 1
+    resumed = _train(lambda: build_classifier(spec, 1), train, val, CFG, 1, tmp_path / "cut")
     assert resumed.resumed_from_epoch == 1
-    wf, wr = _weights(full.last_checkpoint), _weights(resumed.last_checkpoint)
+    wf, wr = _weights(tmp_path / "full" / engine.LAST), _weights(tmp_path / "cut" / engine.LAST)
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
     assert [h["val_accuracy"] for h in full.history] == [h["val_accuracy"] for h in resumed.history]
 
@@ -89,7 +92,7 @@ def test_nan_loss_stops_training_with_a_clear_error(small, tmp_path):
         return model
 
     with pytest.raises(engine.NonFiniteLossError, match=r"non-finite training loss nan at epoch 1, batch 1"):
-        engine.train(poisoned, train, val, CFG, 0, tmp_path / "nan", progress=False)
+        _train(poisoned, train, val, CFG, 0, tmp_path / "nan")
     assert not (tmp_path / "nan" / engine.BEST).exists()
 
 
@@ -116,16 +119,15 @@ def test_augment_is_seeded_and_keeps_shape():
 def test_checkpoint_rebuilds_the_model_and_loads_safely(small, tmp_path):
     bundle, train, val = small
     spec = _spec(bundle, fpr=True)
-    r = engine.train(
+    _train(
         lambda: build_classifier(spec, 0),
         train,
         val,
         CFG.model_copy(update={"epochs": 1, "milestones": []}),
         0,
         tmp_path,
-        progress=False,
     )
-    model = load_classifier(r.best_checkpoint)  # weights_only=True inside
+    model = load_classifier(tmp_path / engine.BEST)  # weights_only=True inside
     assert model.spec == spec
     x = train.x[:4].float() / 255
     assert model(x).shape == (4, bundle.num_classes)
@@ -144,11 +146,9 @@ def test_every_method_trains_one_epoch_on_the_embedded_data(prepared_dir, name, 
     spec = _spec(bundle, method=name).__class__(**{**_spec(bundle, method=name).__dict__, "score": "mps"})
     cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05)
     init = build_classifier(spec, 0).state_dict()
-    r = engine.train(
-        lambda: build_classifier(spec, 0), bundle.train, bundle.val, cfg, 0, tmp_path, progress=False
-    )
+    r = _train(lambda: build_classifier(spec, 0), bundle.train, bundle.val, cfg, 0, tmp_path)
     assert len(r.history) == 1 and np.isfinite(r.history[0]["train_loss"]) and r.history[0]["train_loss"] > 0
-    trained = load_classifier(r.best_checkpoint).state_dict()
+    trained = load_classifier(tmp_path / engine.BEST).state_dict()
     assert not torch.equal(trained[_first_weight(trained)], init[_first_weight(init)])  # it learned something
     assert 0.0 <= r.best_val_accuracy <= 1.0
 
@@ -188,7 +188,7 @@ def test_progress_bar_shows_loss_and_accuracy(small, tmp_path, capsys):
     bundle, train, val = small
     spec = _spec(bundle, method="softmax")
     cfg = CFG.model_copy(update={"epochs": 1, "milestones": []})
-    engine.train(lambda: build_classifier(spec, 0), train, val, cfg, 0, tmp_path, progress=True)
+    _train(lambda: build_classifier(spec, 0), train, val, cfg, 0, tmp_path, (engine.ProgressBar(),))
     err = capsys.readouterr().err
     assert "epoch" in err and "loss=" in err and "acc=" in err and "val_acc=" in err
 

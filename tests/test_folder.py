@@ -239,6 +239,7 @@ def test_weights_load_from_a_torchvision_state_dict_and_bad_files_are_named(tmp_
 
 def test_fine_tuning_freezes_the_backbone_then_trains_it_slower(images, tmp_path):
     import torchvision
+    from conftest import interrupted_after
 
     from oodgate import steps
 
@@ -249,8 +250,10 @@ def test_fine_tuning_freezes_the_backbone_then_trains_it_slower(images, tmp_path
     cfg = parse_config(params)
     steps.prepare(cfg, tmp_path / "prepared", images)
     pre = torch.load(tmp_path / "pre.pth", weights_only=True)
-    one = steps.train(cfg, "softmax", 0, tmp_path / "prepared", tmp_path / "t1", max_epochs=1)
-    after1 = torch.load(Path(one.dir) / "last.pt", weights_only=True)["model"]
+    interrupted_after(
+        1, lambda hooks: steps.train(cfg, "softmax", 0, tmp_path / "prepared", tmp_path / "t1", hooks)
+    )
+    after1 = torch.load(tmp_path / "t1" / "last.pt", weights_only=True)["model"]
     # epoch 1: the backbone (weights and batch-norm statistics) is the pretrained file's, the head moved
     for k, v in pre.items():
         if not k.startswith("fc."):

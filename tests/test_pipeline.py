@@ -307,9 +307,14 @@ def test_nan_loss_marks_the_run_failed_and_registers_nothing(prefect_harness, pr
 
 
 def test_crash_mid_training_resumes_from_the_checkpoint(project, prepared_dir, tmp_path):
+    from conftest import interrupted_after
+
     cfg = load_config(project / "params.yaml", {"train.epochs": 2})
     out = tmp_path / "train"
-    steps.train(cfg, "softmax", 0, prepared_dir, out, max_epochs=1, fingerprint="fp")  # "crash" after epoch 1
+    # "crash" after epoch 1
+    interrupted_after(
+        1, lambda hooks: steps.train(cfg, "softmax", 0, prepared_dir, out, hooks, fingerprint="fp")
+    )
     assert (out / "last.pt").is_file() and not (out / "train.json").exists()
     from prefect.logging import disable_run_logger
 

@@ -76,7 +76,7 @@ def test_calibration_and_evaluation_run_on_the_device_training_resolved(
 def test_a_result_trained_under_other_params_is_never_returned(embedded_root, prepared_dir, tmp_path):
     """`python -m oodgate train` twice into the same directory with other params: the second call
     trains again (it used to return the first result), and never resumes the other run's last.pt."""
-    from conftest import tiny_params
+    from conftest import interrupted_after, tiny_params
 
     def cfg(**train):
         return parse_config(tiny_params(embedded_root, tmp_path / "w", **train))
@@ -93,11 +93,11 @@ def test_a_result_trained_under_other_params_is_never_returned(embedded_root, pr
 
     # an interrupted run under params A leaves last.pt; a run under params B starts from scratch
     partial = tmp_path / "partial"
-    steps.train(cfg(epochs=2), "softmax", 0, prepared_dir, partial, max_epochs=1)
+    interrupted_after(1, lambda hooks: steps.train(cfg(epochs=2), "softmax", 0, prepared_dir, partial, hooks))
     other = steps.train(cfg(epochs=2, lr=0.02), "softmax", 0, prepared_dir, partial)
     assert other.resumed_from_epoch == 0 and other.epochs == 2
     fresh = steps.train(cfg(epochs=2, lr=0.02), "softmax", 0, prepared_dir, tmp_path / "fresh")
     assert fresh.best_val_accuracy == other.best_val_accuracy
     same = tmp_path / "same"
-    steps.train(cfg(epochs=2), "softmax", 0, prepared_dir, same, max_epochs=1)
+    interrupted_after(1, lambda hooks: steps.train(cfg(epochs=2), "softmax", 0, prepared_dir, same, hooks))
     assert steps.train(cfg(epochs=2), "softmax", 0, prepared_dir, same).resumed_from_epoch == 1

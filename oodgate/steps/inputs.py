@@ -61,7 +61,15 @@ _STEP = ("steps/common.py", "steps/results.py", "numerics.py", "files.py")
 _INFERENCE = (*_STEP, *_MODEL, "engine.py", "evaluation.py", "calibration.py", "metrics.py")
 STEP_CODE: dict[str, tuple[str, ...]] = {
     "prepare": ("steps/prepare_step.py", *_STEP, "data/*.py", "registry.py"),
-    "train": ("steps/train_step.py", *_STEP, *_MODEL, "engine.py", "distributed.py", "importing.py"),
+    "train": (
+        "steps/train_step.py",
+        "training.py",
+        *_STEP,
+        *_MODEL,
+        "engine.py",
+        "distributed.py",
+        "importing.py",
+    ),
     "calibrate": ("steps/calibrate_step.py", *_INFERENCE),
     "evaluate": ("steps/evaluate_step.py", *_INFERENCE, "plots.py"),
     "gate": ("steps/gate_step.py", *_STEP, "gate.py", "resampling.py", "metrics.py", "registry.py"),

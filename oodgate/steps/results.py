@@ -1,12 +1,23 @@
 """What each step returns: typed records, also what the Prefect tasks pass to each other.
 
 ``record()`` is the part written to the step's directory (``train.json``, ``calibration.json``,
-``evaluation.json``): no wall-clock times there, so the same inputs write the same bytes.
+``evaluation.json``): every field but those declared with :data:`UNRECORDED` (the directory, which
+the record sits in; wall-clock times, so that the same inputs write the same bytes; figures kept in
+a file of their own).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+
+UNRECORDED = {"recorded": False}  # field metadata: not part of record()
+
+
+class _Record:
+    def record(self) -> dict:
+        """The fields written to the step's record file, as JSON-ready values (:func:`dataclasses.asdict`)."""
+        kept = {f.name for f in fields(self) if f.metadata.get("recorded", True)}
+        return {k: v for k, v in asdict(self).items() if k in kept}
 
 
 class StaleResultError(RuntimeError):
@@ -19,12 +30,12 @@ class CorruptResultError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Trained:
+class Trained(_Record):
     loss: str
     method: str
     seed: int
     fingerprint: str
-    dir: str
+    dir: str = field(metadata=UNRECORDED)
     best_epoch: int
     best_val_accuracy: float
     epochs: int
@@ -32,64 +43,40 @@ class Trained:
     resumed_from_epoch: int = 0
     inputs: dict = field(default_factory=dict)  # the inputs record (oodgate.steps.inputs)
     outputs: dict = field(default_factory=dict)  # file name -> digest, verified before any reuse
-    train_seconds: float = 0.0  # this call's training time (0.0 when the result was reused)
-    epoch_seconds: tuple[float, ...] = ()
+    # this call's training time (0.0 when the result was reused)
+    train_seconds: float = field(default=0.0, metadata=UNRECORDED)
+    epoch_seconds: tuple[float, ...] = field(default=(), metadata=UNRECORDED)
     imported: dict = field(default_factory=dict)  # imported, not trained: the file and what was left out
-
-    def record(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("dir", "train_seconds", "epoch_seconds")}
 
 
 @dataclass(frozen=True)
-class Calibrated:
+class Calibrated(_Record):
     loss: str
     seed: int
     fingerprint: str
-    dir: str
+    dir: str = field(metadata=UNRECORDED)
     objective: str
     metrics: dict[str, float] = field(default_factory=dict)  # calibration/temperature, val/...
     inputs: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, metadata=UNRECORDED)
 
     @property
     def temperature(self) -> float:
         return self.metrics["calibration/temperature"]
 
-    def record(self) -> dict:
-        return {
-            "loss": self.loss,
-            "seed": self.seed,
-            "fingerprint": self.fingerprint,
-            "inputs": self.inputs,
-            "outputs": self.outputs,
-            "objective": self.objective,
-            "metrics": self.metrics,
-        }
-
 
 @dataclass(frozen=True)
-class Evaluated:
+class Evaluated(_Record):
     loss: str
     seed: int
     fingerprint: str
-    dir: str  # metrics.json, samples.pt, plots/
+    dir: str = field(metadata=UNRECORDED)  # metrics.json, samples.pt, plots/
     score: str
     threshold: float
-    metrics: dict[str, float] = field(default_factory=dict)  # also in metrics.json
+    metrics: dict[str, float] = field(default_factory=dict, metadata=UNRECORDED)  # in metrics.json
     inputs: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
-
-    def record(self) -> dict:
-        return {
-            "loss": self.loss,
-            "seed": self.seed,
-            "fingerprint": self.fingerprint,
-            "inputs": self.inputs,
-            "outputs": self.outputs,
-            "score": self.score,
-            "threshold": self.threshold,
-        }
 
 
 def choose_seed(trained: list[Trained], calibrated: list[Calibrated]) -> tuple[int, str]:
