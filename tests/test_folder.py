@@ -24,7 +24,7 @@ from oodgate.data import folder
 from oodgate.data.load import load_data
 from oodgate.models import create_backbone
 from oodgate.models.torchvision_models import WeightsError, load_weights
-from oodgate.preflight import PreflightError, preflight
+from oodgate.preflight import PreflightError, check_names, preflight
 
 CLASSES = ("cat", "dog", "fox")
 REPO = Path(__file__).resolve().parents[1]
@@ -191,12 +191,13 @@ def test_bad_layouts_fail_before_any_work_saying_what_was_found(tmp_path, layout
         ({"train": {"crop_scale": [0.5, 0.2]}}, r"crop_scale must be 0 < low <= high <= 1"),
     ],
 )
-def test_bad_values_fail_at_config_load(tmp_path, change, message):
+def test_bad_values_fail_before_any_work(tmp_path, change, message):
+    """Refused when the config is loaded, or by the name checks every entry point runs next."""
     params = folder_params(str(tmp_path), "w")
     for section, values in change.items():
         params[section] = values if section == "model" else {**params[section], **values}
-    with pytest.raises(ConfigError, match=message):
-        parse_config(params)
+    with pytest.raises((ConfigError, PreflightError), match=message):
+        check_names(parse_config(params))
 
 
 # ------------------------------------------------------------------ backbones and weights
