@@ -286,30 +286,40 @@ def test_the_pipeline_gates_and_registers_an_imported_loss(
     from flows.pipeline import pipeline
 
     raw = yaml.safe_load((project / "params.yaml").read_text())
+    # Both losses imported where the format has a SoftMax head (entropic: a linear classifier;
+    # logitnorm: its plain linear head): nothing is trained on these CIFAR-size backbones, which
+    # would take minutes on a CPU and prove nothing more about importing.
     if fmt == "entropic":
-        backbone, method, state = "resnet34", "isomax_plus", _random_backbone("resnet34", _theirs_resnet)
+        method, state = "isomax_plus", _random_backbone("resnet34", _theirs_resnet)
+        base = dict(state, **{"classifier.weights": torch.randn(C, 512), "classifier.bias": torch.zeros(C)})
         state.update(
             {"classifier.prototypes": torch.randn(C, 512), "classifier.distance_scale": torch.tensor([2.0])}
         )
-        raw["model"] = {"backbone": backbone}
+        raw["model"] = {"backbone": "resnet34"}
     elif fmt == "logitnorm":
         method, state = "logitnorm", _random_backbone("wrn_40_2", _theirs_wrn)
+        base = dict(state, **{"fc.weight": torch.randn(C, 128) * 0.1, "fc.bias": torch.zeros(C)})
         state.update({"fc.weight": torch.randn(C, 128) * 0.1, "fc.bias": torch.zeros(C)})
         raw["model"] = {"backbone": "wrn_40_2"}
     else:
         import torchvision
 
-        method = "softmax"
+        method, base = "softmax", None
         state = torchvision.models.mobilenet_v3_small(num_classes=C).state_dict()
         raw["model"] = {"backbone": "torchvision:mobilenet_v3_small"}
     (project / "models").mkdir()
     torch.save(state, project / "models" / "theirs.pth")
     raw["seeds"] = [0, 1]
     raw["gate"] = {"confidence": 0.95, "samples": 100}
+    # a few hundred images: a CIFAR-size backbone's forward passes dominate this test on a CPU
+    raw["data"].update(ood=["gaussian_noise"], ood_size=60, test_fraction=0.1)
     raw["losses"] = {
         "softmax": {"method": "softmax"},
         "theirs": {"method": method, "checkpoint": {"path": "models/theirs.pth", "format": fmt}},
     }
+    if base is not None:
+        torch.save(base, project / "models" / "base.pth")
+        raw["losses"]["softmax"]["checkpoint"] = {"path": "models/base.pth", "format": fmt}
     if fmt == "torchvision":  # the imported model is the baseline; a trained LogitNorm the candidate
         raw["losses"] = {
             "softmax": {"method": "softmax", "checkpoint": {"path": "models/theirs.pth", "format": fmt}},
