@@ -71,10 +71,10 @@ core-run: data
 monitor: data
 	$(PY) -m flows.monitor $(if $(BATCH),--batch $(BATCH),--demo) $(ARGS)
 
-# Two pytest processes, each taking whole files (the end-to-end tests wait on servers and
-# subprocesses much of the time): 9 min 42 s against 13 min 33 s in one process on 2 cores.
+# Three pytest processes on 2 cores, each taking whole files: the end-to-end tests wait on servers
+# and subprocesses much of the time (docs/benchmarks.md has the measured times).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 3 --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
