@@ -163,7 +163,7 @@ class Evidence:
         if self.better_means:
             test += (
                 f", and the mean is better than the {reference}'s"
-                if self.gain > 0
+                if better(self.gain)
                 else f", but the mean is not better than the {reference}'s"
             )
         return f"{head}, {test}"
@@ -213,6 +213,16 @@ def _gain(c: Criterion, cand: float, base: float) -> float:
     return cand - base if c.higher_is_better else base - cand
 
 
+# Means closer than this are equal: two means of the same values summed in another order differ in
+# the last bits (0.9778 - 0.9778 gave +1.1e-16), and rounding is not an improvement.
+TIE = 1e-12
+
+
+def better(gain: float) -> bool:
+    """Whether a mean gain is an improvement, not a rounding difference."""
+    return gain > TIE
+
+
 def compare_means(
     candidate: Mapping[str, float],
     reference_metrics: Mapping[str, float],
@@ -231,7 +241,7 @@ def compare_means(
             continue
         gain = _gain(c, cand, base)
         tested = gain > c.bound
-        passed = tested and (gain > 0 or not gate.better_means)
+        passed = tested and (better(gain) or not gate.better_means)
         e = Evidence(c, cand, base, gain, passed, tested, gate.better_means)
         checks[c.metric] = e.passed
         evidence.append(e)
@@ -273,7 +283,7 @@ def welch_evidence(
         candidate=float(cand_a.mean()),
         reference=float(base_a.mean()),
         gain=gain,
-        passed=tested and (gain > 0 or not better_means),
+        passed=tested and (better(gain) or not better_means),
         tested=tested,
         better_means=better_means,
         seeds=(n, m),

@@ -85,6 +85,23 @@ def test_superior_margins_are_required_improvements_and_noninferior_margins_tole
     ).promote
 
 
+def test_equal_means_summed_in_another_order_are_not_better():
+    """The same per-seed accuracies in another order: their means differ in the last bit, which is
+    rounding, not an improvement (the committed demo's IsoMax showed +1.1e-16 as a better mean)."""
+    cand, base = [0.985, 0.97, 0.975], [0.985, 0.975, 0.97]
+    assert np.mean(cand) - np.mean(base) > 0  # +1.1e-16: the rounding this test is about
+    noninferior = Criterion("test/accuracy", True, "accuracy", "noninferior", 0.005)
+    e = welch_evidence(noninferior, cand, base, 1e-6, 0.95)
+    assert not e.passed
+    assert "but the mean is not better than the baseline's" in e.reason("baseline", 0.95)
+    d = compare_means(
+        {**BASE, "test/accuracy": float(np.mean(cand))},
+        {**BASE, "test/accuracy": float(np.mean(base))},
+        MEANS_ONLY,
+    )
+    assert not d.evidence[0].passed
+
+
 def test_means_only_reasons_name_the_values_the_test_and_the_reference():
     d = compare_means(_cand(), BASE, MEANS_ONLY, reference="champion")
     assert d.reasons[0] == (
