@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,10 @@ telemetry_off()
 # The default numerics (portable, 2 threads), in force before torch loads: the tests' in-process
 # steps compute as the pipeline's processes do, and their subprocesses inherit them.
 numerics.apply()
+# Several test processes share the cores: OpenMP's threads must sleep while they wait instead of
+# spinning, or each training burns the cores the others need (three concurrent trainings: 61 s
+# spinning, 15 s passive). The wait policy changes no result.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 # What oodgate.numerics sets: a user's shell has none of it, so the entry points must set it themselves.
