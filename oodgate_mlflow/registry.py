@@ -158,14 +158,14 @@ class Registration:
 
     def line(self) -> str:
         state = (
-            "now **champion**"
+            ", now **champion**"
             if self.promoted_now
-            else "champion (unchanged)"
+            else ", champion (unchanged)"
             if self.champion
-            else "challenger; the champion is unchanged"
+            else "; the champion is unchanged"
         )
         added = "registered as" if self.new_version else "already registered as"
-        return f"{self.loss}: {added} version {self.version}, alias {CHALLENGER}, {state}"
+        return f"{self.loss}: {added} version {self.version}, alias {CHALLENGER}{state}"
 
 
 def current(name: str, alias: str = CHAMPION) -> Any | None:

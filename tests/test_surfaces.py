@@ -326,3 +326,20 @@ def test_make_mlflow_ui_runs_the_two_processes_the_readme_promises(tmp_path):
         assert f"MLflow UI: http://127.0.0.1:{port}/#/experiments" in log.read_text()
     finally:
         stop_process(make, timeout=20)  # then SIGKILL to its whole process group, if anything is left
+
+
+def test_the_registry_line_says_each_alias_once():
+    from oodgate_mlflow.registry import Registration
+
+    def line(**kw):
+        return Registration("logitnorm", 1, **kw, reasons=()).line()
+
+    assert line(new_version=True, champion=False, promoted_now=False) == (
+        "logitnorm: registered as version 1, alias challenger; the champion is unchanged"
+    )
+    assert line(new_version=True, champion=True, promoted_now=True) == (
+        "logitnorm: registered as version 1, alias challenger, now **champion**"
+    )
+    assert line(new_version=False, champion=True, promoted_now=False).endswith(
+        "already registered as version 1, alias challenger, champion (unchanged)"
+    )
