@@ -297,21 +297,14 @@ __all__ = ["FORMATS", "CheckpointError", "Imported", "checkpoint_for_seed", "imp
 
 
 # ---------------------------------------------------------------- checked at config load
-_IMAGES = {  # channels and side of the registered datasets' images
-    "embedded_mnist": (1, 28),
-    "mnist": (1, 28),
-    "fashion_mnist": (1, 28),
-    "cifar10": (3, 32),
-    "cifar100": (3, 32),
-    "svhn": (3, 32),
-}
-
-
-def check_checkpoints(cfg, project: Path, num_classes: dict[str, int]) -> None:
+def check_checkpoints(
+    cfg, project: Path, num_classes: dict[str, int], image_shapes: dict[str, tuple[int, int]]
+) -> None:
     """Every checkpoint a loss imports exists, is plain tensors and fits the declared architecture,
     method and classes (the keys and shapes, on the meta device: no memory, no time): refused at
     config load, like a missing ``model.weights``, instead of once per seed after the data is
-    prepared. ``num_classes``: the class count of each registered dataset."""
+    prepared. ``num_classes`` and ``image_shapes``: the class count and the (channels, side) of each
+    registered dataset."""
     from oodgate import methods
 
     for loss_id, loss in cfg.losses.items():
@@ -323,7 +316,7 @@ def check_checkpoints(cfg, project: Path, num_classes: dict[str, int]) -> None:
             channels, side = 3, data.image_size
             classes = len(data.classes) if data.classes else None  # the folder's class count is read later
         else:
-            channels, side = _IMAGES.get(data.dataset, (3, 32))
+            channels, side = image_shapes.get(data.dataset, (3, 32))
             classes = len(data.classes) if data.classes else num_classes.get(data.dataset)
         for seed in cfg.seeds if c.per_seed else cfg.seeds[:1]:
             path = Path(checkpoint_for_seed(c.path, seed))

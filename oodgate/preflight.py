@@ -260,7 +260,7 @@ def _check_checkpoints(cfg: Config, project: Path) -> None:
     from oodgate.importing import CheckpointError, check_checkpoints
 
     try:
-        check_checkpoints(cfg, project, NUM_CLASSES)
+        check_checkpoints(cfg, project, NUM_CLASSES, IMAGE_SHAPES)
     except CheckpointError as e:
         raise PreflightError(str(e)) from None
 
