@@ -62,6 +62,16 @@ def interrupted_after(epochs: int, train) -> None:
         engine.STOP.clear()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_tmp(tmp_path_factory) -> None:
+    """Where files made once per test run live (stack.migrated_prefect_db): the directory all xdist
+    workers' temporary directories are in, which pytest's retention cleans up."""
+    base = tmp_path_factory.getbasetemp()
+    os.environ["OODGATE_TEST_SHARED_TMP"] = str(
+        base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    )
+
+
 @pytest.fixture(scope="session")
 def repo_params() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from stack import REPO, Stack, free_port, isolated_env, read_events
+from stack import REPO, Stack, free_port, isolated_env, prefect_home, read_events
 
 from oodgate_servers.health import poll, wait_until
 
@@ -280,7 +280,7 @@ def test_triggered_run_leaves_what_make_run_leaves(served):
 
     # `make run` on a copy of the same project: the flow in its own process, temporary Prefect server.
     ref_env = {k: v for k, v in served.stack.env.items() if k != "PREFECT_API_URL"}
-    ref_env["PREFECT_HOME"] = str(served.reference / ".prefect-home")
+    ref_env["PREFECT_HOME"] = str(prefect_home(served.reference / ".prefect-home"))
     ref = subprocess.run(
         [sys.executable, "-m", "flows.pipeline", "--root", str(served.reference)],
         cwd=REPO,

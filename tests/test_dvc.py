@@ -330,68 +330,52 @@ def test_metrics_show_and_plots_show_work_offline(dvc_project, tmp_path):
 
 # ------------------------------------------------------------------ a clone: remote round trip, dvc exp run
 @pytest.mark.slow
-def test_push_pull_round_trip_then_exp_run_reruns_only_the_gate(dvc_project, tmp_path):
-    src = dvc_project.root
-    remote = tmp_path / "remote"
-    dvc(src, "remote", "add", "--local", "-d", "tmp", str(remote))
-    try:
-        assert "files pushed" in logged(dvc(src, "push"))
-    finally:
-        dvc(src, "remote", "remove", "--local", "tmp")
-
-    clone = tmp_path / "clone"
-    _run(["git", "clone", "-q", str(src), str(clone)], tmp_path)
-    git_identity(clone)  # for the experiment commits
-    dvc(clone, "remote", "add", "--local", "-d", "tmp", str(remote))
-    dvc(clone, "pull")
-    for path in (
-        "data/embedded/mnist5k_images.npy",
-        "artifacts/train/dismax_fpr/seed0/best.pt",
-        "artifacts/prepared/id.pt",
-        "artifacts/metrics/softmax/seed0.json",
-    ):
-        assert (clone / path).read_bytes() == (src / path).read_bytes(), path
-    assert "Data and pipelines are up to date." in dvc(clone, "status").stdout
-
-    # a gate parameter: the pulled outputs of every other stage are reused
-    out = logged(dvc(clone, "exp", "run", "-S", "gate.accuracy.margin=0.5"))
-    assert ran(out) == ["inputs", "gate"], out
-    assert skipped(out) == set(STAGES) - {"inputs", "gate"}, out
-    assert "accuracy non-inferior within 0.5" in (clone / "artifacts/report.md").read_text()
-    shown = json.loads(dvc(clone, "exp", "show", "--json").stdout)
-    experiments = [r for row in shown for exp in row.get("experiments") or [] for r in exp["revs"]]
-    assert [
-        r["data"]["params"]["params.yaml"]["data"]["gate"]["accuracy"]["margin"] for r in experiments
-    ] == [0.5]
-
-
-@pytest.mark.slow
-def test_another_machine_pulls_the_outputs_and_retrains_nothing(dvc_project, tmp_path):
+def test_another_machine_pulls_the_outputs_retrains_nothing_and_exp_run_reruns_only_the_gate(
+    dvc_project, tmp_path
+):
     """What a second machine does with the README's commands: `dvc push` from the clone that ran
     the pipeline, then on a fresh `git clone` `dvc remote add` + `dvc pull`: `dvc status` is up to
-    date and `dvc repro` runs no stage (nothing is retrained); the workspace is what git committed."""
+    date and `dvc repro` runs no stage (nothing is retrained); the workspace is what git committed.
+    Then a `dvc exp run` of a gate parameter there re-runs the gate alone."""
     src = dvc_project.root
     remote = tmp_path / "dvc-store"
     t0 = time.perf_counter()
     dvc(src, "remote", "add", "--local", "-d", "shared", str(remote))
     try:
-        dvc(src, "push")
+        assert "files pushed" in logged(dvc(src, "push"))
         assert "in sync" in dvc(src, "status", "--cloud").stdout  # everything cached is on the remote
     finally:
         dvc(src, "remote", "remove", "--local", "shared")
 
     other = tmp_path / "other-machine"
     _run(["git", "clone", "-q", str(src), str(other)], tmp_path)
+    git_identity(other)  # for the experiment commits
     dvc(other, "remote", "add", "--local", "-d", "shared", str(remote))
     dvc(other, "pull")
+    for path in (
+        "data/embedded/mnist5k_images.npy",
+        "artifacts/train/dismax_fpr/seed0/best.pt",
+        "artifacts/train/softmax/seed0/best.pt",
+        "artifacts/prepared/id.pt",
+        "artifacts/metrics/softmax/seed0.json",
+    ):
+        assert (other / path).read_bytes() == (src / path).read_bytes(), path
     assert "Data and pipelines are up to date." in dvc(other, "status").stdout
     out = logged(dvc(other, "repro"))
     assert ran(out) == [] and skipped(out) == set(STAGES), out
-    assert (other / "artifacts/train/softmax/seed0/best.pt").read_bytes() == (
-        src / "artifacts/train/softmax/seed0/best.pt"
-    ).read_bytes()
     assert git(other, "status", "--porcelain") == ""  # dvc.lock and the committed results unchanged
     print(f"push, clone, pull, status, no-op repro: {time.perf_counter() - t0:.1f} s")
+
+    # a gate parameter: the pulled outputs of every other stage are reused
+    out = logged(dvc(other, "exp", "run", "-S", "gate.accuracy.margin=0.5"))
+    assert ran(out) == ["inputs", "gate"], out
+    assert skipped(out) == set(STAGES) - {"inputs", "gate"}, out
+    assert "accuracy non-inferior within 0.5" in (other / "artifacts/report.md").read_text()
+    shown = json.loads(dvc(other, "exp", "show", "--json").stdout)
+    experiments = [r for row in shown for exp in row.get("experiments") or [] for r in exp["revs"]]
+    assert [
+        r["data"]["params"]["params.yaml"]["data"]["gate"]["accuracy"]["margin"] for r in experiments
+    ] == [0.5]
 
 
 @pytest.mark.slow
@@ -431,9 +415,9 @@ def test_each_change_reruns_exactly_the_stages_that_depend_on_it(dvc_project):
         return change
 
     assert after(setting("losses.dismax_fpr.score", "energy")) == {"inputs", "evaluate@dismax_fpr-0", "gate"}
-    # (the gate alone: test_push_pull_round_trip_then_exp_run_reruns_only_the_gate; OOD sets, code
-    # edits and the other keys: benchmarks/bench_reruns.py, whose table is in the README, and
-    # test_inputs for which modules each step's code version covers)
+    # (the gate alone: the exp run of test_another_machine_pulls_...; OOD sets, code edits and the
+    # other keys: benchmarks/bench_reruns.py, whose table is in docs/, and test_inputs for which
+    # modules each step's code version covers)
     assert after(setting("seeds", [0, 1])) == {
         "inputs",
         *(f"{s}@{k}-1" for s in ("train", "calibrate", "evaluate") for k in LOSSES),

@@ -311,8 +311,8 @@ def test_the_pipeline_gates_and_registers_an_imported_loss(
     torch.save(state, project / "models" / "theirs.pth")
     raw["seeds"] = [0, 1]
     raw["gate"] = {"confidence": 0.95, "samples": 100}
-    # a few hundred images: a CIFAR-size backbone's forward passes dominate this test on a CPU
-    raw["data"].update(ood=["gaussian_noise"], ood_size=60, test_fraction=0.1)
+    # a hundred-odd images per split: a CIFAR-size backbone's forward passes dominate this test on a CPU
+    raw["data"].update(ood=["gaussian_noise"], ood_size=30, test_fraction=0.05, val_fraction=0.05)
     raw["losses"] = {
         "softmax": {"method": "softmax"},
         "theirs": {"method": method, "checkpoint": {"path": "models/theirs.pth", "format": fmt}},

@@ -23,6 +23,7 @@ import psutil
 import pytest
 from conftest import shell_env
 from mlflow.tracking import MlflowClient
+from stack import prefect_home
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ class FlowProcess:
 
     def __init__(self, project: Path, *overrides: str) -> None:
         env = {k: v for k, v in shell_env().items() if not k.startswith("PREFECT_API")}
-        env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(project / ".prefect"))
+        env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(prefect_home(project / ".prefect")))
         cmd = [sys.executable, "-m", "flows.pipeline", "--root", str(project)]
         for o in overrides:
             cmd += ["--set", o]
@@ -140,18 +141,26 @@ def _wait_until_gone(processes: list[psutil.Process], seconds: float) -> float:
 
 
 def _sigkilled_run(project: Path):
-    """A run killed with SIGKILL in the middle of training: nothing could mark its MLflow run."""
+    """A run whose flow process alone was killed with SIGKILL in the middle of training: nothing
+    could mark its MLflow run or stop its temporary server, which must end by itself."""
     flow = FlowProcess(project, "train.epochs=300")
     flow.wait_for_training()
-    os.killpg(flow.proc.pid, signal.SIGKILL)
+    (server,) = _servers(project)
+    assert server.ppid() == flow.proc.pid
+    os.kill(flow.proc.pid, signal.SIGKILL)  # the process alone: its server is not signalled
     flow.proc.wait(30)
+    seconds = _wait_until_gone([server], 30)
+    print(f"the temporary server ended {seconds:.1f} s after the flow's SIGKILL")
+    assert _gone([server]), server.cmdline()
+    assert _of_project(project) == []
     (left,) = _runs("RUNNING")
     return left
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGTERM to the group", "SIGINT to the group"])
 def test_an_interrupt_stops_the_run_marks_it_killed_and_stops_the_server(project, mlflow_db, how):
-    # after a SIGKILL (SIGTERM case only, to keep the suite short) the next run closes what it left open
+    # after a SIGKILL (SIGTERM case only, to keep the suite short) the temporary server ends by
+    # itself, and the next run closes what the killed one left open
     left = _sigkilled_run(project) if how == "SIGTERM" else None
     flow = FlowProcess(project, "train.epochs=300")
     children = flow.wait_for_training()
@@ -183,19 +192,6 @@ def test_an_interrupt_stops_the_run_marks_it_killed_and_stops_the_server(project
         closed = MlflowClient().get_run(left.info.run_id)
         assert closed.info.status == "KILLED"
         assert f"process {left.data.tags['oodgate.pid']} had died" in closed.data.tags["oodgate.closed_by"]
-
-
-def test_the_temporary_server_ends_when_the_flow_process_alone_is_sigkilled(project, mlflow_db):
-    flow = FlowProcess(project, "train.epochs=300")
-    flow.wait_for_training()
-    (server,) = _servers(project)
-    assert server.ppid() == flow.proc.pid
-    os.kill(flow.proc.pid, signal.SIGKILL)  # the process alone: its server is not signalled
-    flow.proc.wait(30)
-    seconds = _wait_until_gone([server], 30)
-    print(f"the temporary server ended {seconds:.1f} s after the flow's SIGKILL")
-    assert _gone([server]), server.cmdline()
-    assert _of_project(project) == []
 
 
 def test_dask_workers_use_the_flow_s_server_and_sigterm_leaves_no_process(project, mlflow_db):
