@@ -290,12 +290,19 @@ def test_a_candidate_identical_to_the_baseline_is_promoted_in_at_most_5_percent(
     assert all(r.criteria[k] <= 0.085 for k in superior), r.criteria
 
 
+@pytest.fixture(scope="module")
+def papers_effect() -> tuple[dict, float]:
+    """The baseline's description over 150 models, and the separation that lowers its mean FPR95 by
+    30% (a bisection: seconds, shared by the tests that need it)."""
+    base = simulation.describe(simulation.BASELINE, 150)
+    return base, simulation.separation_for_fpr95(0.7 * base["ood/mean/fpr95"][0])
+
+
 @pytest.mark.slow
-def test_a_candidate_worse_in_accuracy_by_twice_the_tolerance_is_rarely_promoted():
+def test_a_candidate_worse_in_accuracy_by_twice_the_tolerance_is_rarely_promoted(papers_effect):
     """Accuracy lower by 0.01 (twice the default tolerance) but FPR95 30% lower: at most 5% of 200
     draws promote it, at the demo's sizes and seed noise."""
-    base = simulation.describe(simulation.BASELINE, 150)
-    papers = simulation.separation_for_fpr95(0.7 * base["ood/mean/fpr95"][0])
+    base, papers = papers_effect
     worse = simulation.Family(
         simulation.skill_for_accuracy(base["test/accuracy"][0] - 0.01),
         papers,
@@ -308,16 +315,12 @@ def test_a_candidate_worse_in_accuracy_by_twice_the_tolerance_is_rarely_promoted
 
 
 @pytest.mark.slow
-def test_the_papers_effect_is_promoted_more_often_the_more_seeds():
+def test_the_papers_effect_is_promoted_more_often_the_more_seeds(papers_effect):
     """The papers' typical effect (the baseline's accuracy and ECE, mean FPR95 30% lower) at the
     demo's sizes and seed noise: what the gate can show grows with the seeds
     (``benchmarks/bench_gate_power.py`` prints the rates; at 3 seeds they are low, see the README)."""
-    base = simulation.describe(simulation.BASELINE, 150)
-    papers = simulation.Family(
-        simulation.BASELINE.skill,
-        simulation.separation_for_fpr95(0.7 * base["ood/mean/fpr95"][0]),
-        simulation.BASELINE.overconfidence,
-    )
+    base, separation = papers_effect
+    papers = simulation.Family(simulation.BASELINE.skill, separation, simulation.BASELINE.overconfidence)
     found = simulation.describe(papers, 150)
     assert found["ood/mean/fpr95"][0] == pytest.approx(0.7 * base["ood/mean/fpr95"][0], rel=0.05)
     assert found["test/accuracy"] == base["test/accuracy"]  # the same skill: the same accuracy
