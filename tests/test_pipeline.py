@@ -61,8 +61,8 @@ def first_run(prefect_harness, project, mlflow_db):
 
 
 # ------------------------------------------------------------------ end to end
-def test_flow_end_to_end_logs_gates_and_registers(first_run):
-    _project, result, _ = first_run
+def test_flow_end_to_end_logs_gates_and_registers_and_a_second_run_reuses_it(first_run):
+    project, result, _ = first_run
     parent = MlflowClient().get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     for tag in ("git_commit", "code_version", "data_version", "prefect_flow_run_id"):
@@ -139,6 +139,20 @@ def test_flow_end_to_end_logs_gates_and_registers(first_run):
     else:
         assert "challenger" in parent.data.tags["oodgate.registry"]
 
+    # a second run with the same data, code and params reuses every finished child run (in this
+    # test: each first run is a flow of its own)
+    first = result
+    second = _pipeline(project)
+    parent = MlflowClient().get_run(second.parent_run_id)
+    assert second.reused == ["dismax_fpr", "softmax"]
+    assert parent.data.tags["oodgate.reused_runs"].count("=") == 2
+    names = [r.info.run_name for r in _runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert names == []  # no new child run: nothing was trained, calibrated, evaluated or logged
+    assert second.report.means == first.report.means
+    # a changed evaluation-side param makes new child runs (the trainings come from Prefect's cache)
+    third = _pipeline(project, **{"calibration.objective": "ece"})
+    assert third.reused == []
+
 
 def test_flow_weighs_the_evidence_over_seeds_and_logs_it(prefect_harness, project, mlflow_db):
     """Two seeds and gate.confidence: every reason states the gain, its lower bound, the p-value and
@@ -167,20 +181,6 @@ def test_flow_weighs_the_evidence_over_seeds_and_logs_it(prefect_harness, projec
         max(m["ood/mnist_unseen/fpr95"], m["ood/gaussian_noise/fpr95"])
     )
     assert child.data.tags["oodgate.gate_reasons"] == "; ".join(reasons)
-
-
-def test_second_run_reuses_every_finished_child_run(first_run):
-    project, first, _ = first_run
-    second = _pipeline(project)
-    parent = MlflowClient().get_run(second.parent_run_id)
-    assert second.reused == ["dismax_fpr", "softmax"]
-    assert parent.data.tags["oodgate.reused_runs"].count("=") == 2
-    names = [r.info.run_name for r in _runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert names == []  # no new child run: nothing was trained, calibrated, evaluated or logged
-    assert second.report.means == first.report.means
-    # a changed evaluation-side param makes new child runs (the trainings come from Prefect's cache)
-    third = _pipeline(project, **{"calibration.objective": "ece"})
-    assert third.reused == []
 
 
 def test_a_run_whose_artifacts_are_gone_is_logged_again_not_reused(first_run, caplog):
