@@ -120,9 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 for b in write_demo_batches(root / args.params, root / cfg.workdir / "monitor" / "demo")
             ]
         else:
-            monitoring.batch_path(
-                args.batch, cfg.monitor.batch, root
-            )  # none named and none configured: fails here
+            # none named and none configured: fails here
+            monitoring.batch_path(args.batch, cfg.monitor.batch, root)
         tracking.connect(root=root)
         for b in batches:
             t0 = time.perf_counter()

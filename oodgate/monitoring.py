@@ -431,15 +431,8 @@ class MonitorSummary:
 
     def record(self) -> dict[str, object]:
         """As ``summary.json`` holds it (the figures first, then the test, the model and the batch)."""
-        return {
-            **asdict(self.figures),
-            "test": self.test.as_dict(),
-            "model_name": self.model_name,
-            "champion_version": self.champion_version,
-            "alias": self.alias,
-            "batch": self.batch,
-            "batch_digest": self.batch_digest,
-        }
+        fields = asdict(self)
+        return {**fields.pop("figures"), **fields}
 
     @classmethod
     def from_record(cls, d: Mapping[str, object]) -> MonitorSummary:

@@ -17,6 +17,7 @@ from pathlib import Path
 from conftest import shell_env
 
 from oodgate.project import TELEMETRY_OFF
+from oodgate_servers import health
 from oodgate_servers.health import poll, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +86,6 @@ def migrated_prefect_db() -> Path:
     import fcntl
     import sqlite3
     import tempfile
-    import urllib.request
 
     root = Path(os.environ.get("OODGATE_TEST_SHARED_TMP") or tempfile.gettempdir()) / "prefect-template"
     root.mkdir(parents=True, exist_ok=True)
@@ -116,11 +116,7 @@ def migrated_prefect_db() -> Path:
                     raise RuntimeError(
                         f"prefect server start exited ({server.returncode}) making the template"
                     )
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
-                        return True
-                except OSError:
-                    return False
+                return health.healthy(f"http://127.0.0.1:{port}/api")
 
             try:
                 wait_until(healthy, 120, what="the template's Prefect server was not healthy")
