@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from oodgate import metrics
+from oodgate import metrics, resampling
 from oodgate.config import GateConfig
 from oodgate.gate import Decision, SampleSet, decide
 
@@ -102,9 +102,19 @@ def _model(rng: np.random.Generator, world: World, shared: dict, which: str, tru
     return SampleSet(logits, labels, id_scores, ood, groups)
 
 
+def _fpr95(id_scores: np.ndarray, ood_scores: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """:func:`oodgate.metrics.fpr_at_tpr` of every OOD set, bit for bit: the resampled FPR95 with every
+    count 1 (one ID threshold for all sets; a tenth of the cost of a ROC curve per set)."""
+    threshold = resampling.id_threshold(id_scores, np.ones((1, id_scores.size), np.int32))
+    return {
+        k: float(resampling.accepted_fraction(v, np.ones((1, v.size), np.int32), threshold)[0])
+        for k, v in ood_scores.items()
+    }
+
+
 def report(s: SampleSet) -> dict[str, float]:
     """The gate's metrics of one simulated model (what :mod:`oodgate.evaluation` reports)."""
-    per_set = {k: metrics.fpr_at_tpr(s.id_scores, v) for k, v in s.ood_scores.items()}
+    per_set = _fpr95(s.id_scores, s.ood_scores)
     out = {"test/accuracy": metrics.accuracy(s.logits, s.labels), "test/ece": metrics.ece(s.logits, s.labels)}
     out.update({f"ood/{k}/fpr95": v for k, v in per_set.items()})
     out.update({f"ood/{k}/fpr95": v for k, v in metrics.ood_summaries(per_set, s.groups).items()})
