@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from oodgate.config import Config
@@ -46,13 +46,8 @@ class LossDecision:
         return cls(promote=d.promote, reasons=tuple(d.reasons), evidence=d.metrics(), tests=d.tests())
 
     def record(self) -> dict[str, object]:
-        """As ``gate.json`` holds it."""
-        return {
-            "promote": self.promote,
-            "reasons": list(self.reasons),
-            "evidence": self.evidence,
-            "tests": self.tests,
-        }
+        """As ``gate.json`` holds it: the fields, the reasons as a list."""
+        return {**asdict(self), "reasons": list(self.reasons)}
 
 
 @dataclass(frozen=True)
