@@ -24,11 +24,14 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from oodgate.config import GateConfig
-from oodgate.gate import compare_means
+from oodgate.gate import SampleSet, compare_means
 from oodgate_mlflow import integrity, tracking
+
+if TYPE_CHECKING:  # imported where used: MLflow costs seconds at start-up
+    from mlflow.entities.model_registry import ModelVersion
 
 CHAMPION = "champion"
 FINGERPRINT_TAG = "oodgate.model_fingerprint"
@@ -139,7 +142,7 @@ class Candidate:
     evidence: Mapping[str, float]  # gate/<metric>/{gain,bound,lower,p_value}
     metrics: Mapping[str, float]  # means over seeds
     metrics_by_seed: tuple[Mapping[str, float], ...] = ()
-    samples: tuple[Any, ...] | None = None  # per-seed SampleSets, or None (means only)
+    samples: tuple[SampleSet, ...] | None = None  # per-seed SampleSets, or None (means only)
     evaluation_data: str = ""  # the digest of the test and OOD images the metrics come from
     seed: int = 0  # the seed whose model is logged
     seed_choice: str = ""  # why that seed
@@ -168,7 +171,7 @@ class Registration:
         return f"{self.loss}: {added} version {self.version}, alias {CHALLENGER}{state}"
 
 
-def current(name: str, alias: str = CHAMPION) -> Any | None:
+def current(name: str, alias: str = CHAMPION) -> ModelVersion | None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -177,11 +180,11 @@ def current(name: str, alias: str = CHAMPION) -> Any | None:
         return None
 
 
-def current_champion(name: str) -> Any | None:
+def current_champion(name: str) -> ModelVersion | None:
     return current(name, CHAMPION)
 
 
-def version_with_fingerprint(name: str, model_fingerprint: str) -> Any | None:
+def version_with_fingerprint(name: str, model_fingerprint: str) -> ModelVersion | None:
     """The oldest registered version of ``name`` whose weights have this fingerprint, or None."""
     from mlflow.exceptions import MlflowException
 
@@ -193,7 +196,9 @@ def version_with_fingerprint(name: str, model_fingerprint: str) -> Any | None:
     return min(same, key=lambda v: int(v.version)) if same else None
 
 
-def _champion_evidence(candidate: Candidate, champion: Any, gate: GateConfig) -> tuple[bool, list[str]]:
+def _champion_evidence(
+    candidate: Candidate, champion: ModelVersion, gate: GateConfig
+) -> tuple[bool, list[str]]:
     """The candidate against the current champion with the gate's rule: with the evidence over both
     models' seeds and test samples when the champion's per-seed results are in the tracking store
     and come from the same test and OOD images; otherwise on the means, saying why."""
@@ -261,7 +266,7 @@ def metric_label_in(reason: str, metric: str) -> bool:
     return reason.startswith(labels.get(metric, metric))
 
 
-def record_files(name: str, version: Any) -> None:
+def record_files(name: str, version: ModelVersion) -> None:
     """Hash every file of the new version and record the digests in the registry
     (:mod:`oodgate_mlflow.integrity`): every loader compares them before it loads anything."""
     import tempfile

@@ -20,9 +20,17 @@ import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oodgate.project import telemetry_off
+
+if TYPE_CHECKING:  # imported where used: MLflow and torch cost seconds at start-up
+    import torch
+    from mlflow.entities import Run
+    from mlflow.types import Schema
+
+    from oodgate.gate import SampleSet
+    from oodgate.serving import ServingModel
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TAG = "oodgate."  # prefix of every tag this project sets
@@ -166,7 +174,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten(d: Mapping[str, object], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -204,7 +212,7 @@ def start_run(
     return client().create_run(experiment_id, start_time=start_time_ms, run_name=name, tags=t).info.run_id
 
 
-def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+def log_params(run_id: str, params: Mapping[str, object]) -> None:
     from mlflow.entities import Param
 
     items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
@@ -235,7 +243,7 @@ def log_history(run_id: str, history: list[Mapping[str, float]], prefix: str = "
         client().log_batch(run_id, metrics=items[i : i + 500])
 
 
-def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+def set_tags(run_id: str, tags: Mapping[str, object]) -> None:
     from mlflow.entities import RunTag
 
     client().log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
@@ -300,7 +308,7 @@ def close_orphans(experiment_id: str, closed_by: str) -> list[str]:
     return closed
 
 
-def find_finished_run(experiment_id: str, tags: Mapping[str, str]) -> Any | None:
+def find_finished_run(experiment_id: str, tags: Mapping[str, str]) -> Run | None:
     """The newest FINISHED run carrying all these tags, or None."""
     clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
     runs = client().search_runs(
@@ -312,7 +320,7 @@ def find_finished_run(experiment_id: str, tags: Mapping[str, str]) -> Any | None
     return runs[0] if runs else None
 
 
-def missing_artifacts(run: Any, seeds: list[int]) -> list[str]:
+def missing_artifacts(run: Run, seeds: list[int]) -> list[str]:
     """What a finished child run must hold to be reused (its per-seed metrics and samples, its model)
     and does not: a run whose artifact store lost them is recomputed, never reused."""
     import mlflow
@@ -362,7 +370,7 @@ def download_model(model_uri: str, dst: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
 
 
-def per_seed_results(run_id: str) -> tuple[list[dict[str, float]], list[Any]]:
+def per_seed_results(run_id: str) -> tuple[list[dict[str, float]], list[SampleSet]]:
     """A loss's child run as the gate reads it: the metrics of each seed (``metrics_by_seed.json``)
     and each seed's per-sample arrays (``samples/seed<k>/samples.pt``), seeds from its ``seeds``
     param. Raises what the tracking store raises when an artifact is missing."""
@@ -402,7 +410,7 @@ def pip_requirements() -> list[str]:
 PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
 
 
-def output_schema(class_names: list[str]) -> Any:
+def output_schema(class_names: list[str]) -> Schema:
     from mlflow.types import ColSpec, Schema
 
     return Schema(
@@ -413,8 +421,8 @@ def output_schema(class_names: list[str]) -> Any:
 
 def export_model(
     out_dir: Path,
-    serving_model: Any,
-    example: Any,
+    serving_model: ServingModel,
+    example: torch.Tensor,
     class_names: list[str],
     reference: Mapping[str, Any] | None = None,
     preprocessing: str = "exact",
@@ -490,8 +498,8 @@ def log_exported_model(run_id: str, exported: Path, name: str = "model") -> str:
 
 def log_model(
     run_id: str,
-    serving_model: Any,
-    example: Any,
+    serving_model: ServingModel,
+    example: torch.Tensor,
     class_names: list[str],
     reference: Mapping[str, Any] | None = None,
     name: str = "model",

@@ -14,11 +14,14 @@ import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
 
 from oodgate.steps.common import damaged, digest, file_digest
+
+if TYPE_CHECKING:
+    from prefect.context import TaskRunContext
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ def by_fingerprint(record: str) -> CachePolicy:
     it. (A key over the damaged bytes themselves would match the result stored the last time the
     same damage was repaired, and return it without repairing.)"""
 
-    def key(context: Any, parameters: dict[str, Any]) -> str:
+    def key(context: TaskRunContext, parameters: dict[str, object]) -> str:
         job: Job = parameters["job"]
         out = Path(job.out_dir)
         try:
