@@ -209,10 +209,11 @@ def _selection(cfg: Config, args: argparse.Namespace) -> tuple[Config, str | Non
         return sub, f"the baseline {cfg.gate.baseline!r} is not among --loss {args.loss}"
     if len(losses) < 2:
         return sub, f"only the baseline {cfg.gate.baseline!r} was run: there is no candidate to compare"
-    if cfg.gate.confidence is not None and len(seeds) < 2:
+    if cfg.gate.evidence == "seeds" and cfg.gate.confidence is not None and len(seeds) < 2:
         return sub, (
-            f"the evidence at gate.confidence {cfg.gate.confidence} needs at least 2 seeds, --seed "
-            f"{args.seed} gives 1 (--set gate.confidence=null compares the means)"
+            f"the seed-level evidence at gate.confidence {cfg.gate.confidence} needs at least 2 seeds, "
+            f"--seed {args.seed} gives 1 (--set gate.evidence=models compares the models on the same "
+            "images, --set gate.confidence=null the means)"
         )
     return sub, None
 

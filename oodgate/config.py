@@ -294,14 +294,24 @@ _OLD_GATE_KEYS = {
 class GateConfig(_Frozen):
     """The promotion rule (``oodgate/gate.py`` states the tests). A candidate is promoted when, against
     the baseline, every criterion passes its test (``accuracy`` and ``ece``: not worse beyond their
-    tolerance; ``fpr95``: better) with confidence ``confidence`` over seeds and test samples (null:
-    on the means only), and, with ``better_means``, its means over seeds are better on all three
-    (the rule "accuracy, ECE and FPR95 all beat SoftMax", literally). ``samples``: bootstrap
-    resamples of the test and OOD images."""
+    tolerance; ``fpr95``: better) with confidence ``confidence`` (null: on the point estimates only),
+    Holm-adjusted over the run's candidates, and, with ``better_means``, its point estimates are
+    better on all three (the rule "accuracy, ECE and FPR95 all beat SoftMax", literally).
+
+    ``evidence``: ``models`` compares each loss's deployable model (one seed, chosen on validation
+    data) with the baseline's, paired on the same test and OOD images; ``seeds`` compares the means
+    over seeds (Welch over seeds plus the images' bootstrap). ``samples``: bootstrap resamples of the
+    test and OOD images."""
 
     baseline: str = "softmax"
+    evidence: Literal["models", "seeds"] = Field(
+        default="models",
+        description="models: the deployable models on the same images (paired); seeds: the means over seeds",
+    )
     better_means: bool = Field(
-        default=True, description="the means over seeds must be better than the baseline's on every criterion"
+        default=True,
+        description="the point estimates (the deployable model's metrics, or the means over seeds) must "
+        "be better than the baseline's on every criterion",
     )
     accuracy: CriterionConfig = CriterionConfig(test="noninferior", margin=0.005)
     ece: CriterionConfig = CriterionConfig(test="noninferior", margin=0.01)
@@ -471,10 +481,11 @@ class Config(_Frozen):
         for key in self.losses:
             if not key.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"losses.{key}: loss ids may hold letters, digits, '_' and '-' only")
-        if self.gate.confidence is not None and len(self.seeds) < 2:
+        if self.gate.evidence == "seeds" and self.gate.confidence is not None and len(self.seeds) < 2:
             raise ValueError(
-                f"gate.confidence={self.gate.confidence} needs at least 2 seeds to measure the seed "
-                f"noise, got seeds={self.seeds}; list more seeds (3 or more recommended) or set "
+                f"gate.evidence=seeds at gate.confidence={self.gate.confidence} needs at least 2 seeds to "
+                f"measure the seed noise, got seeds={self.seeds}; list more seeds (3 or more recommended), "
+                "set gate.evidence: models (the deployable models compared on the same images), or set "
                 "gate.confidence: null to compare means without evidence"
             )
         base = self.losses.get(self.gate.baseline)

@@ -66,10 +66,27 @@ def ece(logits: np.ndarray, labels: np.ndarray, w: np.ndarray, n_bins: int = 15)
 
 def id_threshold(id_scores: np.ndarray, w_id: np.ndarray, tpr: float = 0.95) -> np.ndarray:
     """Per resample: the score of the first ID image, in decreasing score order, at which the
-    cumulative count reaches ``tpr`` of ``N`` (the same comparison as ``roc_curve``'s)."""
+    cumulative count reaches ``tpr`` of ``N`` (the same comparison as ``roc_curve``'s).
+
+    A resample's counts sum to ``N``, so the cumulative count at position ``k`` is ``N`` less the
+    counts after it: only the lowest-scored images, where the threshold falls, are summed (from
+    the end), and a resample whose threshold lies above them (rare: its low scores drawn far less
+    often than expected) is summed whole. The same integers either way, so the same threshold."""
     order = np.argsort(-id_scores, kind="stable")
-    cum = np.cumsum(w_id[:, order], axis=1)
-    return id_scores[order][np.argmax(cum / w_id.shape[1] >= tpr, axis=1)]
+    n = w_id.shape[1]
+    tail = min(n, max(64, int(np.ceil(3 * (1.0 - tpr) * n))))  # three times the expected tail
+    w_tail = w_id[:, order[n - tail :]]
+    after = np.cumsum(w_tail[:, ::-1], axis=1)[:, ::-1]  # after[:, j]: counts from tail position j on
+    cum_tail = (n - after) + w_tail  # the cumulative count at each tail position
+    reached = cum_tail / n >= tpr
+    first = np.argmax(reached, axis=1) + (n - tail)
+    # a resample whose threshold lies above the tail: the tail's first image already reaches tpr
+    # with the images before it (or never does); those rows are summed whole
+    above = (n - after[:, 0]) / n >= tpr if tail < n else np.zeros(len(w_id), bool)
+    if above.any():
+        cum = np.cumsum(w_id[above][:, order], axis=1)
+        first[above] = np.argmax(cum / n >= tpr, axis=1)
+    return id_scores[order][first]
 
 
 def accepted_fraction(ood_scores: np.ndarray, w_ood: np.ndarray, threshold: np.ndarray) -> np.ndarray:

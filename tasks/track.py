@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,10 +25,11 @@ from oodgate import metrics
 from oodgate.classifier import load_classifier, with_score
 from oodgate.config import Config
 from oodgate.evaluation import THRESHOLD_TPR
+from oodgate.gate import choose_seed
 from oodgate.serving import ServingModel, fingerprint
 from oodgate.steps.common import PROVENANCE
 from oodgate.steps.gate_step import LossDecision
-from oodgate.steps.results import Calibrated, Evaluated, Trained, choose_seed
+from oodgate.steps.results import Calibrated, Evaluated, Trained
 from oodgate_mlflow import registry, tracking
 
 
@@ -72,12 +73,12 @@ def package_model(
     out_dir: str,
 ) -> Packaged:
     """Export the calibrated model of the seed chosen on validation data
-    (:func:`oodgate.steps.results.choose_seed`), with its OOD threshold and reference, into ``out_dir``.
+    (:func:`oodgate.gate.choose_seed`), with its OOD threshold and reference, into ``out_dir``.
 
     A task of its own so that it runs on the task runner's thread like training: the flow logs each
     loss while the next one trains, and torch code run in the flow's thread as well would give that
     thread an OpenMP team of its own, which makes libgomp throttle every team's spin-waits."""
-    seed, why = choose_seed(trained, calibrated)
+    seed, why = astuple(choose_seed({e.seed: e.metrics for e in evaluated}))
     calibrated_seed = next(c for c in calibrated if c.seed == seed)
     evaluated = next(e for e in evaluated if e.seed == seed)
     model = with_score(load_classifier(Path(calibrated_seed.dir) / "calibrated.pt"), evaluated.score)

@@ -15,7 +15,7 @@ from tests.conftest import tiny_params
 def _config(tmp_path, **gate):
     params = tiny_params(tmp_path / "data", tmp_path / "w")
     params["seeds"] = [0, 1, 2]
-    params["gate"] = {"confidence": 0.95, **gate}
+    params["gate"] = {"confidence": 0.95, "evidence": "seeds", **gate}
     return parse_config(params)
 
 
@@ -24,7 +24,7 @@ def _config(tmp_path, **gate):
     [
         ("softmax", None, "only the baseline 'softmax' was run: there is no candidate to compare"),
         ("dismax_fpr", None, "the baseline 'softmax' is not among --loss dismax_fpr"),
-        (None, 0, "needs at least 2 seeds, --seed 0 gives 1 (--set gate.confidence=null compares the means)"),
+        (None, 0, "needs at least 2 seeds, --seed 0 gives 1 (--set gate.evidence=models compares"),
     ],
 )
 def test_a_selection_that_cannot_be_gated_says_why(tmp_path, loss, seed, why):

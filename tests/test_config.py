@@ -82,7 +82,12 @@ def _with(base: dict, dotted: str, value) -> dict:
         ),
         ("gate.ece.test", "better", r"gate\.ece\.test: .*'superior' or 'noninferior' \(got 'better'\)"),
         ("gate.accuracy.margin", -0.1, r"gate\.accuracy\.margin: .*greater than or equal to 0"),
-        ("seeds", [0], r"gate\.confidence=0\.95 needs at least 2 seeds.*gate\.confidence: null"),
+        (
+            "gate.evidence",
+            "seeds",  # the repository's params have 3 seeds: made 1 below
+            r"gate\.evidence=seeds at gate\.confidence=0\.95 needs at least 2 seeds.*gate\.evidence: models",
+        ),
+        ("gate.evidence", "runs", r"gate\.evidence: .*'models' or 'seeds' \(got 'runs'\)"),
         ("train.warmup_epochs", 99, r"conflicts with train\.warmup_epochs=99 \(must be below epochs\)"),
         ("data.ood", [{"name": "letters", "path": "x.npz"}], r"'letters' needs a group: near .* or far"),
         ("data.ood", ["mnist_unseen", "worst"], r"data\.ood: 'worst' names a summary over OOD sets"),
@@ -106,8 +111,17 @@ def _with(base: dict, dotted: str, value) -> dict:
     ],
 )
 def test_bad_values_are_named(repo_params, key, value, match):
+    raw = _with(repo_params, key, value)
+    if value == "seeds":
+        raw["seeds"] = [0]
     with pytest.raises(ConfigError, match=match):
-        _checked(_with(repo_params, key, value), "params.yaml")
+        _checked(raw, "params.yaml")
+
+
+def test_one_seed_is_enough_for_model_level_evidence(repo_params):
+    """gate.evidence: models compares two models on the same images: no seed spread is needed."""
+    raw = _with(repo_params, "seeds", [0])
+    assert parse_config(raw).gate.evidence == "models"
 
 
 def test_baseline_must_be_softmax(repo_params):

@@ -260,9 +260,14 @@ def test_resampled_metrics_equal_the_metrics_of_the_resampled_arrays():
 SMALL = simulation.World(n_test=300, classes=3, ood={"near": (200, "near"), "far": (200, "far")})
 
 
+SEEDS = {"evidence": "seeds"}  # the seed-level evidence (gate.evidence: seeds)
+
+
 def test_a_clearly_better_candidate_is_promoted_with_its_evidence():
     better = simulation.Family(skill=6.0, separation=5.0, overconfidence=0.0)
-    d = simulation.draw(np.random.default_rng(0), better, world=SMALL).decide(GateConfig(samples=200))
+    d = simulation.draw(np.random.default_rng(0), better, world=SMALL).decide(
+        GateConfig(samples=200, **SEEDS)
+    )
     assert d.promote, d.reasons
     assert all("3 vs 3 seeds" in r and "95% lower bound" in r and "p = " in r for r in d.reasons)
     ev = d.metrics()
@@ -283,7 +288,7 @@ def test_a_candidate_identical_to_the_baseline_is_promoted_in_at_most_5_percent(
     """200 draws of a candidate with the baseline's distribution, at confidence 0.95, at the demo's
     sizes and seed noise and on a small world: the promotion rate is at most 1 - confidence, and so
     is each superior criterion's (binomial sd at 200 draws: 1.5 points)."""
-    gate = GateConfig(samples=200, fpr95={"over": over})
+    gate = GateConfig(samples=200, fpr95={"over": over}, **SEEDS)
     r = simulation.promotion_rate(simulation.BASELINE, gate, draws=200, world=world, rng_seed=123)
     assert r.promoted <= 0.05, r
     superior = [k for k in r.criteria if k.endswith("fpr95")]
@@ -310,7 +315,7 @@ def test_a_candidate_worse_in_accuracy_by_twice_the_tolerance_is_rarely_promoted
     )
     found = simulation.describe(worse, 150)
     assert found["test/accuracy"][0] == pytest.approx(base["test/accuracy"][0] - 0.01, abs=0.002)
-    r = simulation.promotion_rate(worse, GateConfig(samples=200), draws=200, rng_seed=7)
+    r = simulation.promotion_rate(worse, GateConfig(samples=200, **SEEDS), draws=200, rng_seed=7)
     assert r.promoted <= 0.05, r
 
 
@@ -324,7 +329,7 @@ def test_the_papers_effect_is_promoted_more_often_the_more_seeds(papers_effect):
     found = simulation.describe(papers, 150)
     assert found["ood/mean/fpr95"][0] == pytest.approx(0.7 * base["ood/mean/fpr95"][0], rel=0.05)
     assert found["test/accuracy"] == base["test/accuracy"]  # the same skill: the same accuracy
-    gate = GateConfig(samples=200)
+    gate = GateConfig(samples=200, **SEEDS)
     few = simulation.promotion_rate(papers, gate, draws=40, seeds=3, rng_seed=11)
     many = simulation.promotion_rate(papers, gate, draws=40, seeds=10, rng_seed=11)
     identical = simulation.promotion_rate(simulation.BASELINE, gate, draws=40, seeds=10, rng_seed=11)
@@ -335,6 +340,8 @@ def test_the_papers_effect_is_promoted_more_often_the_more_seeds(papers_effect):
 def test_evidence_needs_the_samples():
     with pytest.raises(ValueError, match="per-sample test arrays are missing"):
         decide([_cand(), _cand()], [BASE, BASE], GateConfig())
+    with pytest.raises(ValueError, match="per-sample test arrays are missing"):
+        decide_all({"a": [_cand()], "base": [BASE]}, "base", GateConfig())
 
 
 def test_rank_prefers_lower_fpr_then_ece_then_accuracy():
@@ -350,11 +357,31 @@ def test_decide_all_equals_deciding_each_candidate_alone():
     b = simulation.draw(rng, simulation.BASELINE, world=SMALL)
     sets = {"base": a.baseline_samples, "a": a.candidate_samples, "b": b.candidate_samples}
     reports = {"base": a.baseline, "a": a.candidate, "b": b.candidate}
-    gate = GateConfig(samples=200)
+    gate = GateConfig(samples=200, **SEEDS)
     together = decide_all(reports, "base", gate, sets)
     assert set(together) == {"a", "b"}
     for k in ("a", "b"):
         alone = decide(reports[k], reports["base"], gate, sets[k], sets["base"])
-        assert together[k].reasons == alone.reasons and together[k].metrics() == alone.metrics()
-    means_only = GateConfig(confidence=None)
+        # the same evidence per criterion; over the run, Holm's line and p-values come last
+        assert together[k].reasons[:-1] == alone.reasons
+        assert "Holm-adjusted over 2 candidates" in together[k].reasons[-1]
+        run_level = {"gate/p_value", "gate/p_adjusted"}
+        assert {m: v for m, v in together[k].metrics().items() if m not in run_level} == alone.metrics()
+    means_only = GateConfig(confidence=None, **SEEDS)
     assert decide_all(reports, "base", means_only)["a"] == decide(reports["a"], reports["base"], means_only)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 30, 64, 65, 600, 3000])
+@pytest.mark.parametrize("tpr", [0.95, 0.5, 1.0])
+def test_the_tail_threshold_equals_the_whole_cumulative_count(n, tpr):
+    """``id_threshold`` sums only the lowest-scored images unless a resample's threshold lies above
+    them: the same thresholds as the cumulative count over every image, with ties, and with
+    resamples drawn all on the lowest or all on the highest score (the whole sum's path)."""
+    rng = np.random.default_rng(n)
+    scores = np.round(rng.normal(size=n), 1)
+    w = resampling.draw_counts(rng, n, 200)
+    w[0], w[1] = 0, 0
+    w[0, np.argmin(scores)], w[1, np.argmax(scores)] = n, n
+    order = np.argsort(-scores, kind="stable")
+    whole = scores[order][np.argmax(np.cumsum(w[:, order], axis=1) / n >= tpr, axis=1)]
+    assert np.array_equal(resampling.id_threshold(scores, w, tpr), whole)

@@ -25,7 +25,7 @@ def test_aggregate_is_mean_and_sample_std():
 
 
 def test_means_only_gate_compares_means_over_seeds(repo_params):
-    cfg = parse_config({**repo_params, "seeds": [0, 1], "gate": {"confidence": None}})
+    cfg = parse_config({**repo_params, "seeds": [0, 1], "gate": {"confidence": None, "evidence": "seeds"}})
     # seed 1 of the candidate is worse than the baseline's, but the means are better
     report = steps.gate(
         cfg,
@@ -39,6 +39,23 @@ def test_means_only_gate_compares_means_over_seeds(repo_params):
     assert report.promoted == ("dismax",) and report.best == "dismax"
     table = steps.comparison_table(report.means, report.stds, {"softmax": "mps", "dismax": "mmles"})
     assert "| dismax | mmles | 0.9200 ± 0.0424 |" in table
+
+
+def test_means_only_model_level_gate_compares_the_deployable_models(repo_params):
+    """gate.evidence: models with gate.confidence: null compares the models chosen on validation
+    data (the lowest validation NLL), not the means."""
+    cfg = parse_config({**repo_params, "seeds": [0, 1], "gate": {"confidence": None}})
+    report = steps.gate(
+        cfg,
+        {
+            "softmax": [{**_m(0.90, 0.03, 0.6), "val/nll": 0.2}, {**_m(0.95, 0.01, 0.1), "val/nll": 0.1}],
+            "dismax": [{**_m(0.95, 0.01, 0.2), "val/nll": 0.3}, {**_m(0.92, 0.02, 0.3), "val/nll": 0.1}],
+        },
+    )
+    assert report.models["softmax"].seed == 1 and report.models["dismax"].seed == 1
+    assert report.points["dismax"]["test/accuracy"] == 0.92
+    assert report.decisions["dismax"].promote is False  # 0.92 against the baseline model's 0.95
+    assert report.record()["models"]["dismax"]["seed"] == 1
 
 
 def test_gate_needs_the_baseline(repo_params):

@@ -56,7 +56,10 @@ def evaluate(
     bundle = load_prepared(prepared_dir)
     device, amp = inference_device(cfg)
     ev = evaluation.evaluate(model, bundle, batch_size=cfg.train.eval_batch_size, device=device, amp=amp)
-    write_json(out_dir / "metrics.json", ev.metrics)
+    # the calibrated validation figures beside the test's: the deployable seed is chosen on them
+    # (oodgate.gate.choose_seed), by the flow and by the DVC gate stage alike
+    validation = {k: v for k, v in calibrated.record["metrics"].items() if k.startswith("val/")}
+    write_json(out_dir / "metrics.json", {**ev.metrics, **validation})
     torch_save(  # atomic, as every result file
         {
             "logits": torch.from_numpy(ev.logits),
@@ -82,7 +85,7 @@ def evaluate(
         dir=str(out_dir),
         score=ev.score,
         threshold=ev.threshold,
-        metrics=ev.metrics,
+        metrics={**ev.metrics, **validation},
         inputs=want.inputs["evaluate"],
         outputs=output_digests(out_dir, OUTPUTS),
     )

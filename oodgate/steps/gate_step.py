@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from oodgate.config import Config
-from oodgate.gate import Decision, SampleSet, decide_all, rank_key
+from oodgate.gate import Decision, SampleSet, SeedChoice, choose_seed, decide_all, rank_key
 from oodgate.metrics import OOD_SUMMARIES, aggregate
 from oodgate.steps.common import read_json, upstream
 from oodgate.steps.results import Evaluated
@@ -34,20 +34,31 @@ def collect(cfg: Config, evaluate_dir, prepared_dir: str | Path) -> list[Evaluat
 @dataclass(frozen=True)
 class LossDecision:
     """The gate's decision on one candidate: promoted or not, every reason, the evidence
-    (``gate/<metric>/{gain,bound,lower,p_value}``) and each criterion's test and bound."""
+    (``gate/<metric>/{gain,bound,lower,p_value}``, ``gate/p_value``, ``gate/p_adjusted``), each
+    criterion's test and bound, which two models were compared (model-level evidence) and the
+    seed-level evidence reported beside it."""
 
     promote: bool
     reasons: tuple[str, ...]
     evidence: dict[str, float]
     tests: dict[str, str]
+    compared: str = ""
+    seed_level: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, d: Decision) -> LossDecision:
-        return cls(promote=d.promote, reasons=tuple(d.reasons), evidence=d.metrics(), tests=d.tests())
+        return cls(
+            promote=d.promote,
+            reasons=tuple(d.reasons),
+            evidence=d.metrics(),
+            tests=d.tests(),
+            compared=d.compared,
+            seed_level=tuple(d.seed_level),
+        )
 
     def record(self) -> dict[str, object]:
-        """As ``gate.json`` holds it: the fields, the reasons as a list."""
-        return {**asdict(self), "reasons": list(self.reasons)}
+        """As ``gate.json`` holds it: the fields, the reasons as lists."""
+        return {**asdict(self), "reasons": list(self.reasons), "seed_level": list(self.seed_level)}
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,9 @@ class GateReport:
 
     baseline: str
     rule: str  # the rule in one line (:func:`rule_text`)
+    evidence: str  # gate.evidence: models or seeds
+    models: dict[str, SeedChoice]  # per loss: its deployable model's seed, chosen on validation data
+    points: dict[str, dict[str, float]]  # per loss: its deployable model's metrics
     decisions: dict[str, LossDecision]
     promoted: tuple[str, ...]  # best first
     best: str | None  # the best promoted candidate
@@ -77,8 +91,11 @@ class GateReport:
             "promoted": len(self.promoted),
             "best": self.best,
             "challenger": self.challenger,
+            "evidence": self.evidence,
             "decisions": {k: d.record() for k, d in self.decisions.items()},
             "seeds": list(self.config_seeds),
+            "models": {k: {"seed": c.seed, "why": c.why} for k, c in self.models.items()},
+            "model": {k: {key: m[key] for key in keys if key in m} for k, m in self.points.items()},
             "mean": {k: {key: m[key] for key in keys if key in m} for k, m in self.means.items()},
         }
 
@@ -122,15 +139,27 @@ def gate(
     aggregated = {k: aggregate(v) for k, v in metrics_by_loss.items()}
     means = {k: mean for k, (mean, _) in aggregated.items()}
     stds = {k: std for k, (_, std) in aggregated.items()}
-    decisions = decide_all(metrics_by_loss, base_id, cfg.gate, samples_by_loss)
-    promoted = sorted((k for k, d in decisions.items() if d.promote), key=lambda k: rank_key(means[k]))
+    seeds = {
+        k: (cfg.seeds_of(k) if k in cfg.losses else cfg.seeds)[: len(v)] for k, v in metrics_by_loss.items()
+    }
+    models = {k: choose_seed(dict(zip(seeds[k], metrics_by_loss[k]))) for k in metrics_by_loss}
+    chosen = {k: seeds[k].index(models[k].seed) for k in metrics_by_loss}
+    points = {k: dict(metrics_by_loss[k][chosen[k]]) for k in metrics_by_loss}
+    names = {k: f"{k} seed {models[k].seed}" for k in metrics_by_loss}
+    decisions = decide_all(metrics_by_loss, base_id, cfg.gate, samples_by_loss, chosen, names)
+    # the models are ranked by what is compared: the deployable models' metrics, or the means
+    ranked = points if cfg.gate.evidence == "models" else means
+    promoted = sorted((k for k, d in decisions.items() if d.promote), key=lambda k: rank_key(ranked[k]))
     return GateReport(
         baseline=base_id,
         rule=rule_text(cfg),
+        evidence=cfg.gate.evidence,
+        models=models,
+        points=points,
         decisions={k: LossDecision.of(d) for k, d in decisions.items()},
         promoted=tuple(promoted),
         best=promoted[0] if promoted else None,
-        challenger=promoted[0] if promoted else strongest(decisions, means),
+        challenger=promoted[0] if promoted else strongest(decisions, ranked),
         means=means,
         stds=stds,
         seeds={k: len(v) for k, v in metrics_by_loss.items()},
@@ -159,21 +188,38 @@ def rule_text(cfg: Config) -> str:
         parts.append(
             f"{label} {'superior by' if c.test == 'superior' else 'non-inferior within'} {c.margin:g}"
         )
-    evidence = (
-        f"each with {g.confidence:.0%} confidence over seeds and test samples"
-        if g.confidence is not None
-        else "on the means over seeds only (gate.confidence: null)"
-    )
-    means = "; and all three means better than the baseline's" if g.better_means else ""
+    if g.evidence == "models":
+        evidence = (
+            f"each with {g.confidence:.0%} confidence, the deployable models paired on the same test and OOD "
+            "images, Holm over the candidates"
+            if g.confidence is not None
+            else "on the deployable models' metrics only (gate.confidence: null)"
+        )
+        means = "; and all three better than the baseline model's" if g.better_means else ""
+    else:
+        evidence = (
+            f"each with {g.confidence:.0%} confidence over seeds and test samples, Holm over the candidates"
+            if g.confidence is not None
+            else "on the means over seeds only (gate.confidence: null)"
+        )
+        means = "; and all three means better than the baseline's" if g.better_means else ""
     return f"{', '.join(parts)}, {evidence}{means}"
 
 
 def gate_markdown(report: GateReport) -> str:
     """The gate's decision for every candidate, with every reason, as a markdown section."""
     lines = [f"## Gate (baseline: {report.baseline}; {report.rule})", ""]
+    if report.evidence == "models":
+        lines += ["Deployable models (one seed per loss, chosen on validation data only):", ""]
+        lines += [f"- {k}: seed {c.seed} ({c.why})" for k, c in report.models.items()]
+        lines.append("")
     for loss_id, d in report.decisions.items():
-        lines.append(f"- **{loss_id}**: {'PROMOTE' if d.promote else 'REJECT'}")
+        head = f"- **{loss_id}**: {'PROMOTE' if d.promote else 'REJECT'}"
+        lines.append(f"{head} ({d.compared})" if d.compared else head)
         lines += [f"    - {r}" for r in d.reasons]
+        if d.seed_level:
+            lines.append("    - beside it, not deciding:")
+            lines += [f"        - {r}" for r in d.seed_level]
     return "\n".join(lines) + "\n"
 
 

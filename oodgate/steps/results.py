@@ -77,21 +77,3 @@ class Evaluated(_Record):
     metrics: dict[str, float] = field(default_factory=dict, metadata=UNRECORDED)  # in metrics.json
     inputs: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
-
-
-def choose_seed(trained: list[Trained], calibrated: list[Calibrated]) -> tuple[int, str]:
-    """The seed whose model stands for its loss (the one logged, registered and served), chosen on
-    validation data only: the highest validation accuracy of its selected epoch, then the lowest
-    calibrated validation NLL, then the lowest seed. Returns the seed and the reason, with every
-    seed's figures."""
-    nll = {c.seed: c.metrics.get("val/nll", float("inf")) for c in calibrated}
-    ranked = sorted(trained, key=lambda t: (-t.best_val_accuracy, nll.get(t.seed, float("inf")), t.seed))
-    best = ranked[0]
-    figures = ", ".join(
-        f"seed {t.seed}: {t.best_val_accuracy:.4f} / {nll.get(t.seed, float('nan')):.4f}"
-        for t in sorted(trained, key=lambda t: t.seed)
-    )
-    return best.seed, (
-        f"chosen on validation data: the highest validation accuracy, then the lowest calibrated "
-        f"validation NLL ({figures})"
-    )
