@@ -467,9 +467,10 @@ def _gate_and_register(ctx: Context, logged: dict[str, LossResult], failed: dict
     registration = None
     best = report.challenger
     if best is not None:  # the run's best candidate: the challenger, and champion if it wins
-        samples = samples_of(cfg, logged[best]) if cfg.gate.confidence is not None else None
+        seeds = cfg.seeds_of(best)
+        deployable = samples_of(cfg, logged[best])[seeds.index(logged[best].seed)]
         registration = register_model(
-            cfg, best, logged[best], report.decisions[best], samples, lock, report.rule
+            cfg, best, logged[best], report.decisions[best], deployable, ctx.prepared_dir, lock, report.rule
         )
     _record(ctx, report, registration, failed, logged)
     return Outcome(report, registration, failed, sorted(reused_ids), ctx.parent_run_id)
@@ -489,6 +490,8 @@ def _record(
             "oodgate.gate": "promote" if d.promote else "reject",
             "oodgate.gate_reasons": "; ".join(d.reasons),
             "oodgate.gate_tests": json.dumps(d.tests, sort_keys=True),  # each criterion's test and bound
+            "oodgate.gate_compared": d.compared or "the means over seeds",
+            "oodgate.gate_seed_level": "; ".join(d.seed_level)[:5000] or "none",
         }
         if not logged[loss_id].reused:
             tracking.set_tags(logged[loss_id].run_id, decision)

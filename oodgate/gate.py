@@ -159,11 +159,12 @@ class Evidence:
     se_sample: float | None = None
     test_name: str = ""  # model-level: the paired test that gave p (McNemar's exact test, ...)
     detail: str = ""  # model-level: what it was computed on (9 vs 4 discordant of 600 test images)
+    of_models: bool = False  # two models' metrics (else the means over seeds)
 
     @property
     def models(self) -> bool:
         """Whether this compares two models on the same images (else means over seeds)."""
-        return bool(self.test_name)
+        return bool(self.test_name) or self.of_models
 
     def reason(self, reference: str, confidence: float | None) -> str:
         """One line, no semicolons (reasons are joined with them): the estimates, the gain, the test
@@ -229,6 +230,11 @@ class Decision:
             out["gate/p_adjusted"] = self.adjusted
         return out
 
+    def by_metric(self) -> dict[str, str]:
+        """Per criterion, its reason (the reasons hold one line per criterion, in order, then the
+        run-level line)."""
+        return dict(zip(self.checks, self.reasons))
+
     def tests(self) -> dict[str, str]:
         """Per criterion, its test and bound (``noninferior > -0.005``): what the tags record."""
         return {e.criterion.metric: f"{e.criterion.test} > {e.criterion.bound:+g}" for e in self.evidence}
@@ -269,9 +275,11 @@ def compare_means(
     reference_metrics: Mapping[str, float],
     gate: GateConfig,
     reference: str = "baseline",
+    of_models: bool = False,
 ) -> Decision:
-    """Promote if every criterion's mean gain exceeds its bound (and, with ``better_means``, is
-    positive); no evidence asked."""
+    """Promote if every criterion's gain exceeds its bound (and, with ``better_means``, is
+    positive); no evidence asked. ``of_models``: the metrics are two models' (not means over seeds),
+    as the reasons then say."""
     reasons, checks, evidence = [], {}, []
     for c in criteria(gate, reference_metrics):
         cand, base = candidate.get(c.metric), reference_metrics.get(c.metric)
@@ -283,7 +291,7 @@ def compare_means(
         gain = _gain(c, cand, base)
         tested = gain > c.bound
         passed = tested and (better(gain) or not gate.better_means)
-        e = Evidence(c, cand, base, gain, passed, tested, gate.better_means)
+        e = Evidence(c, cand, base, gain, passed, tested, gate.better_means, of_models=of_models)
         checks[c.metric] = e.passed
         evidence.append(e)
         reasons.append(e.reason(reference, None))
@@ -431,7 +439,13 @@ def decide_all(
     if gate.evidence == "models":
         point = {k: metrics_by_loss[k][chosen[k]] for k in metrics_by_loss}
         if gate.confidence is None:
-            return {k: compare_means(point[k], point[baseline_id], gate) for k in candidates}
+            return {
+                k: replace(
+                    compare_means(point[k], point[baseline_id], gate, of_models=True),
+                    compared=f"{names[k]} against {names[baseline_id]}",
+                )
+                for k in candidates
+            }
         if not all(samples.get(k) for k in [baseline_id, *candidates]):
             raise ValueError("gate.confidence is set but the per-sample test arrays are missing")
         base = samples[baseline_id][chosen[baseline_id]]
@@ -641,6 +655,47 @@ def decide_models(
         reasons.append(e.reason(reference, gate.confidence))
     head = f"{compared}, on the same {images}" if compared else f"on the same {images}"
     return Decision(all(checks.values()), tuple(reasons), checks, tuple(evidence), compared=head)
+
+
+def samples_from_probabilities(
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    id_scores: np.ndarray,
+    ood_scores: Mapping[str, np.ndarray],
+    groups: Mapping[str, str],
+) -> SampleSet:
+    """A model known only by its outputs (a registered model: calibrated probabilities and OOD
+    scores) as the gate's per-image arrays: its logits are ``log p``, whose softmax is ``p``."""
+    with np.errstate(divide="ignore"):
+        logits = np.log(np.asarray(probabilities, dtype=np.float64))
+    return SampleSet(logits, np.asarray(labels), np.asarray(id_scores), dict(ood_scores), dict(groups))
+
+
+def point_metrics(s: SampleSet) -> dict[str, float]:
+    """One model's gate metrics on its images: every count 1 in :func:`oodgate.resampling.gate_metrics`,
+    which equals :mod:`oodgate.metrics` on the arrays."""
+    ones = Counts(
+        np.ones((1, s.labels.size), np.int32),
+        {k: np.ones((1, v.size), np.int32) for k, v in s.ood_scores.items()},
+    )
+    return {
+        k: float(v[0])
+        for k, v in gate_metrics(s.logits, s.labels, s.id_scores, s.ood_scores, s.groups, ones).items()
+    }
+
+
+def challenge(
+    candidate: SampleSet, incumbent: SampleSet, gate: GateConfig, reference: str, compared: str = ""
+) -> Decision:
+    """The gate's rule and evidence on two models scored on the same images (a promoted candidate
+    against the champion): model-level evidence, or the point estimates with ``gate.confidence:
+    null``. Both models' metrics are computed here, the same way, from their arrays."""
+    c, r = point_metrics(candidate), point_metrics(incumbent)
+    if gate.confidence is None:
+        d = compare_means(c, r, gate, reference, of_models=True)
+        n, ood = candidate.labels.size, sum(v.size for v in candidate.ood_scores.values())
+        return replace(d, compared=f"{compared}, on the same {n:,} test and {ood:,} OOD images")
+    return decide_models(c, r, candidate, incumbent, gate, reference=reference, compared=compared)
 
 
 def candidate_p_value(d: Decision) -> float:

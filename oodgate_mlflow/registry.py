@@ -1,6 +1,7 @@
 """The MLflow model registry (MLflow's champion/challenger convention): every pipeline run registers
 its best candidate as the ``challenger``; the ``champion`` alias moves only to a candidate the gate
-promoted over the SoftMax baseline that also beats the current champion.
+promoted over the SoftMax baseline that, by the caller's judgement (a :data:`Judge`), also replaces
+the current champion. The registry moves aliases; it runs no gate policy.
 
 The read-compare-move of the aliases is serialised, so two flows gating at once end with exactly one
 champion, chosen by the same rule, and both decisions recorded (run tags and model-version
@@ -21,13 +22,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from oodgate.config import GateConfig
-from oodgate.gate import SampleSet, compare_means
 from oodgate_mlflow import integrity, tracking
 
 if TYPE_CHECKING:  # imported where used: MLflow costs seconds at start-up
@@ -125,12 +124,16 @@ def serialised(model_name: str, lock_path: Path) -> Iterator[str]:
 
 CHALLENGER = "challenger"
 
+# The caller's comparison of the candidate with the current champion, called while the registry is
+# held: whether the candidate replaces it, and why (one line each). The registry runs no gate
+# policy of its own; it moves aliases.
+Judge = Callable[["ModelVersion"], tuple[bool, tuple[str, ...]]]
+
 
 @dataclass(frozen=True)
 class Candidate:
-    """What the registry needs of a pipeline run's best candidate: its logged model, its gate
-    decision against the baseline, and its per-seed results (to face the current champion with
-    the same evidence)."""
+    """What the registry needs of a pipeline run's best candidate: its logged model and the gate's
+    decision on it against the baseline, as the version's tags and description record it."""
 
     loss: str
     model_uri: str
@@ -139,13 +142,10 @@ class Candidate:
     promote: bool  # the gate's decision against the baseline
     reasons: tuple[str, ...]  # the gate's reasons
     tests: Mapping[str, str]  # per criterion: its test and bound
-    evidence: Mapping[str, float]  # gate/<metric>/{gain,bound,lower,p_value}
-    metrics: Mapping[str, float]  # means over seeds
-    metrics_by_seed: tuple[Mapping[str, float], ...] = ()
-    samples: tuple[SampleSet, ...] | None = None  # per-seed SampleSets, or None (means only)
-    evaluation_data: str = ""  # the digest of the test and OOD images the metrics come from
+    by_metric: Mapping[str, str] = field(default_factory=dict)  # per criterion: its reason
     seed: int = 0  # the seed whose model is logged
     seed_choice: str = ""  # why that seed
+    compared: str = ""  # which two models the gate compared, on which images
 
 
 @dataclass(frozen=True)
@@ -196,43 +196,7 @@ def version_with_fingerprint(name: str, model_fingerprint: str) -> ModelVersion 
     return min(same, key=lambda v: int(v.version)) if same else None
 
 
-def _champion_evidence(
-    candidate: Candidate, champion: ModelVersion, gate: GateConfig
-) -> tuple[bool, list[str]]:
-    """The candidate against the current champion with the gate's rule: with the evidence over both
-    models' seeds and test samples when the champion's per-seed results are in the tracking store
-    and come from the same test and OOD images; otherwise on the means, saying why."""
-    from oodgate.gate import decide
-
-    reference = f"champion v{champion.version}"
-    run = tracking.client().get_run(champion.run_id)
-    why_means = None
-    if gate.confidence is None:
-        why_means = "gate.confidence: null"
-    elif not candidate.samples:
-        why_means = "the candidate's per-sample results are not at hand"
-    elif run.data.tags.get(EVALUATION_DATA_TAG) != candidate.evaluation_data or not candidate.evaluation_data:
-        why_means = (
-            f"the {reference} was evaluated on other test or OOD images "
-            f"({run.data.tags.get(EVALUATION_DATA_TAG, 'not recorded')} vs {candidate.evaluation_data})"
-        )
-    if why_means is None:
-        try:
-            by_seed, samples = tracking.per_seed_results(champion.run_id)
-        except Exception as e:  # missing artifacts, another layout: fall back to the means
-            why_means = (
-                f"the {reference}'s per-seed results are not in the tracking store ({type(e).__name__}: {e})"
-            )
-        else:
-            d = decide(
-                candidate.metrics_by_seed, by_seed, gate, candidate.samples, samples, reference=reference
-            )
-            return d.promote, list(d.reasons)
-    d = compare_means(candidate.metrics, run.data.metrics, gate, reference=reference)
-    return d.promote, [f"means only ({why_means})", *d.reasons]
-
-
-def _description(candidate: Candidate, champion_reasons: list[str], take: bool, rule: str) -> str:
+def _description(candidate: Candidate, champion_reasons: tuple[str, ...], take: bool, rule: str) -> str:
     verdict = (
         "PROMOTED over the SoftMax baseline"
         if candidate.promote
@@ -241,29 +205,19 @@ def _description(candidate: Candidate, champion_reasons: list[str], take: bool, 
     lines = [
         f"{candidate.loss}: {verdict}. Gate: {rule}.",
         f"Model: seed {candidate.seed} ({candidate.seed_choice}).",
-        "",
-        "| criterion | test | evidence |",
-        "|---|---|---|",
     ]
+    if candidate.compared:
+        lines.append(f"Compared: {candidate.compared}.")
+    lines += ["", "| criterion | test | evidence |", "|---|---|---|"]
     for metric, test in candidate.tests.items():
-        reason = next((r for r in candidate.reasons if metric_label_in(r, metric)), "")
-        lines.append(f"| {metric} | {test} | {reason} |")
+        lines.append(f"| {metric} | {test} | {candidate.by_metric.get(metric, '')} |")
     if candidate.promote:
         lines += [
             "",
-            "became champion" if take else "did not beat the current champion",
+            "became champion" if take else "did not replace the current champion",
             *[f"- {r}" for r in champion_reasons],
         ]
     return "\n".join(lines)
-
-
-def metric_label_in(reason: str, metric: str) -> bool:
-    from oodgate.gate import FPR95_LABELS
-
-    labels = {"test/accuracy": "accuracy ", "test/ece": "calibrated ECE "}
-    for key, label in FPR95_LABELS.items():
-        labels[f"ood/{key}/fpr95"] = f"{label} "
-    return reason.startswith(labels.get(metric, metric))
 
 
 def record_files(name: str, version: ModelVersion) -> None:
@@ -283,11 +237,12 @@ def record_files(name: str, version: ModelVersion) -> None:
 
 
 def register(
-    name: str, candidate: Candidate, gate: GateConfig, lock_path: Path, rule: str = ""
+    name: str, candidate: Candidate, lock_path: Path, judge: Judge | None = None, rule: str = ""
 ) -> Registration:
     """Register the run's best candidate and give it the ``challenger`` alias; move ``champion`` to it
-    only if the gate promoted it and it beats the current champion (the gate's rule, with the same
-    evidence when the champion's results allow).
+    only if the gate promoted it and there is no champion, or ``judge`` (called with the current
+    champion while the registry is held) says it replaces it. Without a judge a promoted candidate
+    never replaces a champion.
 
     Idempotent: a model whose fingerprint (:func:`oodgate.serving.fingerprint`) is registered already
     adds no version; that version takes the aliases.
@@ -308,6 +263,7 @@ def register(
                 "oodgate.gate": "promote" if candidate.promote else "reject",
                 "oodgate.gate.tests": json.dumps(dict(candidate.tests), sort_keys=True),
                 "oodgate.gate.reasons": "; ".join(candidate.reasons)[:5000],  # one reason per criterion
+                "oodgate.gate.compared": candidate.compared[:500],
             }
             if candidate.fingerprint:
                 tags[FINGERPRINT_TAG] = candidate.fingerprint
@@ -315,14 +271,16 @@ def register(
             record_files(name, version)
         c.set_registered_model_alias(name, CHALLENGER, version.version)
         champ = current_champion(name)
-        take, reasons = False, ["not promoted: the gate did not show it better than the baseline"]
+        take, reasons = False, ("not promoted: the gate did not show it better than the baseline",)
         if candidate.promote:
             if champ is None:
-                take, reasons = True, ["no current champion"]
+                take, reasons = True, ("no current champion",)
             elif str(champ.version) == str(version.version):
-                reasons = [f"unchanged: same fingerprint as version {version.version} (the champion)"]
+                reasons = (f"unchanged: same fingerprint as version {version.version} (the champion)",)
+            elif judge is None:
+                reasons = (f"the champion v{champ.version} stays: nothing compared the two",)
             else:
-                take, reasons = _champion_evidence(candidate, champ, gate)
+                take, reasons = judge(champ)
             if take:
                 c.set_registered_model_alias(name, CHAMPION, version.version)
     is_champion = take or (champ is not None and str(champ.version) == str(version.version))
@@ -337,7 +295,7 @@ def register(
         {
             "oodgate.registered_version": version.version,
             "oodgate.champion": str(is_champion).lower(),
-            "oodgate.champion_reasons": "; ".join(reasons),
+            "oodgate.champion_reasons": "; ".join(reasons)[:5000],
         },
     )
     return Registration(candidate.loss, int(version.version), new, is_champion, take, tuple(reasons))

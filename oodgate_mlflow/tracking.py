@@ -29,7 +29,6 @@ if TYPE_CHECKING:  # imported where used: MLflow and torch cost seconds at start
     from mlflow.entities import Run
     from mlflow.types import Schema
 
-    from oodgate.gate import SampleSet
     from oodgate.serving import ServingModel
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -368,22 +367,6 @@ def download_model(model_uri: str, dst: Path) -> Path:
 
     dst.mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
-
-
-def per_seed_results(run_id: str) -> tuple[list[dict[str, float]], list[SampleSet]]:
-    """A loss's child run as the gate reads it: the metrics of each seed (``metrics_by_seed.json``)
-    and each seed's per-sample arrays (``samples/seed<k>/samples.pt``), seeds from its ``seeds``
-    param. Raises what the tracking store raises when an artifact is missing."""
-    from oodgate import steps
-
-    run = client().get_run(run_id)
-    seeds = json.loads(run.data.params["seeds"])
-    by_seed = download_json(run_id, "metrics_by_seed.json")
-    with tempfile.TemporaryDirectory() as tmp:
-        samples = [
-            steps.load_samples(download_dir(run_id, f"samples/seed{s}", Path(tmp) / str(s))) for s in seeds
-        ]
-    return by_seed, samples
 
 
 @contextlib.contextmanager

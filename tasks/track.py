@@ -17,20 +17,26 @@ import json
 import tempfile
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from prefect import task
 
-from oodgate import metrics
+from oodgate import gate, metrics, steps
 from oodgate.classifier import load_classifier, with_score
 from oodgate.config import Config
 from oodgate.evaluation import THRESHOLD_TPR
-from oodgate.gate import choose_seed
+from oodgate.gate import SampleSet, choose_seed
 from oodgate.serving import ServingModel, fingerprint
 from oodgate.steps.common import PROVENANCE
 from oodgate.steps.gate_step import LossDecision
 from oodgate.steps.results import Calibrated, Evaluated, Trained
 from oodgate_mlflow import registry, tracking
+from oodgate_mlflow.champion import NotComparableError, score_version
+from oodgate_mlflow.integrity import ModelIntegrityError
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
 
 
 @dataclass(frozen=True)
@@ -216,18 +222,65 @@ def reused_result(run) -> LossResult:
     )
 
 
+def champion_judge(
+    cfg: Config, loss_id: str, seed: int, candidate: SampleSet, prepared_dir: str
+) -> registry.Judge:
+    """The gate's rule and evidence, the promoted candidate against the current champion, both
+    scored now on this run's test and OOD images (the champion from a copy of its files verified
+    against the registry's record). A champion that cannot be scored on them (other classes, another
+    input shape) stays, and one line says why; one whose files fail verification cannot be served,
+    and is replaced."""
+
+    def judge(champion: ModelVersion) -> tuple[bool, tuple[str, ...]]:
+        tags = champion.tags or {}
+        who = f"the champion v{champion.version} ({tags.get('oodgate.loss', '?')} seed {tags.get('oodgate.registered_seed', '?')})"
+        bundle = steps.load_prepared(prepared_dir)
+        images = {"": bundle.test.x.numpy(), **{k: v.x.numpy() for k, v in bundle.ood.items()}}
+        try:
+            scored = score_version(
+                cfg.registry.model_name, champion, images, list(bundle.class_names), cfg.train.eval_batch_size
+            )
+        except NotComparableError as e:
+            return False, (
+                f"{who} stays: it cannot be scored on this run's images ({e}); a champion is replaced only by "
+                "a model compared with it on the same images",
+            )
+        except ModelIntegrityError as e:
+            return True, (f"{who} is replaced: its files fail verification, so it cannot be served ({e})",)
+        probabilities, id_scores = scored.pop("")
+        incumbent = gate.samples_from_probabilities(
+            probabilities,
+            bundle.test.y.numpy(),
+            id_scores,
+            {k: v for k, (_, v) in scored.items()},
+            bundle.ood_groups,
+        )
+        d = gate.challenge(
+            candidate,
+            incumbent,
+            cfg.gate,
+            f"champion v{champion.version}",
+            f"{loss_id} seed {seed} against {who}",
+        )
+        return d.promote, (d.compared, *d.reasons)
+
+    return judge
+
+
 @task(name="register", task_run_name="register-{loss_id}")
 def register_model(
     cfg: Config,
     loss_id: str,
     logged: LossResult,
     decision: LossDecision,
-    samples: list | None,
+    samples: SampleSet | None,
+    prepared_dir: str,
     lock_path: str,
     rule: str,
 ) -> registry.Registration:
     """Register the run's best candidate ``loss_id`` as the challenger; the champion alias moves to
-    it only if the gate promoted it (``decision``) and it beats the current champion."""
+    it only if the gate promoted it (``decision``) and it beats the current champion on this run's
+    images (:func:`champion_judge`; ``samples``: its deployable model's per-image arrays)."""
     candidate = registry.Candidate(
         loss=loss_id,
         model_uri=logged.model_uri,
@@ -236,12 +289,10 @@ def register_model(
         promote=decision.promote,
         reasons=decision.reasons,
         tests=decision.tests,
-        evidence=decision.evidence,
-        metrics=logged.mean,
-        metrics_by_seed=tuple(logged.metrics_by_seed),
-        samples=tuple(samples) if samples else None,
-        evaluation_data=logged.evaluation_data,
+        by_metric=decision.by_metric,
         seed=logged.seed,
         seed_choice=logged.seed_choice,
+        compared=decision.compared,
     )
-    return registry.register(cfg.registry.model_name, candidate, cfg.gate, Path(lock_path), rule)
+    judge = champion_judge(cfg, loss_id, logged.seed, samples, prepared_dir) if samples is not None else None
+    return registry.register(cfg.registry.model_name, candidate, Path(lock_path), judge, rule)

@@ -23,7 +23,6 @@ GOOD = {"test/accuracy": 0.95, "test/ece": 0.01, "ood/mean/fpr95": 0.2}
 
 def _register(exp_id: str, prepared_dir: Path, tmp_path: Path, seed: int = 0) -> str:
     from oodgate.classifier import ModelSpec, build_classifier
-    from oodgate.config import GateConfig
     from oodgate.serving import ServingModel
 
     bundle = steps.load_prepared(prepared_dir, with_ood=False)
@@ -48,10 +47,8 @@ def _register(exp_id: str, prepared_dir: Path, tmp_path: Path, seed: int = 0) ->
         promote=True,
         reasons=(),
         tests={},
-        evidence={},
-        metrics=GOOD,
     )
-    registry.register(MODEL, candidate, GateConfig(confidence=None), tmp_path / "lock")
+    registry.register(MODEL, candidate, tmp_path / "lock")
     return uri
 
 

@@ -94,10 +94,8 @@ def project(tmp_path_factory, embedded_root, mlflow_template, prefect_harness) -
             promote=True,  # a champion to monitor with: the gate is not under test here
             reasons=(),
             tests={},
-            evidence={},
-            metrics=logged.mean,
         )
-        registry.register(MODEL, candidate, cfg.gate, work / ".lock")
+        registry.register(MODEL, candidate, work / ".lock")
     paths = write_demo_batches(root / "params.yaml", root / "incoming")
     return Project(root, {p.stem: p for p in paths}, logged.model_uri)
 

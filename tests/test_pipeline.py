@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_params
 from mlflow.tracking import MlflowClient
 
 from oodgate import methods, steps
@@ -112,7 +113,7 @@ def test_flow_end_to_end_logs_gates_and_registers_and_a_second_run_reuses_it(fir
             )
         )
     assert (
-        "on the means over seeds only (gate.confidence: null)" in artifact.data
+        "on the deployable models' metrics only (gate.confidence: null)" in artifact.data
         and "dismax_fpr" in artifact.data
     )
     tags = children["dismax_fpr"].data.tags
@@ -124,6 +125,7 @@ def test_flow_end_to_end_logs_gates_and_registers_and_a_second_run_reuses_it(fir
         "ood/mean/fpr95": "superior > +0",
     }
     assert tags["oodgate.model_seed"] == "0" and "chosen on validation data" in tags["oodgate.seed_choice"]
+    assert tags["oodgate.gate_compared"].startswith("dismax_fpr seed 0 against softmax seed 0")
 
     # the run's best candidate (the only one) is registered whatever the decision: the challenger
     (version,) = MlflowClient().search_model_versions("name='oodgate-classifier'")
@@ -154,18 +156,36 @@ def test_flow_end_to_end_logs_gates_and_registers_and_a_second_run_reuses_it(fir
     assert third.reused == []
 
 
-def test_flow_weighs_the_evidence_over_seeds_and_logs_it(prefect_harness, project, mlflow_db):
-    """Two seeds and gate.confidence: every reason states the gain, its lower bound, the p-value and
-    the seeds; the same figures are metrics of the child run and of the parent; near- and far-OOD
-    summaries are logged beside the overall mean."""
+def test_flow_weighs_the_evidence_and_logs_it(prefect_harness, project, mlflow_db):
+    """Two seeds and gate.confidence, model-level evidence (the default): every reason states the
+    gain, its lower bound, the p-value and the paired test on the same images; the seed-level
+    evidence is reported beside it; the same figures are metrics of the child run and of the parent;
+    near- and far-OOD summaries are logged beside the overall mean."""
     overrides = {"seeds": [0, 1], "gate.confidence": 0.95, "gate.samples": 200, "gate.fpr95.over": "groups"}
     result = _pipeline(project, **overrides)
-    reasons = result.report.decisions["dismax_fpr"].reasons
+    decision = result.report.decisions["dismax_fpr"]
+    reasons = decision.reasons
     assert [r.split(" ")[0] for r in reasons] == ["accuracy", "calibrated", "near-OOD", "far-OOD"]
-    assert all(
-        re.search(r"gain [+-]\d\.\d{4}, 95% lower bound [+-]\d\.\d{4}, p = \S+, 2 vs 2 seeds: ", r)
-        for r in reasons
+    assert re.search(
+        r"p = \S+, (McNemar's exact test|Tango's paired score test \(McNemar-type\)), ", reasons[0]
     )
+    assert all(
+        re.search(
+            r"gain [+-]\d\.\d{4}, 95% lower bound [+-]\d\.\d{4}, p = \S+, paired bootstrap, 200 resamples ", r
+        )
+        for r in reasons[1:]
+    )
+    seeds = {loss: result.report.models[loss].seed for loss in ("softmax", "dismax_fpr")}
+    assert decision.compared.startswith(
+        f"dismax_fpr seed {seeds['dismax_fpr']} against softmax seed {seeds['softmax']}, on the same "
+    )
+    assert [r.split(" ")[1] for r in decision.seed_level[:4]] == [
+        "accuracy",
+        "calibrated",
+        "near-OOD",
+        "far-OOD",
+    ]
+    assert all("2 vs 2 seeds: " in r for r in decision.seed_level[:4])
     child = next(
         r for r in _runs("dismax_fpr") if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id
     )
@@ -418,7 +438,7 @@ GOOD = {"test/accuracy": 0.95, "test/ece": 0.01, "ood/mean/fpr95": 0.2}
 WORSE = {"test/accuracy": 0.93, "test/ece": 0.02, "ood/mean/fpr95": 0.3}
 
 
-def _candidate(name, run_id, uri, metrics, promote=True, fingerprint=None):
+def _candidate(name, run_id, uri, metrics=None, promote=True, fingerprint=None):
     return registry.Candidate(
         loss=name,
         model_uri=uri,
@@ -427,32 +447,52 @@ def _candidate(name, run_id, uri, metrics, promote=True, fingerprint=None):
         promote=promote,
         reasons=("beat baseline",),
         tests={"test/accuracy": "noninferior > -0.005"},
-        evidence={},
-        metrics=metrics,
+        by_metric={"test/accuracy": "beat baseline"},
         seed=0,
         seed_choice="chosen on validation data",
+        compared=f"{name} seed 0 against softmax seed 0, on the same 600 test and 5,000 OOD images",
     )
 
 
-def test_champion_moves_only_to_a_better_model_and_loads_from_the_registry(mlflow_db, prepared_dir, tmp_path):
-    from oodgate.config import GateConfig
+def _by_fpr95(metrics_of_run: dict[str, dict], candidate_metrics: dict) -> registry.Judge:
+    """A judge standing for the gate's comparison: the candidate replaces the champion when its
+    FPR95 is lower (the registry only calls it and moves the aliases)."""
 
+    def judge(champion):
+        theirs = metrics_of_run[champion.run_id]["ood/mean/fpr95"]
+        take = candidate_metrics["ood/mean/fpr95"] < theirs
+        return take, (
+            f"FPR95 {candidate_metrics['ood/mean/fpr95']} vs champion v{champion.version} {theirs}",
+        )
+
+    return judge
+
+
+def test_champion_moves_only_to_a_better_model_and_loads_from_the_registry(mlflow_db, prepared_dir, tmp_path):
     exp = tracking.ensure_experiment("oodgate", tmp_path)
     lock = tmp_path / "lock"
     run_a, uri_a = _logged_model(exp, "a", WORSE, prepared_dir)
     run_b, uri_b = _logged_model(exp, "b", GOOD, prepared_dir)
     run_c, uri_c = _logged_model(exp, "c", WORSE, prepared_dir)
-    means_only = GateConfig(confidence=None)
-    ra = registry.register("m", _candidate("a", run_a, uri_a, WORSE), means_only, lock)
-    rb = registry.register("m", _candidate("b", run_b, uri_b, GOOD), means_only, lock)
-    rc = registry.register("m", _candidate("c", run_c, uri_c, WORSE), means_only, lock)
+    by_run = {run_a: WORSE, run_b: GOOD, run_c: WORSE}
+    ra = registry.register("m", _candidate("a", run_a, uri_a), lock, _by_fpr95(by_run, WORSE))
+    rb = registry.register("m", _candidate("b", run_b, uri_b), lock, _by_fpr95(by_run, GOOD))
+    rc = registry.register("m", _candidate("c", run_c, uri_c), lock, _by_fpr95(by_run, WORSE))
     assert (ra.promoted_now, rb.promoted_now, rc.promoted_now) == (True, True, False)
-    assert rc.reasons[0] == "means only (gate.confidence: null)"
+    assert ra.reasons == ("no current champion",)
+    assert rc.reasons == ("FPR95 0.3 vs champion v2 0.2",)
+    # without a judge nothing compares the two: the champion stays
+    rd = registry.register("m", _candidate("d", run_c, uri_c, fingerprint="d"), lock)
+    assert not rd.promoted_now and rd.reasons == ("the champion v2 stays: nothing compared the two",)
     champ = MlflowClient().get_model_version_by_alias("m", "champion")
     assert str(champ.version) == "2"
-    assert str(MlflowClient().get_model_version_by_alias("m", "challenger").version) == "3"  # the last run's
+    assert str(MlflowClient().get_model_version_by_alias("m", "challenger").version) == "4"  # the last run's
     v3 = MlflowClient().get_model_version("m", "3")
-    assert "did not beat the current champion" in v3.description
+    assert (
+        "did not replace the current champion" in v3.description
+        and "FPR95 0.3 vs champion v2" in v3.description
+    )
+    assert "Compared: c seed 0 against softmax seed 0" in v3.description
     assert v3.tags["oodgate.champion_decision"] == "kept_champion"
     assert MlflowClient().get_run(run_c).data.tags["oodgate.champion"] == "false"
 
@@ -486,13 +526,9 @@ def test_champion_moves_only_to_a_better_model_and_loads_from_the_registry(mlflo
 
 
 def test_a_candidate_not_promoted_is_the_challenger_and_never_the_champion(mlflow_db, prepared_dir, tmp_path):
-    from oodgate.config import GateConfig
-
     exp = tracking.ensure_experiment("oodgate", tmp_path)
     run_id, uri = _logged_model(exp, "x", GOOD, prepared_dir)
-    r = registry.register(
-        "m4", _candidate("x", run_id, uri, GOOD, promote=False), GateConfig(), tmp_path / "l"
-    )
+    r = registry.register("m4", _candidate("x", run_id, uri, promote=False), tmp_path / "l")
     assert (r.version, r.new_version, r.champion, r.promoted_now) == (1, True, False, False)
     assert r.reasons == ("not promoted: the gate did not show it better than the baseline",)
     assert str(MlflowClient().get_model_version_by_alias("m4", "challenger").version) == "1"
@@ -504,18 +540,17 @@ def test_a_candidate_not_promoted_is_the_challenger_and_never_the_champion(mlflo
 
 
 def test_two_flows_gating_at_once_leave_exactly_one_champion(mlflow_db, prepared_dir, tmp_path):
-    from oodgate.config import GateConfig
-
     exp = tracking.ensure_experiment("oodgate", tmp_path)
     lock = tmp_path / "lock"
     entries = [(*_logged_model(exp, n, m, prepared_dir), n, m) for n, m in (("x", WORSE), ("y", GOOD))]
+    by_run = {e[0]: e[3] for e in entries}
     results: dict[str, registry.Registration] = {}
     barrier = threading.Barrier(2)
 
     def gate_one(run_id, uri, name, metrics):
         barrier.wait()
         results[name] = registry.register(
-            "m2", _candidate(name, run_id, uri, metrics), GateConfig(confidence=None), lock
+            "m2", _candidate(name, run_id, uri), lock, _by_fpr95(by_run, metrics)
         )
 
     threads = [threading.Thread(target=gate_one, args=e) for e in entries]
@@ -530,6 +565,67 @@ def test_two_flows_gating_at_once_leave_exactly_one_champion(mlflow_db, prepared
     assert {r.champion for r in results.values()} <= {True, False}
     for run_id, *_ in entries:
         assert MlflowClient().get_run(run_id).data.tags["oodgate.champion_reasons"]
+
+
+def _scored(name: str, version, prepared_dir: Path):
+    """A registered model's per-image arrays on the prepared test and OOD images."""
+    from oodgate import gate
+    from oodgate_mlflow.champion import score_version
+
+    bundle = steps.load_prepared(prepared_dir)
+    images = {"": bundle.test.x.numpy(), **{k: v.x.numpy() for k, v in bundle.ood.items()}}
+    scored = score_version(name, version, images, list(bundle.class_names), 256)
+    p, s = scored.pop("")
+    return gate.samples_from_probabilities(
+        p, bundle.test.y.numpy(), s, {k: v for k, (_, v) in scored.items()}, bundle.ood_groups
+    )
+
+
+def test_the_champion_is_scored_on_this_runs_images_and_replaced_only_by_the_gates_evidence(
+    mlflow_db, prepared_dir, embedded_root, tmp_path
+):
+    """The judge the flow passes to the registry: the current champion, verified, scored on the run's
+    prepared test and OOD images, against the candidate's arrays on the same images, by the gate's
+    rule and model-level evidence; a champion of other classes stays, one whose files fail
+    verification is replaced."""
+    from oodgate.config import parse_config
+    from oodgate_mlflow.integrity import ModelIntegrityError
+    from tasks.track import champion_judge
+
+    exp = tracking.ensure_experiment("oodgate", tmp_path)
+    lock = tmp_path / "lock"
+    run_a, uri_a = _logged_model(exp, "a", WORSE, prepared_dir)
+    registry.register("j", _candidate("a", run_a, uri_a, fingerprint="a"), lock)  # the champion, v1
+    champion = MlflowClient().get_model_version_by_alias("j", "champion")
+    itself = _scored("j", champion, prepared_dir)
+    raw = tiny_params(embedded_root, tmp_path / "w")
+    cfg = parse_config({**raw, "registry": {"model_name": "j"}, "gate": {"samples": 200}})
+    take, reasons = champion_judge(cfg, "b", 3, itself, str(prepared_dir))(champion)
+    assert not take  # the same model: no gain, nothing shown
+    assert reasons[0].startswith("b seed 3 against the champion v1 (a seed 0), on the same ")
+    assert " test and " in reasons[0] and any("McNemar" in r or "Tango" in r for r in reasons)
+    means_only = parse_config({**raw, "registry": {"model_name": "j"}, "gate": {"confidence": None}})
+    take, reasons = champion_judge(means_only, "b", 3, itself, str(prepared_dir))(champion)
+    assert not take and "fails" in " ".join(reasons)
+
+    # a champion of other classes cannot be scored on these images: it stays, and one line says why
+    others = parse_config({**raw, "data": {**raw["data"], "classes": [3, 4, 5]}})
+    steps.prepare(others, tmp_path / "other")
+    take, reasons = champion_judge(cfg, "b", 3, itself, str(tmp_path / "other"))(champion)
+    assert not take and len(reasons) == 1
+    assert reasons[0].startswith(
+        "the champion v1 (a seed 0) stays: it cannot be scored on this run's images (it has the classes "
+        "['0', '1', '2'], these images ['3', '4', '5'])"
+    )
+
+    # a champion whose files fail verification cannot be served: it is replaced
+    MlflowClient().set_model_version_tag("j", "1", "oodgate.model_files", "{}")
+    take, reasons = champion_judge(cfg, "b", 3, itself, str(prepared_dir))(
+        MlflowClient().get_model_version("j", "1")
+    )
+    assert take and "is replaced: its files fail verification" in reasons[0]
+    with pytest.raises(ModelIntegrityError):
+        _scored("j", MlflowClient().get_model_version("j", "1"), prepared_dir)
 
 
 def test_retry_only_where_it_helps():
@@ -566,21 +662,18 @@ def test_logged_model_has_signature_example_and_explicit_requirements(mlflow_db,
 
 
 def test_registering_the_same_weights_again_adds_no_version(mlflow_db, prepared_dir, tmp_path):
-    from oodgate.config import GateConfig
-
     exp = tracking.ensure_experiment("oodgate", tmp_path)
     lock = tmp_path / "lock"
     run_a, uri_a = _logged_model(exp, "a", GOOD, prepared_dir)
     run_b, uri_b = _logged_model(exp, "b", GOOD, prepared_dir)  # a re-run: same weights, new run
-    gate = GateConfig(confidence=None)
-    first = registry.register("m3", _candidate("a", run_a, uri_a, GOOD, fingerprint="f1"), gate, lock)
-    again = registry.register("m3", _candidate("a", run_b, uri_b, GOOD, fingerprint="f1"), gate, lock)
+    first = registry.register("m3", _candidate("a", run_a, uri_a, fingerprint="f1"), lock)
+    again = registry.register("m3", _candidate("a", run_b, uri_b, fingerprint="f1"), lock)
     assert (first.version, first.champion, first.new_version) == (1, True, True)
     assert again == registry.Registration(
         "a", 1, False, True, False, ("unchanged: same fingerprint as version 1 (the champion)",)
     )
     assert len(MlflowClient().search_model_versions("name='m3'")) == 1
-    other = registry.register("m3", _candidate("a", run_b, uri_b, GOOD, fingerprint="f2"), gate, lock)
+    other = registry.register("m3", _candidate("a", run_b, uri_b, fingerprint="f2"), lock)
     assert other.version == 2 and other.new_version
 
 
@@ -616,14 +709,11 @@ def test_a_tampered_champion_is_refused_without_running_its_payload(mlflow_db, p
 
     from mlflow.exceptions import MlflowException
 
-    from oodgate.config import GateConfig
     from oodgate_mlflow.champion import load_champion
 
     exp = tracking.ensure_experiment("oodgate", tmp_path)
     run_id, uri = _logged_model(exp, "t", GOOD, prepared_dir)
-    registry.register(
-        "tampered", _candidate("t", run_id, uri, GOOD), GateConfig(confidence=None), tmp_path / "lock"
-    )
+    registry.register("tampered", _candidate("t", run_id, uri), tmp_path / "lock")
     model, version = load_champion("tampered", uri=mlflow_db)  # intact: loads
     assert version == 1 and len(model.predict(np.zeros((1, 1, 28, 28), np.float32))) == 1
 

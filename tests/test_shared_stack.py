@@ -267,7 +267,7 @@ def test_exactly_one_champion_the_better_model_and_both_decisions(shared):
     assert champion.run_id == children["better"].info.run_id
     gate = GateConfig()
     m = {name: c.data.metrics for name, c in children.items()}
-    assert compare_means(m["better"], m["first"], gate).promote  # the registry's rule picks it
+    assert compare_means(m["better"], m["first"], gate).promote  # the gate's rule picks it
     assert not compare_means(m["first"], m["better"], gate).promote
     tags = {name: c.data.tags for name, c in children.items()}
     assert tags["better"]["oodgate.champion"] == "true"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from oodgate.config import Config
@@ -44,6 +44,7 @@ class LossDecision:
     tests: dict[str, str]
     compared: str = ""
     seed_level: tuple[str, ...] = ()
+    by_metric: dict[str, str] = field(default_factory=dict)  # per criterion, its reason
 
     @classmethod
     def of(cls, d: Decision) -> LossDecision:
@@ -54,11 +55,14 @@ class LossDecision:
             tests=d.tests(),
             compared=d.compared,
             seed_level=tuple(d.seed_level),
+            by_metric=d.by_metric(),
         )
 
     def record(self) -> dict[str, object]:
         """As ``gate.json`` holds it: the fields, the reasons as lists."""
-        return {**asdict(self), "reasons": list(self.reasons), "seed_level": list(self.seed_level)}
+        record = {**asdict(self), "reasons": list(self.reasons), "seed_level": list(self.seed_level)}
+        del record["by_metric"]  # the reasons again, by criterion
+        return record
 
 
 @dataclass(frozen=True)
