@@ -51,7 +51,9 @@ steps.prepare(cfg, lay.prepared)
 t = steps.train(cfg, loss, seed, lay.prepared, lay.train(loss, seed))
 t0 = time.perf_counter()
 c = steps.calibrate(cfg, loss, seed, lay.train(loss, seed), lay.prepared, lay.calibrate(loss, seed))
-e = steps.evaluate(cfg, loss, seed, lay.calibrate(loss, seed), lay.prepared, lay.evaluate(loss, seed), plots=False)
+s = steps.select(cfg, loss, {seed: lay.calibrate(loss, seed)}, lay.prepared, lay.select(loss))
+e = steps.evaluate(cfg, loss, seed, lay.calibrate(loss, seed), lay.prepared, lay.evaluate(loss, seed),
+                   lay.select(loss), plots=False)
 import torch
 print(json.dumps({"train": t.train_seconds, "evaluate": time.perf_counter() - t0,
                   "temperature": c.temperature, "aten": torch.backends.cpu.get_cpu_capability()}))

@@ -48,30 +48,45 @@ def main(argv: list[str] | None = None) -> int:
             steps.calibrate(
                 cfg, loss_id, seed, lay.train(loss_id, seed), lay.prepared, lay.calibrate(loss_id, seed)
             )
-            steps.evaluate(
-                cfg,
-                loss_id,
-                seed,
-                lay.calibrate(loss_id, seed),
-                lay.prepared,
-                lay.evaluate(loss_id, seed),
-                plots=False,
-            )
             print(
                 f"{loss_id} seed {seed} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True
             )
 
-    reports = []
-    for group in seed_sets:
+    # each seed set is a run of its own: its scores are chosen over its seeds, its models evaluated
+    reports, choices = [], []
+    names = [",".join(map(str, g)) for g in seed_sets]
+    for name, group in zip(names, seed_sets):
         sub = load_config(args.params, {**overrides, "seeds": group})
-        evaluated = steps.collect(sub, lay.evaluate, lay.prepared)
+        runs = Path(args.workdir) / "sets" / name.replace(",", "-")
+
+        def evaluate_dir(loss_id: str, seed: int, runs: Path = runs) -> Path:
+            return runs / "evaluate" / loss_id / f"seed{seed}"
+
+        chosen = {}
+        for loss_id in sub.loss_ids():
+            select_dir = runs / "select" / loss_id
+            calibrated = {s: lay.calibrate(loss_id, s) for s in group}
+            chosen[loss_id] = steps.select(sub, loss_id, calibrated, lay.prepared, select_dir).choice["text"]
+            for seed in group:
+                steps.evaluate(
+                    sub,
+                    loss_id,
+                    seed,
+                    lay.calibrate(loss_id, seed),
+                    lay.prepared,
+                    evaluate_dir(loss_id, seed),
+                    select_dir,
+                    plots=False,
+                )
+        choices.append(chosen)
+        evaluated = steps.collect(sub, evaluate_dir, lay.prepared)
         metrics = {k: [e.metrics for e in evaluated if e.loss == k] for k in sub.loss_ids()}
-        samples = {k: [steps.load_samples(lay.evaluate(k, s)) for s in group] for k in sub.loss_ids()}
+        samples = {k: [steps.load_samples(evaluate_dir(k, s)) for s in group] for k in sub.loss_ids()}
         reports.append(steps.gate(sub, metrics, samples))
 
-    names = [",".join(map(str, g)) for g in seed_sets]
     print(
-        f"\nGate decisions on disjoint seed sets (confidence {cfg.gate.confidence}, FPR95 over {cfg.gate.fpr95.over!r})\n"
+        f"\nGate decisions on disjoint seed sets (evidence {cfg.gate.evidence}, confidence {cfg.gate.confidence}, "
+        f"FPR95 over {cfg.gate.fpr95.over!r})\n"
     )
     print("| candidate | " + " | ".join(f"seeds {n}" for n in names) + " | agree |")
     print("|---|" + "---|" * (len(names) + 1))
@@ -81,10 +96,49 @@ def main(argv: list[str] | None = None) -> int:
         agree = len(set(verdicts)) == 1
         agree_all &= agree
         print(f"| {loss_id} | " + " | ".join(verdicts) + f" | {'yes' if agree else 'NO'} |")
+    _print_choices(cfg.loss_ids(), names, choices, reports)
     if cfg.gate.confidence is not None:
         _print_evidence(cfg.candidates(), names, reports)
     print(f"\nall decisions agree: {'yes' if agree_all else 'NO'}; total {time.perf_counter() - t0:.0f} s")
     return 0 if agree_all else 1
+
+
+def _print_choices(
+    losses: list[str], names: list[str], choices: list[dict[str, str]], reports: list[steps.GateReport]
+) -> None:
+    """What ``score: auto`` chose per seed set, and the deployable seed against the test-best seeds
+    (information: the choice is made on validation data, and the test is not its target)."""
+    print("\nOOD score per seed set (score: auto, chosen on the validation OOD sets)\n")
+    print("| loss | " + " | ".join(f"seeds {n}" for n in names) + " |")
+    print("|---|" + "---|" * len(names))
+    for loss_id in losses:
+        print(f"| {loss_id} | " + " | ".join(c[loss_id] for c in choices) + " |")
+    print("\nDeployable seed (lowest calibrated validation NLL) against the test-best seed of its set\n")
+    print("| loss | seed set | chosen | test-best by accuracy | test-best by mean FPR95 |")
+    print("|---|---|---|---|---|")
+    hits = {"acc": 0, "fpr": 0}
+    total = 0
+    for loss_id in losses:
+        for name, r in zip(names, reports):
+            seeds = [int(x) for x in name.split(",")]
+            chosen = r.models[loss_id].seed
+            per = dict(zip(seeds, r.per_seed[loss_id]))
+            best_acc = [
+                s for s in seeds if per[s]["test/accuracy"] == max(per[x]["test/accuracy"] for x in seeds)
+            ]
+            best_fpr = [
+                s for s in seeds if per[s]["ood/mean/fpr95"] == min(per[x]["ood/mean/fpr95"] for x in seeds)
+            ]
+            hits["acc"] += chosen in best_acc
+            hits["fpr"] += chosen in best_fpr
+            total += 1
+            print(
+                f"| {loss_id} | {name} | {chosen} | {', '.join(map(str, best_acc))} | {', '.join(map(str, best_fpr))} |"
+            )
+    print(
+        f"\nThe chosen seed was a test-best by accuracy in {hits['acc']} of {total}, by mean FPR95 in "
+        f"{hits['fpr']} of {total} (chance with 3 seeds and no ties: 1 in 3)"
+    )
 
 
 def _print_evidence(candidates: list[str], names: list[str], reports: list[steps.GateReport]) -> None:

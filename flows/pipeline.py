@@ -106,7 +106,7 @@ from oodgate_mlflow import tracking
 from oodgate_mlflow.registry import Registration
 from tasks.caching import Job
 from tasks.data import check_data, prepare_data
-from tasks.evaluate import calibrate_model, evaluate_model
+from tasks.evaluate import calibrate_model, evaluate_model, select_score
 from tasks.gate import gate_losses, samples_of
 from tasks.track import (
     LossResult,
@@ -147,10 +147,12 @@ class LossRun:
     trained: list[PrefectFuture] = field(default_factory=list)
     calibrated: list[PrefectFuture] = field(default_factory=list)
     evaluated: list[PrefectFuture] = field(default_factory=list)
+    selected: PrefectFuture | None = None
     packaged: PrefectFuture | None = None
 
     def futures(self) -> list[PrefectFuture]:
-        return [*self.trained, *self.calibrated, *self.evaluated, *([self.packaged] if self.packaged else [])]
+        extra = [f for f in (self.selected, self.packaged) if f is not None]
+        return [*self.trained, *self.calibrated, *self.evaluated, *extra]
 
 
 @dataclass
@@ -371,14 +373,18 @@ def _submit(ctx: Context, loss_id: str, fp: str, expected: list[inputs.Expected]
     """Train, calibrate and evaluate every seed of one loss (Prefect caches each task by its job)."""
     cfg, prepared = ctx.cfg, ctx.prepared_dir
     lr = LossRun(loss_id, fp)
-    for seed, e in zip(cfg.seeds_of(loss_id), expected):
+    seeds = cfg.seeds_of(loss_id)
+    for seed, e in zip(seeds, expected):
         t = train_model.submit(cfg, ctx.job("train", e.fingerprint["train"], loss_id, seed), prepared)
         job = ctx.job("calibrate", e.fingerprint["calibrate"], loss_id, seed)
-        c = calibrate_model.submit(cfg, job, t, prepared)
-        job = ctx.job("evaluate", e.fingerprint["evaluate"], loss_id, seed)
         lr.trained.append(t)
-        lr.calibrated.append(c)
-        lr.evaluated.append(evaluate_model.submit(cfg, job, c, prepared))
+        lr.calibrated.append(calibrate_model.submit(cfg, job, t, prepared))
+    # the loss's OOD score, chosen on validation data over every seed's model, before any evaluation
+    job = ctx.job("select", expected[0].fingerprint["select"], loss_id, seeds[0])
+    lr.selected = select_score.submit(cfg, job, lr.calibrated, prepared)
+    for seed, e, c in zip(seeds, expected, lr.calibrated):
+        job = ctx.job("evaluate", e.fingerprint["evaluate"], loss_id, seed)
+        lr.evaluated.append(evaluate_model.submit(cfg, job, c, lr.selected, prepared))
     out = str(ctx.workdir / "cache" / f"package-{fp}")  # the model of the seed chosen on validation data
     lr.packaged = package_model.submit(loss_id, lr.trained, lr.calibrated, lr.evaluated, out)
     return lr
@@ -429,7 +435,7 @@ def _log(ctx: Context, lr: LossRun) -> LossResult | str:
                 for k, v in inputs.train_inputs(cfg, lr.loss_id, first).items()
                 if k not in ("step", "seed")
             },
-            "score": inputs.resolved_score(cfg, lr.loss_id),
+            "score": cfg.losses[lr.loss_id].score or "the method's default",
             "calibration": cfg.calibration.model_dump(),
             "seeds": cfg.seeds_of(lr.loss_id),
         },

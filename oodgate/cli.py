@@ -147,12 +147,29 @@ def cmd_calibrate(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
+    """Each loss's OOD score, chosen on validation data over all its seeds' calibrated models."""
+    from oodgate import steps
+
+    for loss_id in _losses(cfg, args):
+        calibrated = {s: lay.calibrate(loss_id, s) for s in cfg.seeds_of(loss_id)}
+        chosen = steps.select(cfg, loss_id, calibrated, lay.prepared, lay.select(loss_id))
+        print(f"select {loss_id}: {chosen.choice['text']}")
+    return 0
+
+
 def cmd_evaluate(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
     from oodgate import steps
 
     for loss_id, seed in _runs(cfg, args):
         e = steps.evaluate(
-            cfg, loss_id, seed, lay.calibrate(loss_id, seed), lay.prepared, lay.evaluate(loss_id, seed)
+            cfg,
+            loss_id,
+            seed,
+            lay.calibrate(loss_id, seed),
+            lay.prepared,
+            lay.evaluate(loss_id, seed),
+            lay.select(loss_id),
         )
         steps.write_json(lay.metrics(loss_id, seed), e.metrics)
         write_evaluation_curves(lay, loss_id, seed)
@@ -174,7 +191,7 @@ def _gate_report(cfg: Config, lay: Layout) -> GateReport:
     samples = None
     if cfg.gate.confidence is not None:
         samples = {k: [steps.load_samples(lay.evaluate(k, s)) for s in cfg.seeds] for k in cfg.loss_ids()}
-    scores = {e.loss: e.score for e in evaluated}
+    scores = {e.loss: e.score_choice for e in evaluated}
     return steps.gate(cfg, metrics, samples, scores=scores)
 
 
@@ -222,12 +239,14 @@ def cmd_run(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
     """Every step for the selected losses and seeds; the gate over what was run (the whole config:
     ``gate.json`` and ``report.md``; a selection: printed only, or why it cannot be gated)."""
     t0 = time.perf_counter()
-    for fn in (cmd_prepare, cmd_train, cmd_calibrate, cmd_evaluate):
-        fn(cfg, lay, args)
+    # a --loss/--seed selection runs every step on it: the score is chosen over the seeds run
+    sub, why_not = _selection(cfg, args)
+    run_cfg = cfg if args.loss is None and args.seed is None else sub
+    for fn in (cmd_prepare, cmd_train, cmd_calibrate, cmd_select, cmd_evaluate):
+        fn(run_cfg, lay, args)
     if args.loss is None and args.seed is None:
         cmd_gate(cfg, lay, args)
     else:
-        sub, why_not = _selection(cfg, args)
         if why_not is not None:
             print(f"gate: not run: {why_not}; run every loss and seed of params.yaml to gate them")
         else:
@@ -269,6 +288,7 @@ COMMANDS = {
     "import": cmd_import,
     "train": cmd_train,
     "calibrate": cmd_calibrate,
+    "select": cmd_select,
     "evaluate": cmd_evaluate,
     "gate": cmd_gate,
     "run": cmd_run,
@@ -293,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
             "inputs": "what each step depends on (for dvc.yaml)",
             "numerics": "the variables that pin the numerics of params.yaml (export them to start a worker by hand)",
             "import": "import the losses' checkpoints (losses.<id>.checkpoint) instead of training them",
+            "select": "choose each loss's OOD score on the validation OOD sets (data.ood_val)",
         }
         s = sub.add_parser(name, help=helps.get(name, f"the {name} step"))
         s.add_argument("--params", default="params.yaml")
@@ -300,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--set", action="append", metavar="KEY=VALUE", help="override a params key, e.g. train.epochs=2"
         )
         s.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "select":
+            s.add_argument("--loss", default=None, help="one loss id from params.yaml (default: all)")
         if name in ("train", "import", "calibrate", "evaluate", "run"):
             s.add_argument("--loss", default=None, help="one loss id from params.yaml (default: all)")
             s.add_argument("--seed", type=int, default=None, help="one seed from params.yaml (default: all)")

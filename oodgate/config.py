@@ -73,6 +73,11 @@ class DataConfig(_Frozen):
         description="processes decoding folder images, and loading training batches (0: in this process)",
     )
     ood: list[OODSource] = Field(default_factory=list)
+    ood_val: list[OODSource] = Field(
+        default_factory=list,
+        description="validation OOD sets, disjoint in source from every test OOD set: score: auto chooses "
+        "each model's OOD score on them (null list: the method's default score)",
+    )
     val_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
     test_fraction: float = Field(
         default=0.2, gt=0.0, lt=0.5, description="only for datasets without an official test split"
@@ -81,7 +86,7 @@ class DataConfig(_Frozen):
     ood_size: int = Field(default=1000, ge=10, description="samples per generated OOD set (noise, patches)")
     download: bool = False
 
-    @field_validator("ood", mode="before")
+    @field_validator("ood", "ood_val", mode="before")
     @classmethod
     def _names_to_sources(cls, v: Any) -> Any:
         if isinstance(v, list):
@@ -247,12 +252,19 @@ class CheckpointConfig(_Frozen):
         return self
 
 
+AUTO_SCORE = "auto"  # losses.<id>.score: the method's score with the lowest FPR95 on data.ood_val
+
+
 class LossConfig(_Frozen):
     """One entry of ``losses:``; the key in params.yaml is the loss id (``dismax_fpr``)."""
 
     method: str
     options: dict[str, Any] = Field(default_factory=dict)
-    score: str | None = Field(default=None, description="OOD score; null = the method's default")
+    score: str | None = Field(
+        default="auto",
+        description="OOD score: auto (the method's score with the lowest FPR95 on data.ood_val), a score's "
+        "name, or null (the method's default)",
+    )
     checkpoint: CheckpointConfig | None = Field(
         default=None, description="a model trained elsewhere: imported instead of trained"
     )
@@ -477,6 +489,24 @@ class Config(_Frozen):
                 raise ValueError(
                     f"data.ood: {source.name!r} needs a group: near (unseen classes, letters, other "
                     "datasets of the same kind) or far (photos, noise, unrelated images)"
+                )
+        val_seen: set[str] = set()
+        for source in self.data.ood_val:
+            if not OOD_NAME.fullmatch(source.name):
+                raise ValueError(
+                    f"data.ood_val: the name {source.name!r} is not allowed: it names metrics "
+                    f"(selection/<score>/fpr95), so use {OOD_NAME_RULE}"
+                )
+            if source.name in val_seen:
+                raise ValueError(
+                    f"data.ood_val lists {source.name!r} twice; list each validation OOD set once"
+                )
+            val_seen.add(source.name)
+            if source.name in seen:
+                raise ValueError(
+                    f"data.ood_val: {source.name!r} is also a test OOD set (data.ood); validation OOD data must be "
+                    "disjoint from every test OOD set, or choosing a score on it would tune on the test: "
+                    "use another set (the demo's: glyphs, portrait_patches)"
                 )
         for key in self.losses:
             if not key.replace("_", "").replace("-", "").isalnum():

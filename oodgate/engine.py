@@ -495,6 +495,58 @@ class Checkpointer(Hook):
         run.save_last(self.dir / LAST, stats.epoch, self.fingerprint)
 
 
+#: A prototype head's prototypes have "not moved" when each one's cosine with its initial direction
+#: is still at least this at the end of training (every one turned by less than 8.1 degrees).
+PROTOTYPES_STILL = 0.99
+
+
+def prototype_figures(prototypes: torch.Tensor, initial: torch.Tensor) -> dict[str, float]:
+    """The prototypes' mean norm and, where they started away from 0, each prototype's cosine with
+    its initial direction (min and mean over the prototypes); IsoMax's start at 0, which has no
+    direction, so only its norm is reported."""
+    p, p0 = prototypes.detach().double().cpu(), initial.detach().double().cpu()
+    out = {"prototype_norm": float(p.norm(dim=1).mean())}
+    if bool((p0.norm(dim=1) > 0).all()):
+        cos = torch.nn.functional.cosine_similarity(p, p0, dim=1)
+        out["prototype_cosine_min"] = float(cos.min())
+        out["prototype_cosine_mean"] = float(cos.mean())
+    return out
+
+
+class PrototypeWatch(Hook):
+    """For a head with prototypes (IsoMax, IsoMax+, DisMax): after every epoch, their mean norm and
+    cosine with their initial directions (:func:`prototype_figures`) in the epoch's history. Put it
+    before the :class:`Checkpointer`, so that it sees the prototypes a resumed run started from."""
+
+    def __init__(self) -> None:
+        self.initial: torch.Tensor | None = None
+
+    def before_train(self, run: Run) -> None:
+        prototypes = getattr(run.model.head, "prototypes", None)
+        self.initial = prototypes.detach().clone().cpu() if prototypes is not None else None
+
+    def after_epoch(self, run: Run, stats: EpochStats) -> None:
+        if self.initial is not None:
+            run.history[-1].update(prototype_figures(run.model.head.prototypes, self.initial))
+
+
+def prototypes_still(history: Sequence[dict[str, float]]) -> str | None:
+    """One line when the last epoch's prototypes have not moved (:data:`PROTOTYPES_STILL`): what it
+    means and what to change; None when they moved or there are none."""
+    if not history or "prototype_cosine_min" not in history[-1]:
+        return None
+    last = history[-1]
+    if last["prototype_cosine_min"] < PROTOTYPES_STILL:
+        return None
+    return (
+        f"the prototypes have not moved: after {len(history)} epochs each is within 8 degrees of its random "
+        f"start (cosine >= {last['prototype_cosine_min']:.3f}, norm {last['prototype_norm']:.2f}), so the "
+        "distance scores (mmles, mds) measure features against random directions; train longer (the papers: "
+        "300 epochs with weight decay, which shrinks the prototypes so they turn) or choose the score on "
+        "validation OOD data (score: auto)"
+    )
+
+
 class ProgressBar(Hook):
     """A tqdm bar over the epochs with the last epoch's loss and accuracies (first process only)."""
 
@@ -598,6 +650,7 @@ __all__ = [
     "Hook",
     "NonFiniteLossError",
     "ProgressBar",
+    "PrototypeWatch",
     "Run",
     "TrainResult",
     "TrainingInterrupted",

@@ -721,11 +721,17 @@ def with_holm(decisions: Mapping[str, Decision], gate: GateConfig) -> dict[str, 
         promote = adjusted[k] < alpha
         reasons = d.reasons
         if len(decisions) > 1:
+            worse = [e.criterion.label for e in d.evidence if e.better_means and not better(e.gain)]
+            why = (
+                f"{', '.join(worse)} not better than the baseline's, so p = 1"
+                if worse
+                else f"p = {p[k]:.3g}, the largest of its criteria's"
+            )
             verdict = "shown" if promote else "not shown"
             reasons = (
                 *reasons,
-                f"for the run: p = {p[k]:.3g} (its largest), Holm-adjusted over {len(decisions)} candidates "
-                f"{adjusted[k]:.3g}: {verdict} with {gate.confidence:.0%} confidence for the whole run",
+                f"for the run ({why}): Holm-adjusted over {len(decisions)} candidates p = {adjusted[k]:.3g}, "
+                f"{verdict} with {gate.confidence:.0%} confidence for the whole run",
             )
         out[k] = replace(d, promote=promote, reasons=reasons, p_value=p[k], adjusted=adjusted[k])
     return out

@@ -25,6 +25,9 @@ class Layout:
     def calibrate(self, loss_id: str, seed: int) -> Path:
         return self.workdir / "calibrate" / loss_id / f"seed{seed}"
 
+    def select(self, loss_id: str) -> Path:
+        return self.workdir / "select" / loss_id
+
     def evaluate(self, loss_id: str, seed: int) -> Path:
         return self.workdir / "evaluate" / loss_id / f"seed{seed}"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oodgate.config import Config, ConfigError
+from oodgate.config import AUTO_SCORE, Config, ConfigError
 
 # Classes of each in-distribution dataset (their loaders are slow to run just to count them).
 NUM_CLASSES = {
@@ -85,13 +85,42 @@ def check_names(cfg: Config) -> None:
                 f"data.ood: {source.name!r} is not a known OOD set; valid sets: "
                 f"{', '.join(OOD_DATASETS.names())}, or {{name: <label>, path: <folder or .npz>}}"
             )
+    for source in cfg.data.ood_val:
+        if source.path is None and source.name not in OOD_DATASETS:
+            raise PreflightError(
+                f"data.ood_val: {source.name!r} is not a known OOD set; valid sets: "
+                f"{', '.join(OOD_DATASETS.names())}, or {{name: <label>, path: <folder or .npz>}}"
+            )
+        if source.path is None and source.name == cfg.data.dataset:
+            raise PreflightError(
+                f"data.ood_val: {source.name!r} is the in-distribution dataset (data.dataset); it cannot be OOD"
+            )
     for key, loss in cfg.losses.items():
         try:
             methods.check_options(loss.method, loss.options)
-            if loss.score is not None:
+            if loss.score is not None and loss.score != AUTO_SCORE:
                 scores.get(loss.score)
         except ValueError as e:
             raise PreflightError(f"losses.{key}: {e}") from None
+
+
+def check_validation_ood(cfg: Config, project: Path) -> None:
+    """Validation OOD sets given by path must not be, contain or lie inside a test OOD set's path:
+    choosing a score on them would then tune on test images (``prepare`` also refuses any image the
+    two share, pixel for pixel)."""
+    tests = {s.name: Path(os.path.abspath(project / s.path)) for s in cfg.data.ood if s.path is not None}
+    for source in cfg.data.ood_val:
+        if source.path is None:
+            continue
+        path = Path(os.path.abspath(project / source.path))
+        for name, test in tests.items():
+            if path == test or test in path.parents or path in test.parents:
+                raise PreflightError(
+                    f"data.ood_val: {source.name!r} ({str(path)!r}) overlaps the test OOD set {name!r} "
+                    f"({str(test)!r}); validation OOD data must be disjoint from every test OOD set, or "
+                    "choosing a score on it would tune on the test: give images from another source"
+                )
+        check_ood_path(source.name, path, "data.ood_val")
 
 
 def check_device(cfg: Config) -> None:
@@ -142,10 +171,10 @@ def _npz_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
-def check_ood_path(name: str, path: Path) -> None:
+def check_ood_path(name: str, path: Path, key: str = "data.ood") -> None:
     if not path.exists():
         raise PreflightError(
-            f"data.ood: {name!r} points to {str(path)!r}, which does not exist; give a folder of images "
+            f"{key}: {name!r} points to {str(path)!r}, which does not exist; give a folder of images "
             "or an .npz file with a uint8 array 'x'"
         )
     if path.is_dir():
@@ -282,3 +311,4 @@ def preflight(cfg: Config, training: bool = True, project: str | Path = ".") -> 
     for source in cfg.data.ood:
         if source.path is not None:
             check_ood_path(source.name, Path(source.path))
+    check_validation_ood(cfg, project)

@@ -7,6 +7,7 @@ The first process writes ``history.json``, ``provenance.json`` and the record ``
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -117,7 +118,7 @@ def train_here(
         bundle.val,
         cfg.train,
         seed,
-        hooks=(engine.Checkpointer(out_dir, fingerprint), *hooks),
+        hooks=(engine.PrototypeWatch(), engine.Checkpointer(out_dir, fingerprint), *hooks),
         workers=cfg.data.workers,
     )
     if not dist.main:
@@ -142,7 +143,14 @@ def train_here(
 def _figures(result: engine.TrainResult) -> dict:
     """The fields of :class:`~oodgate.steps.results.Trained` a finished training gives."""
     seconds = [h.get("seconds", 0.0) for h in result.history]
+    last = result.history[-1] if result.history else {}
+    prototypes = {k.removeprefix("prototype_"): v for k, v in last.items() if k.startswith("prototype_")}
+    still = engine.prototypes_still(result.history)
+    if still is not None:
+        prototypes["warning"] = still
+        logging.getLogger("oodgate").warning("%s", still)
     return {
+        "prototypes": prototypes,
         "best_epoch": result.best_epoch,
         "best_val_accuracy": result.best_val_accuracy,
         "epochs": len(result.history),

@@ -1,4 +1,5 @@
-"""Calibrate on validation logits, then evaluate on the test split and every OOD test half.
+"""Calibrate on validation logits, choose each loss's OOD score on the validation OOD sets, then
+evaluate on the test split and every OOD set.
 
 The upstream result (``trained``, ``calibrated``) is a parameter so that Prefect orders the tasks;
 the cache key is the job's fingerprint alone, which already chains the upstream fingerprints.
@@ -10,7 +11,7 @@ from prefect import task
 
 from oodgate import steps
 from oodgate.config import Config
-from oodgate.steps.results import Calibrated, Evaluated, Trained
+from oodgate.steps.results import Calibrated, Evaluated, Selected, Trained
 from tasks.caching import Job, by_fingerprint
 
 
@@ -25,10 +26,23 @@ def calibrate_model(cfg: Config, job: Job, trained: Trained, prepared_dir: str) 
 
 
 @task(
+    name="select-score",
+    task_run_name="select-score-{job.loss_id}",
+    cache_policy=by_fingerprint("selection.json"),
+    persist_result=True,
+)
+def select_score(cfg: Config, job: Job, calibrated: list[Calibrated], prepared_dir: str) -> Selected:
+    """The loss's OOD score, chosen on the validation OOD sets over all its seeds' calibrated models."""
+    return steps.select(cfg, job.loss_id, {c.seed: c.dir for c in calibrated}, prepared_dir, job.out_dir)
+
+
+@task(
     name="evaluate",
     task_run_name="evaluate-{job.loss_id}-seed{job.seed}",
     cache_policy=by_fingerprint("evaluation.json"),
     persist_result=True,
 )
-def evaluate_model(cfg: Config, job: Job, calibrated: Calibrated, prepared_dir: str) -> Evaluated:
-    return steps.evaluate(cfg, job.loss_id, job.seed, calibrated.dir, prepared_dir, job.out_dir)
+def evaluate_model(
+    cfg: Config, job: Job, calibrated: Calibrated, selected: Selected, prepared_dir: str
+) -> Evaluated:
+    return steps.evaluate(cfg, job.loss_id, job.seed, calibrated.dir, prepared_dir, job.out_dir, selected.dir)

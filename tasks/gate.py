@@ -35,6 +35,6 @@ def gate_losses(cfg: Config, logged: dict[str, LossResult]) -> GateReport:
         cfg,
         metrics,
         samples,
-        scores={k: v.score for k, v in logged.items()},
+        scores={k: v.score_choice or v.score for k, v in logged.items()},
         seconds={k: v.train_seconds for k, v in logged.items()},
     )

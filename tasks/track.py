@@ -57,6 +57,7 @@ class LossResult:
     seed: int = 0  # the seed whose model is logged (chosen on validation data)
     seed_choice: str = ""
     evaluation_data: str = ""  # digest of the test and OOD images (registry.EVALUATION_DATA_TAG)
+    score_choice: str = ""  # the score and why (oodgate.evaluation.ScoreChoice.text)
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ def log_loss_run(
         run_id,
         {
             "oodgate.score": chosen.score,
+            "oodgate.score_choice": chosen.score_choice,  # why (the validation evidence of auto)
             "oodgate.device": trained[0].device,
             "oodgate.threshold": f"{chosen.threshold:.6g}",
             "oodgate.temperature": f"{temperature:.6g}",
@@ -192,6 +194,7 @@ def log_loss_run(
         seed=packaged.seed,
         seed_choice=packaged.seed_choice,
         evaluation_data=evaluation_data,
+        score_choice=chosen.score_choice,
     )
 
 
@@ -219,6 +222,7 @@ def reused_result(run) -> LossResult:
         seed=int(tags.get("oodgate.model_seed", "0")),
         seed_choice=tags.get("oodgate.seed_choice", ""),
         evaluation_data=tags.get(registry.EVALUATION_DATA_TAG, ""),
+        score_choice=tags.get("oodgate.score_choice", ""),
     )
 
 

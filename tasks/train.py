@@ -32,10 +32,13 @@ def _retry_helps(task, task_run, state) -> bool:
     persist_result=True,
 )
 def train_model(cfg: Config, job: Job, prepared_dir: str) -> Trained:
-    hooks = (_LogEpochs(get_run_logger()),)
-    return steps.train(
-        cfg, job.loss_id, job.seed, prepared_dir, job.out_dir, hooks, fingerprint=job.fingerprint
+    log = get_run_logger()
+    trained = steps.train(
+        cfg, job.loss_id, job.seed, prepared_dir, job.out_dir, (_LogEpochs(log),), fingerprint=job.fingerprint
     )
+    if trained.prototypes.get("warning"):
+        log.warning(f"{job.loss_id} seed {job.seed}: {trained.prototypes['warning']}")
+    return trained
 
 
 class _LogEpochs(Hook):
@@ -45,7 +48,18 @@ class _LogEpochs(Hook):
         self.log = log
 
     def after_epoch(self, run: Run, s: EpochStats) -> None:
+        h = run.history[-1]
+        prototypes = (
+            f", prototypes: norm {h['prototype_norm']:.2f}"
+            + (
+                f", cosine with their start >= {h['prototype_cosine_min']:.3f}"
+                if "prototype_cosine_min" in h
+                else ""
+            )
+            if "prototype_norm" in h
+            else ""
+        )
         self.log.info(
             f"epoch {s.epoch}/{run.cfg.epochs}: train loss {s.train_loss:.4f}, train accuracy "
-            f"{s.train_accuracy:.4f}, val accuracy {s.val_accuracy:.4f} ({s.seconds:.1f} s)"
+            f"{s.train_accuracy:.4f}, val accuracy {s.val_accuracy:.4f}{prototypes} ({s.seconds:.1f} s)"
         )

@@ -95,6 +95,7 @@ def tiny_params(root: Path | str, workdir: Path | str, **train) -> dict:
             "root": str(root),
             "classes": [0, 1, 2],
             "ood": ["mnist_unseen", "gaussian_noise"],
+            "ood_val": ["glyphs"],  # score: auto chooses on it
             "val_fraction": 0.1,
             "test_fraction": 0.2,
             "ood_size": 100,
@@ -191,3 +192,15 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+def evaluate_one(cfg, loss_id: str, seed: int, calibrate_dir, prepared_dir, out_dir, **kwargs):
+    """The select step (for this one seed's model) and the evaluate step, as a test of one
+    (loss, seed) needs them: the score chosen next to ``out_dir``, then the evaluation."""
+    from pathlib import Path
+
+    from oodgate import steps
+
+    select_dir = Path(out_dir).parent / f"{Path(out_dir).name}-select"
+    steps.select(cfg, loss_id, {s: calibrate_dir for s in cfg.seeds_of(loss_id)}, prepared_dir, select_dir)
+    return steps.evaluate(cfg, loss_id, seed, calibrate_dir, prepared_dir, out_dir, select_dir, **kwargs)

@@ -285,8 +285,17 @@ def test_metrics_equal_an_in_process_run_of_the_same_steps(dvc_project, embedded
             for seed in cfg.seeds:
                 steps.train(cfg, k, seed, lay.prepared, lay.train(k, seed))
                 steps.calibrate(cfg, k, seed, lay.train(k, seed), lay.prepared, lay.calibrate(k, seed))
+            steps.select(cfg, k, {s: lay.calibrate(k, s) for s in cfg.seeds}, lay.prepared, lay.select(k))
+            for seed in cfg.seeds:
                 ev = steps.evaluate(
-                    cfg, k, seed, lay.calibrate(k, seed), lay.prepared, lay.evaluate(k, seed), plots=False
+                    cfg,
+                    k,
+                    seed,
+                    lay.calibrate(k, seed),
+                    lay.prepared,
+                    lay.evaluate(k, seed),
+                    lay.select(k),
+                    plots=False,
                 )
                 metrics[k].append(ev.metrics)
     finally:

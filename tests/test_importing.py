@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import tiny_params
+from conftest import evaluate_one, tiny_params
 
 from oodgate.classifier import ModelSpec, build_classifier
 from oodgate.importing import CheckpointError, import_model
@@ -226,7 +226,7 @@ def test_a_checkpoint_trained_by_oodgate_imports_with_the_same_metrics_bit_for_b
     steps.calibrate(
         trained_cfg, "dismax_fpr", 0, lay.train("dismax_fpr", 0), lay.prepared, lay.calibrate("dismax_fpr", 0)
     )
-    trained = steps.evaluate(
+    trained = evaluate_one(
         trained_cfg,
         "dismax_fpr",
         0,
@@ -247,7 +247,7 @@ def test_a_checkpoint_trained_by_oodgate_imports_with_the_same_metrics_bit_for_b
     steps.calibrate(
         cfg, "dismax_fpr", 0, ilay.train("dismax_fpr", 0), ilay.prepared, ilay.calibrate("dismax_fpr", 0)
     )
-    imported = steps.evaluate(
+    imported = evaluate_one(
         cfg, "dismax_fpr", 0, ilay.calibrate("dismax_fpr", 0), ilay.prepared, ilay.evaluate("dismax_fpr", 0)
     )
     assert imported.metrics == trained.metrics  # every metric, to the last digit

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import evaluate_one
 
 from oodgate import steps
 from oodgate.config import parse_config
@@ -33,7 +34,12 @@ def _cfg(repo_params, **sections):
 def _fps(cfg, loss="dismax_fpr", seed=0, id_digest="i", ood_digest="o"):
     t = inputs.train_fingerprint(cfg, loss, seed, id_digest)
     c = inputs.calibrate_fingerprint(cfg, loss, seed, t)
-    return t, c, inputs.evaluate_fingerprint(cfg, loss, seed, c, ood_digest)
+    others = [
+        inputs.calibrate_fingerprint(cfg, loss, s, inputs.train_fingerprint(cfg, loss, s, id_digest))
+        for s in cfg.seeds_of(loss)
+    ]
+    sel = inputs.select_fingerprint(cfg, loss, others, ood_digest)
+    return t, c, inputs.evaluate_fingerprint(cfg, loss, seed, c, sel, ood_digest)
 
 
 def test_training_depends_on_its_keys_and_not_on_scores_calibration_ood_or_the_gate(repo_params):
@@ -78,6 +84,14 @@ def test_training_depends_on_its_keys_and_not_on_scores_calibration_ood_or_the_g
         assert fps(**change)[0] != train, change
     assert _fps(cfg, seed=1)[0] != train and _fps(cfg, id_digest="i2")[0] != train
     assert _fps(cfg, ood_digest="o2")[:2] == (train, cal) and _fps(cfg, ood_digest="o2")[2] != ev
+    # score: auto chooses over every seed of the loss: another seed re-evaluates, never retrains
+    t, c, e = fps(seeds=[0, 1, 2, 3])
+    assert (t, c) == (train, cal) and e != ev
+    # a named score keeps each seed's evaluation independent of the other seeds
+    named = {"method": "dismax", "options": {"fpr": True, "alpha": 1.0}, "score": "mps"}
+    assert fps(losses__dismax_fpr=named)[2] == fps(losses__dismax_fpr=named, seeds=[0, 1, 2, 3])[2]
+    # the validation OOD sets are in ood.pt: choosing on others changes its digest, so evaluates again
+    assert fps(data__ood_val=["glyphs"])[:2] == (train, cal)
 
 
 def test_code_versions_ignore_docstrings_and_comments_and_cover_only_the_code_a_step_runs(tmp_path):
@@ -142,15 +156,18 @@ def test_every_file_a_step_executes_is_in_its_code_version(tiny_config, embedded
         "calibrate": _executed(
             lambda: steps.calibrate(cfg, "dismax_fpr", 0, tmp_path / "t", prep, tmp_path / "c")
         ),
+        "select": _executed(
+            lambda: steps.select(cfg, "dismax_fpr", {0: tmp_path / "c"}, prep, tmp_path / "s")
+        ),
         "evaluate": _executed(
-            lambda: steps.evaluate(cfg, "dismax_fpr", 0, tmp_path / "c", prep, tmp_path / "e")
+            lambda: steps.evaluate(cfg, "dismax_fpr", 0, tmp_path / "c", prep, tmp_path / "e", tmp_path / "s")
         ),
     }
     for loss in cfg.loss_ids():  # the gate reads every loss
         if loss != "dismax_fpr":
             steps.train(cfg, loss, 0, prep, tmp_path / f"t-{loss}")
             steps.calibrate(cfg, loss, 0, tmp_path / f"t-{loss}", prep, tmp_path / f"c-{loss}")
-            steps.evaluate(cfg, loss, 0, tmp_path / f"c-{loss}", prep, tmp_path / f"e-{loss}", plots=False)
+            evaluate_one(cfg, loss, 0, tmp_path / f"c-{loss}", prep, tmp_path / f"e-{loss}", plots=False)
 
     def evaluate_dir(loss, seed):
         return tmp_path / ("e" if loss == "dismax_fpr" else f"e-{loss}")
@@ -183,16 +200,16 @@ def test_a_stale_upstream_result_is_refused_naming_what_changed(embedded_root, p
     c = steps.calibrate(cfg(epochs=1), "softmax", 0, tmp_path / "t", prepared_dir, tmp_path / "c")
     again = steps.calibrate(cfg(epochs=1), "softmax", 0, tmp_path / "t", prepared_dir, tmp_path / "c")
     assert again == c.__class__(**{**c.__dict__, "seconds": 0.0})  # reused from its record
-    steps.evaluate(cfg(epochs=1), "softmax", 0, tmp_path / "c", prepared_dir, tmp_path / "e", plots=False)
+    evaluate_one(cfg(epochs=1), "softmax", 0, tmp_path / "c", prepared_dir, tmp_path / "e", plots=False)
     energy = parse_config(
         {
             **tiny_params(embedded_root, tmp_path / "w", epochs=1),
             "losses": {"softmax": {"method": "softmax", "score": "energy"}},
         }
     )
-    with pytest.raises(steps.StaleResultError, match=r"score: mps -> energy"):
+    with pytest.raises(steps.StaleResultError, match=r"score: auto -> energy"):
         steps.collect(energy, lambda loss, seed: tmp_path / "e", prepared_dir)
-    e = steps.evaluate(energy, "softmax", 0, tmp_path / "c", prepared_dir, tmp_path / "e", plots=False)
+    e = evaluate_one(energy, "softmax", 0, tmp_path / "c", prepared_dir, tmp_path / "e", plots=False)
     assert e.score == "energy" and steps.collect(energy, lambda loss, seed: tmp_path / "e", prepared_dir)
 
 
@@ -200,7 +217,7 @@ def test_inputs_stage_writes_one_record_per_step_loss_and_seed(tiny_config, tmp_
     cfg = parse_config({**tiny_config.model_dump(mode="json"), "seeds": [0, 1]})
     written = inputs.write_inputs(cfg, tmp_path / "inputs")
     names = {p.relative_to(tmp_path / "inputs").as_posix() for p in written}
-    assert names == {"prepare.json", "gate.json"} | {
+    assert names == {"prepare.json", "gate.json"} | {f"select/{k}.json" for k in cfg.loss_ids()} | {
         f"{s}/{k}/seed{seed}.json"
         for s in ("train", "calibrate", "evaluate")
         for k in cfg.loss_ids()

@@ -174,6 +174,9 @@ def test_method_contract(name):
     assert head.temperature.shape == (1,) and head.temperature.item() == 1.0
     assert "temperature" not in dict(head.named_parameters())  # never trained or decayed
     assert head.default_score in scores.names()
+    # score: auto chooses among these: the default first, each registered, no function twice
+    assert head.scores[0] == head.default_score and set(head.scores) <= set(scores.names())
+    assert len(set(head.scores)) == len(head.scores) and not {"mds", "max_logit"} <= set(head.scores)
     # the state dict is the whole head: a fresh head of the same kind loaded with it computes the same
     other = methods.create(name, 12, 4)
     other.load_state_dict(head.state_dict())

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import evaluate_one
 from mlflow.tracking import MlflowClient
 from stack import REPO, free_port, read_events
 
@@ -81,7 +82,7 @@ def project(tmp_path_factory, embedded_root, mlflow_template, prefect_harness) -
     steps.prepare(cfg, work / "prepared")
     trained = steps.train(cfg, "softmax", 0, work / "prepared", work / "train")
     calibrated = steps.calibrate(cfg, "softmax", 0, work / "train", work / "prepared", work / "calibrate")
-    evaluated = steps.evaluate(cfg, "softmax", 0, work / "calibrate", work / "prepared", work / "evaluate")
+    evaluated = evaluate_one(cfg, "softmax", 0, work / "calibrate", work / "prepared", work / "evaluate")
     with _store(root):
         exp = tracking.ensure_experiment("oodgate", root)
         run_id = tracking.start_run(exp, "softmax", {"oodgate.loss": "softmax"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import evaluate_one
 
 from oodgate import steps
 from oodgate.config import parse_config
@@ -85,7 +86,7 @@ def test_calibration_and_evaluation_run_on_the_device_training_resolved(
 
     monkeypatch.setattr(evaluation, "predict_logits", recording)
     steps.calibrate(tiny_config, "softmax", 0, tmp_path / "t", prepared_dir, tmp_path / "c")
-    steps.evaluate(tiny_config, "softmax", 0, tmp_path / "c", prepared_dir, tmp_path / "e", plots=False)
+    evaluate_one(tiny_config, "softmax", 0, tmp_path / "c", prepared_dir, tmp_path / "e", plots=False)
     assert len(seen) >= 4  # validation, test, the validation scores and every OOD set
     assert set(seen) == {("cuda:0", True)}  # the device and bf16 autocast that training used
 

@@ -58,3 +58,6 @@ class DataBundle:
     std: tuple[float, ...]
     class_names: list[str]
     ood_groups: dict[str, str] = field(default_factory=dict)
+    #: the validation OOD sets (``data.ood_val``), disjoint from every test OOD set: what a model's
+    #: OOD score is chosen on (never a reported figure)
+    ood_val: dict[str, ImageSet] = field(default_factory=dict)

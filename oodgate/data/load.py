@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,8 @@ def load_data(cfg: DataConfig, root: str | Path | None = None, scratch: Path | N
     if height != width:
         raise ValueError(f"dataset {cfg.dataset!r} has non-square images ({height}x{width}); not supported")
     ood = {src.name: load_ood(src, cfg, root, channels, height) for src in cfg.ood}
+    ood_val = {src.name: load_ood(src, cfg, root, channels, height) for src in cfg.ood_val}
+    check_disjoint(ood, ood_val)
 
     mean, std = channel_stats(train)
     return DataBundle(
@@ -87,7 +90,32 @@ def load_data(cfg: DataConfig, root: str | Path | None = None, scratch: Path | N
         std=std,
         class_names=class_names,
         ood_groups=ood_groups(cfg),
+        ood_val=ood_val,
     )
+
+
+def check_disjoint(ood: dict[str, ImageSet], ood_val: dict[str, ImageSet]) -> None:
+    """Refuse a validation OOD set that shares an image (the same pixels) with a test OOD set:
+    choosing a score on it would tune on the test."""
+    if not ood_val:
+        return
+    seen: dict[bytes, str] = {}
+    for name, s in ood.items():
+        for img in s.x.numpy():
+            seen.setdefault(hashlib.sha1(img.tobytes()).digest(), name)
+    for name, s in ood_val.items():
+        shared: dict[str, int] = {}
+        for img in s.x.numpy():
+            test = seen.get(hashlib.sha1(img.tobytes()).digest())
+            if test is not None:
+                shared[test] = shared.get(test, 0) + 1
+        if shared:
+            test, count = max(shared.items(), key=lambda kv: kv[1])
+            raise ValueError(
+                f"data.ood_val: {name!r} shares {count} images (the same pixels) with the test OOD set {test!r}; "
+                "validation OOD data must be disjoint from every test OOD set, or choosing a score on it "
+                "would tune on the test: give images from another source"
+            )
 
 
 def _carve_labels(
@@ -150,6 +178,21 @@ def load_folder(cfg: DataConfig, root: Path, scratch: Path | None = None) -> Dat
             ood[src.name] = ImageSet(folder.as_tensor(x), torch.full((x.shape[0],), -1, dtype=torch.int64))
         else:
             ood[src.name] = load_ood(src, cfg, root, 3, size)
+    ood_val = {}
+    for src in cfg.ood_val:
+        p = Path(src.path) if src.path is not None else None
+        if p is not None and p.is_dir():
+            files = folder.image_files(p)
+            if not files:
+                raise ValueError(f"data.ood_val: folder {str(p)!r} holds no images")
+            x, _, skipped = folder.decode_files(
+                files, size, workers=cfg.workers, scratch=scratch, name=f"ood-val-{len(ood_val)}"
+            )
+            folder.report_bad(skipped, len(files), p, cfg.on_bad_image)
+            ood_val[src.name] = ImageSet(folder.as_tensor(x), torch.full((x.shape[0],), -1, dtype=torch.int64))
+        else:
+            ood_val[src.name] = load_ood(src, cfg, root, 3, size)
+    check_disjoint(ood, ood_val)
     mean, std = channel_stats(sets["train"])
     return DataBundle(
         train=sets["train"],
@@ -163,4 +206,5 @@ def load_folder(cfg: DataConfig, root: Path, scratch: Path | None = None) -> Dat
         std=std,
         class_names=list(found.class_names),
         ood_groups=ood_groups(cfg),
+        ood_val=ood_val,
     )

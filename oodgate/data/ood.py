@@ -16,7 +16,7 @@ import torch
 
 from oodgate.config import DataConfig, OODSource
 from oodgate.data.bundle import DataNotFoundError, ImageSet
-from oodgate.data.embedded import PHOTO_PATCHES, load_embedded
+from oodgate.data.embedded import GLYPHS, PHOTO_PATCHES, PORTRAIT_PATCHES, load_embedded
 from oodgate.data.id_sets import embedded_mnist_set
 from oodgate.data.images import conform, nchw_from_array
 from oodgate.data.torchvision_sets import TORCHVISION_SETS, load_torchvision
@@ -28,6 +28,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 _GAUSSIAN_STREAM = 101
 _UNIFORM_STREAM = 102
 _PATCH_STREAM = 103
+_GLYPH_STREAM = 104
+_PORTRAIT_STREAM = 105
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,28 @@ def _photo_patches(req: OODRequest) -> torch.Tensor:
         keep = req.rng(_PATCH_STREAM).choice(len(patches), req.cfg.ood_size, replace=False)
         patches = patches[np.sort(keep)]
     return nchw_from_array(patches, PHOTO_PATCHES)
+
+
+def _embedded_subset(req: OODRequest, name: str, stream: int) -> torch.Tensor:
+    images = load_embedded(req.root, name)
+    if req.cfg.ood_size < len(images):
+        keep = req.rng(stream).choice(len(images), req.cfg.ood_size, replace=False)
+        images = images[np.sort(keep)]
+    return nchw_from_array(images, name)
+
+
+@OOD_DATASETS.register("glyphs")
+def _glyphs(req: OODRequest) -> torch.Tensor:
+    """Letters rendered from matplotlib's fonts, MNIST-style (the demo's validation OOD set, near);
+    a seeded subset of ``data.ood_size`` when that is smaller."""
+    return _embedded_subset(req, GLYPHS, _GLYPH_STREAM)
+
+
+@OOD_DATASETS.register("portrait_patches")
+def _portrait_patches(req: OODRequest) -> torch.Tensor:
+    """Crops of matplotlib's sample photograph (the demo's validation OOD set, far); a seeded subset
+    of ``data.ood_size`` when that is smaller."""
+    return _embedded_subset(req, PORTRAIT_PATCHES, _PORTRAIT_STREAM)
 
 
 @OOD_DATASETS.register("gaussian_noise")
@@ -188,7 +212,14 @@ _KINDS = {
     "svhn": "house numbers",
 }
 #: generated and embedded OOD sets: their group whatever the in-distribution data
-_GROUPS = {"mnist_unseen": "near", "photo_patches": "far", "gaussian_noise": "far", "uniform_noise": "far"}
+_GROUPS = {
+    "mnist_unseen": "near",
+    "photo_patches": "far",
+    "gaussian_noise": "far",
+    "uniform_noise": "far",
+    "glyphs": "near",
+    "portrait_patches": "far",
+}
 
 
 def ood_group(src: OODSource, cfg: DataConfig) -> str:

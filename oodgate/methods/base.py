@@ -32,6 +32,9 @@ class Head(nn.Module):
 
     #: name of the OOD score in ``oodgate.scores`` used when the config does not override it
     default_score: ClassVar[str] = "mps"
+    #: the scores ``score: auto`` chooses among on validation OOD data, the default first (one name
+    #: per function: ``mds`` and ``max_logit`` are the same function of the logits)
+    scores: ClassVar[tuple[str, ...]] = ("mps", "max_logit", "energy", "entropic")
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(self, in_features: int, num_classes: int, options: BaseModel | None = None) -> None:

@@ -46,6 +46,7 @@ class DisMaxHead(IsoMaxPlusHead):
     """
 
     default_score = "mmles"
+    scores = ("mmles", "mps", "entropic", "mds", "energy")
     Options = DisMaxOptions
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:

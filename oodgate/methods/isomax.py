@@ -25,6 +25,7 @@ class IsoMaxHead(EntropicHead):
     """``z_j = -||f - p_j||_2``, prototypes initialised to 0; default score ``entropic``."""
 
     default_score = "entropic"
+    scores = ("entropic", "mps", "mds", "energy")
 
     def __init__(self, in_features: int, num_classes: int, options=None) -> None:
         super().__init__(in_features, num_classes, options)

@@ -16,6 +16,7 @@ class IsoMaxPlusHead(EntropicHead):
     """
 
     default_score = "mds"
+    scores = ("mds", "mps", "entropic", "energy")
 
     def __init__(self, in_features: int, num_classes: int, options=None) -> None:
         super().__init__(in_features, num_classes, options)

@@ -1,4 +1,4 @@
-"""The pipeline's steps, each a plain function over paths: prepare, train, calibrate, evaluate, gate.
+"""The pipeline's steps, each a plain function over paths: prepare, train, calibrate, select, evaluate, gate.
 
 Both orchestrators call these and nothing else: the Prefect tasks (``tasks/``) and the DVC stages
 (``python -m oodgate <step>``, see ``dvc.yaml``). One implementation per step, so a result of the
@@ -10,6 +10,7 @@ Files a step writes, in the directory it is given::
     prepare    id.pt (train/val/test uint8 tensors + stats), ood.pt (the whole OOD sets, grouped), data.json
     train      last.pt (resume state), best.pt (selected weights), history.json, train.json
     calibrate  calibrated.pt (best.pt with the fitted temperature), calibration.json
+    select     choice.json (the loss's OOD score, chosen on validation OOD data), selection.json
     evaluate   metrics.json, samples.pt (per-sample arrays for the bootstrap), plots/, evaluation.json
 
 Each step lives in its own module, and the names below are imported on first use, so that a step
@@ -34,6 +35,7 @@ _EXPORTS = {
     "model_spec": "train_step",
     "train": "train_step",
     "calibrate": "calibrate_step",
+    "select": "select_step",
     "evaluate": "evaluate_step",
     "load_samples": "gate_step",
     "collect": "gate_step",
@@ -46,6 +48,7 @@ _EXPORTS = {
     "Trained": "results",
     "Calibrated": "results",
     "Evaluated": "results",
+    "Selected": "results",
 }
 
 

@@ -164,6 +164,7 @@ UPSTREAM = {
     "train": ("train.json", "the trained model", "train"),
     "calibrate": ("calibration.json", "the calibrated model", "calibrate"),
     "evaluate": ("evaluation.json", "the evaluation", "evaluate"),
+    "select": ("selection.json", "the score selection", "select"),
 }
 
 
@@ -184,8 +185,10 @@ def upstream(
     Every message names the result and the command that makes it."""
     out_dir = Path(out_dir)
     record_name, noun, verb = UPSTREAM[step]
-    what = f"{noun} of {loss_id} seed {seed}"
-    fix = f"{verb} it first (`python -m oodgate {verb} --loss {loss_id} --seed {seed}` or `dvc repro`)"
+    per_loss = step == "select"  # one result for all the loss's seeds
+    what = f"{noun} of {loss_id}" if per_loss else f"{noun} of {loss_id} seed {seed}"
+    which = f"--loss {loss_id}" if per_loss else f"--loss {loss_id} --seed {seed}"
+    fix = f"{verb} it first (`python -m oodgate {verb} {which}` or `dvc repro`)"
     record = read_record(out_dir / record_name, what, fix)
     check_fresh(record, want.fingerprint[step], want.inputs[step], what, out_dir, fix)
     return Upstream(record, {name: verified(record, out_dir, name, what, fix) for name in files})
@@ -231,6 +234,7 @@ def load_prepared(prepared_dir: str | Path, with_ood: bool = True) -> DataBundle
         std=tuple(m["std"]),
         class_names=list(m["class_names"]),
         ood_groups=dict(ood["groups"]),
+        ood_val={k: _unpack(v) for k, v in ood.get("validation", {}).items()},
     )
 
 

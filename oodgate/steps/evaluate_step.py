@@ -1,5 +1,5 @@
 """Evaluate one (loss, seed): test-split and OOD-test metrics of the calibrated model with the
-configured OOD score; writes ``metrics.json``, ``samples.pt`` (per-sample arrays for the gate's
+loss's OOD score (chosen by the select step on validation data); writes ``metrics.json``, ``samples.pt`` (per-sample arrays for the gate's
 bootstrap), ``plots/`` and ``evaluation.json`` (the record, with its fingerprint)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from oodgate import evaluation
-from oodgate.classifier import load_classifier, with_score
+from oodgate.classifier import load_classifier
 from oodgate.config import Config
 from oodgate.files import torch_save
 from oodgate.steps.common import (
@@ -36,29 +36,46 @@ def evaluate(
     calibrate_dir: str | Path,
     prepared_dir: str | Path,
     out_dir: str | Path,
+    select_dir: str | Path,
     plots: bool = True,
 ) -> Evaluated:
-    """Refuses a calibrated model made from other inputs than the current config's; returns the
-    result already in ``out_dir`` if it has this step's fingerprint."""
-    from oodgate.steps.inputs import expected, resolved_score
+    """Scores the test split and the OOD sets with the loss's score, as the select step chose it in
+    ``select_dir`` on validation data. Refuses a calibrated model or a choice made from other inputs
+    than the current config's; returns the result already in ``out_dir`` if it has this step's
+    fingerprint."""
+    from oodgate import methods
+    from oodgate.steps.inputs import expected
 
     calibrate_dir, out_dir = Path(calibrate_dir), Path(out_dir)
     want = expected(cfg, loss_id, seed, prepared_dir)
     calibrated = upstream("calibrate", loss_id, seed, calibrate_dir, want, ("calibrated.pt",))
     model_file = calibrated.files["calibrated.pt"]
+    selected = upstream("select", loss_id, seed, Path(select_dir), want, ("choice.json",))
+    choice = evaluation.ScoreChoice.of(read_json(selected.files["choice.json"]))
     previous = reusable(out_dir, RECORD, want.fingerprint["evaluate"])
     if previous is not None:
         return Evaluated(**previous, dir=str(out_dir), metrics=read_json(out_dir / "metrics.json"))
     (out_dir / RECORD).unlink(missing_ok=True)
     activate_numerics(cfg)
-    score = resolved_score(cfg, loss_id)
-    model = with_score(load_classifier(model_file), score)
+    loss = cfg.losses[loss_id]
+    model = load_classifier(model_file)
     bundle = load_prepared(prepared_dir)
     device, amp = inference_device(cfg)
-    ev = evaluation.evaluate(model, bundle, batch_size=cfg.train.eval_batch_size, device=device, amp=amp)
+    ev = evaluation.evaluate(
+        model,
+        bundle,
+        score=choice.score,
+        batch_size=cfg.train.eval_batch_size,
+        device=device,
+        amp=amp,
+        candidates=methods.METHODS.get(loss.method).scores,
+    )
     # the calibrated validation figures beside the test's: the deployable seed is chosen on them
     # (oodgate.gate.choose_seed), by the flow and by the DVC gate stage alike
     validation = {k: v for k, v in calibrated.record["metrics"].items() if k.startswith("val/")}
+    validation.update(
+        choice.metrics(seed)
+    )  # selection/<score>/{fpr95,auroc}: this model's, on validation data
     write_json(out_dir / "metrics.json", {**ev.metrics, **validation})
     torch_save(  # atomic, as every result file
         {
@@ -84,6 +101,7 @@ def evaluate(
         fingerprint=want.fingerprint["evaluate"],
         dir=str(out_dir),
         score=ev.score,
+        score_choice=choice.text(),
         threshold=ev.threshold,
         metrics={**ev.metrics, **validation},
         inputs=want.inputs["evaluate"],

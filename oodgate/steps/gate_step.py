@@ -74,6 +74,7 @@ class GateReport:
     evidence: str  # gate.evidence: models or seeds
     models: dict[str, SeedChoice]  # per loss: its deployable model's seed, chosen on validation data
     points: dict[str, dict[str, float]]  # per loss: its deployable model's metrics
+    per_seed: dict[str, list[dict[str, float]]]  # per loss: every seed's metrics, in seed order
     decisions: dict[str, LossDecision]
     promoted: tuple[str, ...]  # best first
     best: str | None  # the best promoted candidate
@@ -128,7 +129,8 @@ def gate(
 ) -> GateReport:
     """Decide every candidate against the baseline (:func:`oodgate.gate.decide`: per-seed metrics,
     and with ``gate.confidence`` the per-sample arrays of every seed). The report's ``table`` is the
-    comparison table (``scores`` and training ``seconds`` per loss optional)."""
+    comparison table (``scores``: per loss, its score and why, :meth:`oodgate.evaluation.ScoreChoice.text`;
+    training ``seconds`` per loss; both optional)."""
     from oodgate import numerics
 
     numerics.activate(cfg.numerics.mode, cfg.numerics.threads)  # the bootstrap and tests: NumPy, SciPy
@@ -140,6 +142,7 @@ def gate(
     base_id = cfg.gate.baseline
     if base_id not in metrics_by_loss:
         raise ValueError(f"no metrics for the baseline {base_id!r}; evaluate it before gating")
+    metrics_by_loss = {k: [_with_default_score(cfg, k, m) for m in v] for k, v in metrics_by_loss.items()}
     aggregated = {k: aggregate(v) for k, v in metrics_by_loss.items()}
     means = {k: mean for k, (mean, _) in aggregated.items()}
     stds = {k: std for k, (_, std) in aggregated.items()}
@@ -160,6 +163,7 @@ def gate(
         evidence=cfg.gate.evidence,
         models=models,
         points=points,
+        per_seed={k: [dict(m) for m in v] for k, v in metrics_by_loss.items()},
         decisions={k: LossDecision.of(d) for k, d in decisions.items()},
         promoted=tuple(promoted),
         best=promoted[0] if promoted else None,
@@ -171,6 +175,20 @@ def gate(
         confidence=cfg.gate.confidence,
         table=comparison_table(means, stds, scores, seconds),
     )
+
+
+def _with_default_score(cfg: Config, loss_id: str, m: Mapping[str, float]) -> dict[str, float]:
+    """The metrics with the method's own default score's mean FPR95 under :data:`DEFAULT_SCORE_FPR95`
+    (the table shows it beside the chosen score's), where the evaluation reported it."""
+    from oodgate import methods
+
+    out = dict(m)
+    loss = cfg.losses.get(loss_id)
+    if loss is not None:
+        key = f"scores/{methods.METHODS.get(loss.method).default_score}/ood/mean/fpr95"
+        if key in m:
+            out[DEFAULT_SCORE_FPR95] = m[key]
+    return out
 
 
 def strongest(decisions: Mapping[str, Decision], means: Mapping[str, Mapping[str, float]]) -> str | None:
@@ -228,12 +246,15 @@ def gate_markdown(report: GateReport) -> str:
 
 
 # ---------------------------------------------------------------- reports
+DEFAULT_SCORE_FPR95 = "default_score/ood/mean/fpr95"  # the method's own default score's mean FPR95
+
 TABLE_COLUMNS = (
     ("accuracy", "test/accuracy"),
     ("ECE", "test/ece"),
     ("ECE uncal.", "test/ece_uncalibrated"),
     ("NLL", "test/nll"),
     ("mean FPR95", "ood/mean/fpr95"),
+    ("mean FPR95, default score", DEFAULT_SCORE_FPR95),
     ("near FPR95", "ood/near/fpr95"),
     ("far FPR95", "ood/far/fpr95"),
     ("worst FPR95", "ood/worst/fpr95"),

@@ -6,8 +6,11 @@ its *fingerprint* adds the upstream results: ::
     train      record(data split keys, model, train less eval-only keys, the loss's method and options,
                seed, numerics, code) + digest of prepared/id.pt
     calibrate  record(calibration, eval_batch_size, device, numerics, code) + the train fingerprint
-    evaluate   record(OOD score, eval_batch_size, device, numerics, code) + the calibrate fingerprint
-               + digest of prepared/ood.pt
+    select     record(OOD score setting, the method's scores, seeds, eval_batch_size, device, numerics,
+               code) + with score: auto, every seed's calibrate fingerprint and the digest of
+               prepared/ood.pt (which holds the validation OOD sets); one per loss
+    evaluate   record(the method's scores, eval_batch_size, device, numerics, code) + the calibrate
+               and select fingerprints + digest of prepared/ood.pt
 
 ``numerics`` is :func:`oodgate.numerics.fingerprint_record`: the mode, the thread count, the pinned
 kernels and the software versions (and, in native mode, the CPU whose kernels computed).
@@ -31,7 +34,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from oodgate.config import Config
+from oodgate.config import AUTO_SCORE, Config
 from oodgate.steps.common import digest, write_json
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -71,8 +74,17 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
         "importing.py",
     ),
     "calibrate": ("steps/calibrate_step.py", *_INFERENCE),
+    "select": ("steps/select_step.py", *_INFERENCE),
     "evaluate": ("steps/evaluate_step.py", *_INFERENCE, "plots.py"),
-    "gate": ("steps/gate_step.py", *_STEP, "gate.py", "resampling.py", "metrics.py", "registry.py"),
+    "gate": (
+        "steps/gate_step.py",
+        *_STEP,
+        "gate.py",
+        "paired.py",
+        "resampling.py",
+        "metrics.py",
+        "registry.py",
+    ),
 }
 
 
@@ -117,11 +129,14 @@ def _dump(cfg: Config) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
-def resolved_score(cfg: Config, loss_id: str) -> str:
+def score_setting(cfg: Config, loss_id: str) -> dict[str, Any]:
+    """What a loss's OOD score depends on: the setting (``auto``, a name, or null for the method's
+    default) and the method's scores, the candidates ``auto`` chooses among (the validation OOD
+    sets are in the prepared ``ood.pt``, whose digest is in the evaluate fingerprint)."""
     from oodgate import methods
 
     loss = cfg.losses[loss_id]
-    return loss.score or methods.METHODS.get(loss.method).default_score
+    return {"score": loss.score, "candidates": list(methods.METHODS.get(loss.method).scores)}
 
 
 def weights_digest(cfg: Config) -> str | None:
@@ -220,10 +235,24 @@ def calibrate_inputs(cfg: Config, loss_id: str, seed: int) -> dict[str, Any]:
     }
 
 
+def _chooses(cfg: Config, loss_id: str) -> bool:
+    """Whether a loss's score is chosen on validation OOD data (``auto`` with ``data.ood_val``)."""
+    return cfg.losses[loss_id].score == AUTO_SCORE and bool(cfg.data.ood_val)
+
+
+def select_inputs(cfg: Config, loss_id: str) -> dict[str, Any]:
+    record = {"step": "select", **score_setting(cfg, loss_id), "code": code_version("select")}
+    if _chooses(cfg, loss_id):  # the choice is computed from the seeds' models
+        record.update(seeds=cfg.seeds_of(loss_id), **_inference(cfg), numerics=numerics_inputs(cfg))
+    return record
+
+
 def evaluate_inputs(cfg: Config, loss_id: str, seed: int) -> dict[str, Any]:
     return {
         "step": "evaluate",
-        "score": resolved_score(cfg, loss_id),
+        # the setting (its choice comes with the select fingerprint) and the candidates, each of which
+        # has its test figures reported
+        **score_setting(cfg, loss_id),
         **_inference(cfg),
         "numerics": numerics_inputs(cfg),
         "code": code_version("evaluate"),
@@ -254,8 +283,18 @@ def calibrate_fingerprint(cfg: Config, loss_id: str, seed: int, train_fp: str) -
     return digest([calibrate_inputs(cfg, loss_id, seed), train_fp])
 
 
-def evaluate_fingerprint(cfg: Config, loss_id: str, seed: int, calibrate_fp: str, ood_digest: str) -> str:
-    return digest([evaluate_inputs(cfg, loss_id, seed), calibrate_fp, ood_digest])
+def select_fingerprint(cfg: Config, loss_id: str, calibrate_fps: list[str], ood_digest: str) -> str:
+    """``auto`` depends on every seed's calibrated model and on the validation OOD sets (in
+    ``ood.pt``); a named or default score on neither, so that its seeds stay independent."""
+    if _chooses(cfg, loss_id):
+        return digest([select_inputs(cfg, loss_id), calibrate_fps, ood_digest])
+    return digest([select_inputs(cfg, loss_id)])
+
+
+def evaluate_fingerprint(
+    cfg: Config, loss_id: str, seed: int, calibrate_fp: str, select_fp: str, ood_digest: str
+) -> str:
+    return digest([evaluate_inputs(cfg, loss_id, seed), calibrate_fp, select_fp, ood_digest])
 
 
 @dataclass(frozen=True)
@@ -268,29 +307,39 @@ class Expected:
 
 
 def expected(cfg: Config, loss_id: str, seed: int, prepared_dir: str | Path) -> Expected:
+    """Train, calibrate, select (the loss's, over all its seeds) and evaluate of one (loss, seed)."""
     from oodgate.steps.common import file_digest
 
     prepared_dir = Path(prepared_dir)
-    t = train_fingerprint(cfg, loss_id, seed, file_digest(prepared_dir / "id.pt"))
-    c = calibrate_fingerprint(cfg, loss_id, seed, t)
-    e = evaluate_fingerprint(cfg, loss_id, seed, c, file_digest(prepared_dir / "ood.pt"))
+    id_digest, ood_digest = file_digest(prepared_dir / "id.pt"), file_digest(prepared_dir / "ood.pt")
+
+    def calibrated(s: int) -> tuple[str, str]:
+        t = train_fingerprint(cfg, loss_id, s, id_digest)
+        return t, calibrate_fingerprint(cfg, loss_id, s, t)
+
+    t, c = calibrated(seed)
+    sel = select_fingerprint(cfg, loss_id, [calibrated(s)[1] for s in cfg.seeds_of(loss_id)], ood_digest)
+    e = evaluate_fingerprint(cfg, loss_id, seed, c, sel, ood_digest)
     inputs = {
         "train": train_inputs(cfg, loss_id, seed),
         "calibrate": calibrate_inputs(cfg, loss_id, seed),
+        "select": select_inputs(cfg, loss_id),
         "evaluate": evaluate_inputs(cfg, loss_id, seed),
     }
-    return Expected(inputs, {"train": t, "calibrate": c, "evaluate": e})
+    return Expected(inputs, {"train": t, "calibrate": c, "select": sel, "evaluate": e})
 
 
 # ---------------------------------------------------------------- the DVC stage `inputs`
 def write_inputs(cfg: Config, out_dir: str | Path) -> list[Path]:
     """``<out_dir>/prepare.json``, ``<step>/<loss>/seed<k>.json`` for train, calibrate and evaluate,
-    and ``gate.json``: the records the DVC stages depend on. The directory is rewritten whole."""
+    ``select/<loss>.json`` and ``gate.json``: the records the DVC stages depend on. The directory is
+    rewritten whole."""
     out_dir = Path(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     written = [write_json(out_dir / "prepare.json", prepare_inputs(cfg))]
     records = {"train": train_inputs, "calibrate": calibrate_inputs, "evaluate": evaluate_inputs}
     for loss_id in cfg.loss_ids():
+        written.append(write_json(out_dir / "select" / f"{loss_id}.json", select_inputs(cfg, loss_id)))
         for seed in cfg.seeds:
             for step, record in records.items():
                 written.append(

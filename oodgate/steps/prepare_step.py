@@ -12,7 +12,8 @@ from oodgate.steps.common import output_digests, pack, write_json
 
 
 def prepare(cfg: Config, out_dir: str | Path, root: str | Path | None = None) -> dict[str, Any]:
-    """``id.pt`` (train/val/test and the normalisation stats), ``ood.pt`` (the whole OOD sets and their groups) and
+    """``id.pt`` (train/val/test and the normalisation stats), ``ood.pt`` (the whole OOD sets and their groups,
+    and the validation OOD sets) and
     ``data.json`` (the sizes, and the digests every later read verifies) in ``out_dir``; returns
     ``data.json``'s content."""
     from oodgate.data.load import load_data
@@ -47,11 +48,14 @@ def _save(bundle, out_dir: Path) -> dict[str, Any]:
             "names": list(bundle.ood),
             "groups": dict(bundle.ood_groups),
             "sets": {k: pack(v) for k, v in bundle.ood.items()},
+            # the validation OOD sets, disjoint from the test ones: what a score is chosen on
+            "validation": {k: pack(v) for k, v in bundle.ood_val.items()},
         },
         out_dir / "ood.pt",
     )
     sizes = {"train": len(bundle.train.y), "val": len(bundle.val.y), "test": len(bundle.test.y)}
     sizes.update({f"ood/{k}": len(v.y) for k, v in bundle.ood.items()})
+    sizes.update({f"ood_val/{k}": len(v.y) for k, v in bundle.ood_val.items()})
     summary = {**meta, "sizes": sizes, "outputs": output_digests(out_dir, ("id.pt", "ood.pt"))}
     write_json(out_dir / "data.json", summary)
     return summary

@@ -47,6 +47,8 @@ class Trained(_Record):
     train_seconds: float = field(default=0.0, metadata=UNRECORDED)
     epoch_seconds: tuple[float, ...] = field(default=(), metadata=UNRECORDED)
     imported: dict = field(default_factory=dict)  # imported, not trained: the file and what was left out
+    # a prototype head's last epoch: norm, cosine_min, cosine_mean, and a warning if they never moved
+    prototypes: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -75,5 +77,23 @@ class Evaluated(_Record):
     score: str
     threshold: float
     metrics: dict[str, float] = field(default_factory=dict, metadata=UNRECORDED)  # in metrics.json
+    score_choice: str = ""  # why this score (oodgate.evaluation.ScoreChoice.text)
     inputs: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Selected(_Record):
+    """One loss's OOD score, chosen on validation data (:func:`oodgate.evaluation.choose_score`):
+    ``choice`` is :meth:`oodgate.evaluation.ScoreChoice.record`."""
+
+    loss: str
+    fingerprint: str
+    dir: str = field(metadata=UNRECORDED)
+    choice: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+
+    @property
+    def score(self) -> str:
+        return self.choice["score"]
