@@ -35,7 +35,7 @@ help:
 	@echo "make monitor      score a batch with the champion, alert on drift (BATCH=path; default: two demo batches)"
 	@echo "make bench        per-method training/inference time relative to SoftMax"
 	@echo "make bench-stability  the gate's decisions on three disjoint seed sets (about 10 min on CPU)"
-	@echo "make bench-gate-power  how often the gate promotes known-truth candidates, by the number of seeds"
+	@echo "make bench-gate-power  how often the gate promotes known-truth candidates: by evidence, test-set size, seeds"
 	@echo "make bench-numerics  training and evaluation time, portable numerics against native and each pin alone"
 	@echo "make bench-flow   wall time of the Prefect flow against the core alone (same params)"
 	@echo "make bench-images torchvision resnet18 on a folder of JPEGs at 64 and 224: decode, train, eval images/s"

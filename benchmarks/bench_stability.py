@@ -146,12 +146,17 @@ def _print_evidence(candidates: list[str], names: list[str], reports: list[steps
     for loss_id in candidates:
         for name, r in zip(names, reports):
             ev = r.decisions[loss_id].evidence
-            metrics_ = sorted({k.split("/", 1)[1].rsplit("/", 1)[0] for k in ev})
+            metrics_ = sorted({k.split("/", 1)[1].rsplit("/", 1)[0] for k in ev if k.count("/") > 2})
             cells = [
                 f"{m}: p={ev[f'gate/{m}/p_value']:.3g} ({ev[f'gate/{m}/gain']:+.4f} / {ev[f'gate/{m}/lower']:+.4f})"
                 for m in metrics_
             ]
-            print(f"- {loss_id}, seeds {name}: " + "; ".join(cells))
+            run = (
+                f"; for the run, Holm-adjusted p={ev['gate/p_adjusted']:.3g}"
+                if "gate/p_adjusted" in ev
+                else ""
+            )
+            print(f"- {loss_id}, seeds {name}: " + "; ".join(cells) + run)
 
 
 if __name__ == "__main__":

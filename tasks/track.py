@@ -32,8 +32,8 @@ from oodgate.steps.common import PROVENANCE
 from oodgate.steps.gate_step import LossDecision
 from oodgate.steps.results import Calibrated, Evaluated, Trained
 from oodgate_mlflow import registry, tracking
-from oodgate_mlflow.champion import NotComparableError, score_version
 from oodgate_mlflow.integrity import ModelIntegrityError
+from oodgate_mlflow.scoring import NotComparableError, score_version
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion

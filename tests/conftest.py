@@ -195,12 +195,14 @@ def prefect_harness():
 
 
 def evaluate_one(cfg, loss_id: str, seed: int, calibrate_dir, prepared_dir, out_dir, **kwargs):
-    """The select step (for this one seed's model) and the evaluate step, as a test of one
-    (loss, seed) needs them: the score chosen next to ``out_dir``, then the evaluation."""
+    """The select step and the evaluate step, as a test of one (loss, seed) needs them: the config
+    restricted to that seed (the score is chosen on its model alone, next to ``out_dir``), then the
+    evaluation."""
     from pathlib import Path
 
     from oodgate import steps
 
+    one = cfg.model_copy(update={"seeds": [seed]})
     select_dir = Path(out_dir).parent / f"{Path(out_dir).name}-select"
-    steps.select(cfg, loss_id, {s: calibrate_dir for s in cfg.seeds_of(loss_id)}, prepared_dir, select_dir)
-    return steps.evaluate(cfg, loss_id, seed, calibrate_dir, prepared_dir, out_dir, select_dir, **kwargs)
+    steps.select(one, loss_id, {seed: calibrate_dir}, prepared_dir, select_dir)
+    return steps.evaluate(one, loss_id, seed, calibrate_dir, prepared_dir, out_dir, select_dir, **kwargs)

@@ -34,7 +34,23 @@ def test_stability_benchmark_gates_each_seed_set_and_prints_the_table(embedded_r
     assert set(verdicts) <= {"PROMOTE", "reject"}
     assert code == (0 if len(set(verdicts)) == 1 else 1)  # the exit code says whether they agree
     assert "- dismax_fpr, seeds 0,1: " in out and "p=" in out  # the evidence behind each decision
-    assert (tmp_path / "w" / "evaluate" / "dismax_fpr" / "seed3" / "evaluation.json").is_file()
+    # each seed set chose its scores and evaluated its models on its own
+    assert (
+        tmp_path / "w" / "sets" / "2-3" / "evaluate" / "dismax_fpr" / "seed3" / "evaluation.json"
+    ).is_file()
+    assert (tmp_path / "w" / "sets" / "0-1" / "select" / "dismax_fpr" / "choice.json").is_file()
+    assert "| loss | seeds 0,1 | seeds 2,3 |" in out and "(auto: " in out
+    assert "The chosen seed was a test-best by accuracy in " in out
+
+
+def test_gate_power_benchmark_prints_every_effect_size_and_evidence(capsys):
+    bench = _script("bench_gate_power")
+    bench.main(["--draws", "2", "--samples", "100", "--sizes", "600", "--seeds", "3"])
+    out = capsys.readouterr().out
+    assert "| effect | test images | models | seeds, 3 | seeds for 80% (predicted) |" in out
+    for effect in ("identical", "dismax-like", "fpr95 lower", "worse accuracy"):
+        assert f"| {effect} | 600 | " in out
+    assert "| 5 | " in out and "promotes any, Holm (the gate)" in out
 
 
 def test_stability_benchmark_refuses_overlapping_seed_sets(capsys):

@@ -30,6 +30,10 @@ EMBEDDED_SHA256 = {
     "mnist5k_images.npy": "fd5da3944b2079e9584591a5faa956b0bc57fb8788eba1b5693d907da357a53c",
     "mnist5k_labels.npy": "8d6ffbd471f68554596db3fd97468e00ec7598123ae40ccdd050c57fa2036e11",
     "photo_patches.npy": "bc4eb4d9ebe74d748f7e0e3bf45e4c6b62d874929fafb6591e533fc06558e293",
+    # the validation OOD sets, rendered from matplotlib's fonts and photograph: the same bytes on
+    # every machine (Pillow's rasteriser and resampling are integer or fixed-point)
+    "glyphs.npy": "526b8fadf7da8410a31da0b98a42e815a7d61788aefebdb2199c17c9bb1a3180",
+    "portrait_patches.npy": "268400ea8684f6f750790154317a9f902904296b665c6b144d84c8bc2cadddcc",
 }
 ID_DIGITS = [0, 1, 2, 3, 4, 5]
 
@@ -278,7 +282,7 @@ def test_ood_config_errors(root: Path) -> None:
 def test_registries_list_the_documented_names() -> None:
     tv = ["cifar10", "cifar100", "fashion_mnist", "mnist", "svhn"]
     assert ID_DATASETS.names() == sorted(["embedded_mnist", *tv])
-    assert OOD_DATASETS.names() == sorted([*ALL_BUILTIN_OOD, *tv])
+    assert OOD_DATASETS.names() == sorted([*ALL_BUILTIN_OOD, "glyphs", "portrait_patches", *tv])
     with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'.*embedded_mnist"):
         load_data(DataConfig(dataset="imagenet"))
 

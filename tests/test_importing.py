@@ -329,11 +329,14 @@ def test_the_pipeline_gates_and_registers_an_imported_loss(
     result = pipeline(root=str(project))
     assert not result.failed, result.failed
     imported = "softmax" if fmt == "torchvision" else "theirs"
-    assert len(result.report.decisions["theirs"].reasons) == 3
-    assert all(
-        "(a single checkpoint: its evidence is the test samples alone)" in r
-        for r in result.report.decisions["theirs"].reasons
-    )
+    decision = result.report.decisions["theirs"]
+    assert len(decision.reasons) == 3
+    # one checkpoint is one model: the comparison is of the two models on the same images, and the
+    # seed-level evidence beside it says why there is none
+    assert "Tango's paired score test" in decision.reasons[0]
+    assert all("paired bootstrap, 100 resamples of the same " in r for r in decision.reasons[1:])
+    single = "2 vs 1" if fmt == "torchvision" else "1 vs 1"  # both imported, or only the baseline
+    assert decision.seed_level == (f"seed-level: not computed ({single} seeds; it needs 2 or more of each)",)
     assert result.registration is not None and result.registration.loss == "theirs"
     version = MlflowClient().get_model_version_by_alias("oodgate-classifier", "challenger")
     assert version.tags["oodgate.loss"] == "theirs"

@@ -93,7 +93,23 @@ def test_flow_end_to_end_logs_gates_and_registers_and_a_second_run_reuses_it(fir
         ):
             assert np.isfinite(m[key]), key
         assert tags["oodgate.loss"] == loss_id and tags["oodgate.device"] == "cpu"
-        assert tags["oodgate.score"] == {"softmax": "mps", "dismax_fpr": "mmles"}[loss_id]
+        # score: auto: the method's score with the lowest FPR95 on the validation OOD set, and why
+        assert (
+            tags["oodgate.score"]
+            in {
+                "softmax": ("mps", "max_logit", "energy", "entropic"),
+                "dismax_fpr": ("mmles", "mps", "entropic", "mds", "energy"),
+            }[loss_id]
+        )
+        assert tags["oodgate.score_choice"].startswith(f"{tags['oodgate.score']} (auto: ")
+        assert tags["oodgate.score_choice"].endswith(" on glyphs)")
+        for candidate in {"softmax": ("mps", "entropic"), "dismax_fpr": ("mmles", "mps")}[loss_id]:
+            assert np.isfinite(m[f"seed0/selection/{candidate}/fpr95"])  # the validation evidence
+            assert np.isfinite(m[f"scores/{candidate}/ood/mean/fpr95"])  # and each score's test figure
+        if loss_id == "dismax_fpr":  # the prototypes' training, per epoch
+            norms = MlflowClient().get_metric_history(run.info.run_id, "history/seed0/prototype_norm")
+            assert [h.step for h in norms] == [1] and norms[0].value > 0
+            assert "history/seed0/prototype_cosine_min" in m
         assert float(tags["oodgate.threshold"]) == pytest.approx(m["ood/threshold"], rel=1e-5)
         history = MlflowClient().get_metric_history(run.info.run_id, "history/seed0/val_accuracy")
         assert [h.step for h in history] == [1]
@@ -402,7 +418,8 @@ def test_missing_or_changed_data_names_the_fix(project):
         (project / "data" / "mine").mkdir()
         (project / "data" / "mine" / "x.txt").write_text("my data")
         with pytest.raises(
-            DataVersionError, match=r"mine/x\.txt.*\); run `dvc add data`.*nothing was deleted"
+            DataVersionError,
+            match=r"differs from data\.dvc \(.* and 1 more\); run `dvc add data`.*nothing was deleted",
         ) as e:
             check_data.fn(str(project))
         command = re.search(r"`(dvc add data)`", str(e.value)).group(1)
@@ -570,7 +587,7 @@ def test_two_flows_gating_at_once_leave_exactly_one_champion(mlflow_db, prepared
 def _scored(name: str, version, prepared_dir: Path):
     """A registered model's per-image arrays on the prepared test and OOD images."""
     from oodgate import gate
-    from oodgate_mlflow.champion import score_version
+    from oodgate_mlflow.scoring import score_version
 
     bundle = steps.load_prepared(prepared_dir)
     images = {"": bundle.test.x.numpy(), **{k: v.x.numpy() for k, v in bundle.ood.items()}}
