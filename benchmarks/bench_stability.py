@@ -2,8 +2,11 @@
 
 Trains every loss of ``params.yaml`` with each seed of the disjoint sets (default {0,1,2}, {3,4,5},
 {6,7,8}) with the core library (the steps of ``python -m oodgate run``, no Prefect, no MLflow),
-then gates each seed set on its own and prints, per candidate, the decision on each set and whether
-they agree; then the per-criterion p-values. Target: every candidate decided the same on every set.
+then, for each seed set on its own, chooses every loss's score, evaluates and gates, and prints per
+candidate the decision on each set and whether they agree; the scores chosen; the deployable seed
+against the test-best seeds; then the per-criterion p-values. With ``gate.evidence: seeds`` the
+target is every candidate decided the same on every set (the exit status says); with ``models``
+each set judges its own deployable models, and the table shows how much that depends on the seeds.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_stability.py              # make bench-stability
     PYTHONPATH=. .venv/bin/python benchmarks/bench_stability.py --sets 0,1,2 3,4,5 --set train.epochs=5
@@ -100,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.gate.confidence is not None:
         _print_evidence(cfg.candidates(), names, reports)
     print(f"\nall decisions agree: {'yes' if agree_all else 'NO'}; total {time.perf_counter() - t0:.0f} s")
-    return 0 if agree_all else 1
+    # Seed-level evidence judges the recipe, so its decision should not depend on the seed set; the
+    # model-level evidence judges each set's own deployable models, which differ from set to set.
+    return 0 if agree_all or cfg.gate.evidence == "models" else 1
 
 
 def _print_choices(

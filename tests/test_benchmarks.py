@@ -32,7 +32,16 @@ def test_stability_benchmark_gates_each_seed_set_and_prints_the_table(embedded_r
     row = next(line for line in out.splitlines() if line.startswith("| dismax_fpr |"))
     verdicts = [c.strip() for c in row.strip("|").split("|")[1:3]]
     assert set(verdicts) <= {"PROMOTE", "reject"}
-    assert code == (0 if len(set(verdicts)) == 1 else 1)  # the exit code says whether they agree
+    assert code == 0  # model-level evidence: each set judges its own models, agreeing or not
+    seeds_level = tmp_path / "params-seeds.yaml"
+    raw["gate"]["evidence"] = "seeds"
+    seeds_level.write_text(yaml.safe_dump(raw))
+    code = bench.main(
+        ["--params", str(seeds_level), "--workdir", str(tmp_path / "w"), "--sets", "0,1", "2,3"]
+    )
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| dismax_fpr |"))
+    verdicts = [c.strip() for c in row.strip("|").split("|")[1:3]]
+    assert code == (0 if len(set(verdicts)) == 1 else 1)  # seed-level: the exit code says whether they agree
     assert "- dismax_fpr, seeds 0,1: " in out and "p=" in out  # the evidence behind each decision
     # each seed set chose its scores and evaluated its models on its own
     assert (

@@ -88,6 +88,9 @@ def cifar_project(tmp_path, monkeypatch) -> Path:
     write_cifar10(data, rng)
     write_cifar100(data, rng)
     write_svhn(data, rng)
+    from oodgate.data import materialize_embedded
+
+    materialize_embedded(data)  # the validation OOD sets the config names (glyphs, portrait patches)
     # the only mock: the MD5s torchvision expects are those of the real files
     monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)
     monkeypatch.setattr(svhn, "check_integrity", lambda *a, **k: True)
@@ -142,6 +145,8 @@ def test_cifar10_resnet34_config_runs_through_the_flow_on_tiny_files(
         "ood/cifar100": 20,
         "ood/gaussian_noise": 20,
         "ood/uniform_noise": 20,
+        "ood_val/glyphs": 20,  # 28x28 gray, brought to the 32x32 RGB of the data
+        "ood_val/portrait_patches": 20,
     }
     assert summary["sizes"] and steps.load_prepared(prepared).ood_groups == {
         "svhn": "far",  # house numbers are not object photos
