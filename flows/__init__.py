@@ -57,3 +57,22 @@ def prefect_api_url() -> str | None:
     from oodgate_servers.prefect_temporary import running_api_url
 
     return running_api_url()
+
+
+class PrefectUnavailableError(RuntimeError):
+    """``PREFECT_API_URL`` names a server that does not answer."""
+
+
+def check_prefect_api() -> None:
+    """Before anything starts: the server ``PREFECT_API_URL`` names answers its health check; else
+    one line with the two ways on (Prefect's own error said only "Failed to reach API")."""
+    from prefect.settings import PREFECT_API_URL
+
+    from oodgate_servers.health import healthy
+
+    url = PREFECT_API_URL.value()
+    if url and not healthy(url.rstrip("/")):
+        raise PrefectUnavailableError(
+            f"PREFECT_API_URL={url} does not answer ({url.rstrip('/')}/health): start that server (make server "
+            "starts one on 127.0.0.1:4200), or unset PREFECT_API_URL to run on a temporary server of this process"
+        )

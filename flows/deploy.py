@@ -15,6 +15,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -132,6 +134,28 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _stop_when_server_exits(server: subprocess.Popen, log: Path, gone: threading.Event) -> None:
+    """A thread that watches the server this command started: once it exits (killed, crashed), serving
+    cannot go on (the runner printed a traceback a second against the dead API); one line, and this
+    process stops itself as a SIGTERM would stop it."""
+
+    def watch() -> None:
+        while server.poll() is None:
+            time.sleep(1.0)
+        if gone.is_set():  # stopped by main's own cleanup
+            return
+        gone.set()
+        print(
+            f"error: the Prefect server this command started exited (status {server.returncode}; see {log}): "
+            "stopping; run `make serve` again",
+            file=sys.stderr,
+            flush=True,
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="oodgate-server-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     telemetry_off()
     p = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.splitlines()[0])
@@ -141,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=4200)
     args = p.parse_args(argv)
     server = None
+    gone = threading.Event()  # set once the server this command started has exited, or is stopped
     api_settings = nullcontext()
     # `kill` (SIGTERM) goes through the finally below too, so the server is not left behind.
     previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -149,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             from prefect.settings import PREFECT_API_URL, temporary_settings
 
             api = f"http://{args.host}:{args.port}/api"
-            server = start_server(args.host, args.port, PROJECT_ROOT / "logs" / "prefect-server.log")
+            log = PROJECT_ROOT / "logs" / "prefect-server.log"
+            server = start_server(args.host, args.port, log)
             os.environ["PREFECT_API_URL"] = api
             try:
                 wait_healthy(api, timeout=120)
@@ -163,13 +189,20 @@ def main(argv: list[str] | None = None) -> int:
             # Prefect read its settings when it was imported (just above), so the variable set here is not
             # seen in this process: without this, serve() would register with a temporary server of its own.
             api_settings = temporary_settings(updates={PREFECT_API_URL: api})
+            _stop_when_server_exits(server, log, gone)
         with api_settings:
             serve(args.params, args.root, os.environ["PREFECT_API_URL"])
     except KeyboardInterrupt:
         pass
+    except SystemExit:
+        if not gone.is_set():
+            raise
+        return 1  # the server it started exited: the watch thread said so
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
-        if server is not None:
+        exited = gone.is_set()
+        gone.set()  # the watch thread says nothing of the stop below
+        if server is not None and not exited:
             server.terminate()
             try:
                 server.wait(timeout=20)

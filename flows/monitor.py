@@ -65,7 +65,7 @@ def monitor(
     model, v = load_champion_task(name, mon.alias, uri, version)
     used = f"version {version}" if version is not None else mon.alias
     info = monitor_runs.describe(model, f"{name} v{v} ({used})")
-    data = read_batch(str(path), info.shape, getattr(info, "preprocessing", "exact") == "fit")
+    data = read_batch(str(path), info.shape, getattr(info, "preprocessing", "exact") == "fit", mon.max_images)
     exp_id = tracking.ensure_experiment(mon.experiment, project)
     final = monitoring.predictions_path((project / cfg.workdir / "monitor").resolve(), path, data.digest, v)
     previous = monitor_runs.already_scored(exp_id, name, data.digest, v)
@@ -103,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--version", type=int, default=None, help="a version number instead of an alias")
     args = p.parse_args(argv)
+    from flows import PrefectUnavailableError, check_prefect_api
     from oodgate.config import parse_overrides
     from oodgate.data import DataNotFoundError
     from oodgate_mlflow.champion import ChampionNotFoundError
+    from oodgate_mlflow.integrity import ModelIntegrityError
 
     root = Path(args.root).resolve() if args.root else PROJECT_ROOT
     try:
@@ -123,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             # none named and none configured: fails here
             monitoring.batch_path(args.batch, cfg.monitor.batch, root)
         tracking.connect(root=root)
+        check_prefect_api()
         for b in batches:
+            # before the flow starts: a model whose files fail verification, or a batch it cannot
+            # score, is refused in one line, not in Prefect's tracebacks of a failed flow run
+            check_inputs(cfg, monitoring.batch_path(b, cfg.monitor.batch, root), args.version)
             t0 = time.perf_counter()
             summary = monitor(
                 batch=b,
@@ -145,10 +151,35 @@ def main(argv: list[str] | None = None) -> int:
         monitor_runs.NotAnOODGateModelError,
         DataNotFoundError,
         tracking.TrackingUnavailableError,
+        ModelIntegrityError,
+        PrefectUnavailableError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "error: interrupted: stopped; a batch is logged only once it is scored, so run it again",
+            file=sys.stderr,
+        )
+        return 130
     return 0
+
+
+def check_inputs(cfg, batch: Path, version: int | None) -> None:
+    """What the flow would refuse, checked first: the model version (its files verified against the
+    registry's record) and the batch (read as the model takes it: shape, dtype, range, NaN, size)."""
+    import json
+    import tempfile
+
+    from oodgate_mlflow.champion import resolve, verified_copy
+
+    name, uri = cfg.registry.model_name, tracking.default_tracking_uri()
+    found = resolve(name, cfg.monitor.alias, uri, version)
+    with tempfile.TemporaryDirectory(prefix="oodgate-check-") as tmp:
+        local = verified_copy(name, found, Path(tmp) / "model")
+        meta = json.loads(next(local.rglob("meta.json")).read_text())
+    fit = meta.get("preprocessing", "exact") == "fit"
+    monitoring.load_batch(str(batch), tuple(meta["input_shape"]), fit, cfg.monitor.max_images)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,9 @@ def _checked(argv: list[str] | None) -> tuple[argparse.Namespace, Path, dict[str
     _preflight(cfg, project=root or _project_root())
     _check_dvc_project(root or _project_root(), cfg.data.root)  # the flow checks data/ with DVC
     _tracking.connect(root=root or _project_root())  # an unreachable or read-only MLflow store fails here
+    from flows import check_prefect_api
+
+    check_prefect_api()  # a PREFECT_API_URL that does not answer
     return args, params, overrides, cfg
 
 
@@ -66,11 +69,12 @@ def _project_root() -> Path:
 
 
 def _refusals() -> tuple[type[BaseException], ...]:
+    from flows import PrefectUnavailableError
     from oodgate.config import ConfigError
     from oodgate.numerics import NumericsError
     from oodgate_mlflow.tracking import TrackingUnavailableError
 
-    return (ConfigError, TrackingUnavailableError, NumericsError)
+    return (ConfigError, TrackingUnavailableError, NumericsError, PrefectUnavailableError)
 
 
 if __name__ == "__main__":
@@ -101,6 +105,7 @@ from oodgate.files import is_no_space
 from oodgate.preflight import preflight
 from oodgate.project import PROJECT_ROOT
 from oodgate.steps import inputs
+from oodgate.steps.common import exclusive
 from oodgate.steps.gate_step import GateReport, gate_markdown
 from oodgate_mlflow import tracking
 from oodgate_mlflow.registry import Registration
@@ -130,6 +135,7 @@ class Context:
     parent_run_id: str
     lineage: dict[str, str]
     prepared_dir: str = ""
+    started_ms: int = field(default_factory=lambda: int(time.time() * 1000))
 
     def job(self, step: str, fingerprint: str, loss_id: str = "", seed: int = 0) -> Job:
         """A step's job: its output directory is named by its fingerprint, so runs with other inputs
@@ -342,19 +348,9 @@ def _train_and_log(ctx: Context) -> tuple[dict[str, LossResult], dict[str, str]]
         seeds = ctx.cfg.seeds_of(loss_id)  # one for a single imported checkpoint
         expected = [inputs.expected(ctx.cfg, loss_id, s, ctx.prepared_dir) for s in seeds]
         fp = inputs.digest([e.fingerprint["evaluate"] for e in expected])  # chains data, code, params
-        reused = tracking.find_finished_run(
-            ctx.experiment_id, {"oodgate.loss": loss_id, "oodgate.fingerprint": fp}
-        )
-        gone = tracking.missing_artifacts(reused, seeds) if reused is not None else []
-        if gone:
-            log.warning(
-                f"{loss_id}: run {reused.info.run_id} has the same inputs but its artifacts are gone "
-                f"({', '.join(gone)}); computing and logging it again"
-            )
-            reused = None
-        if reused is not None:
-            log.info(f"{loss_id}: reusing run {reused.info.run_id} (same data, code and params)")
-            logged[loss_id] = reused_result(reused)
+        found = _reusable(ctx, loss_id, fp, seeds)
+        if found is not None:
+            logged[loss_id] = found
         else:
             pending.append(_submit(ctx, loss_id, fp, expected))
     failed: dict[str, str] = {}
@@ -367,6 +363,28 @@ def _train_and_log(ctx: Context) -> tuple[dict[str, LossResult], dict[str, str]]
         else:
             logged[lr.loss_id] = result
     return logged, failed
+
+
+def _reusable(ctx: Context, loss_id: str, fp: str, seeds: list[int], after_ms: int = 0) -> LossResult | None:
+    """The finished child run of a loss with the same fingerprint, reused only once everything it
+    offers (per-seed metrics, samples, model) matches the digests recorded when it was logged: the
+    gate reads the verified local copies. A run whose artifacts are gone, changed or unrecorded is
+    computed and logged again, with one warning naming the file."""
+    log = get_run_logger()
+    run = tracking.find_finished_run(ctx.experiment_id, {"oodgate.loss": loss_id, "oodgate.fingerprint": fp})
+    if run is None or run.info.start_time < after_ms:
+        return None
+    try:
+        verified = tracking.verified_artifacts(
+            run, seeds, ctx.workdir / "cache" / f"reused-{run.info.run_id}"
+        )
+    except tracking.UnverifiedArtifactError as e:
+        log.warning(
+            f"{loss_id}: not reusing run {run.info.run_id} (same inputs): {e}; computing and logging it again"
+        )
+        return None
+    log.info(f"{loss_id}: reusing run {run.info.run_id} (same data, code and params; its artifacts verified)")
+    return reused_result(run, verified)
 
 
 def _submit(ctx: Context, loss_id: str, fp: str, expected: list[inputs.Expected]) -> LossRun:
@@ -410,6 +428,20 @@ def _task_window_ms(futures: list[PrefectFuture]) -> tuple[int | None, int | Non
 
 
 def _log(ctx: Context, lr: LossRun) -> LossResult | str:
+    """The loss's child run: one logged by another pipeline run of this project while this one
+    computed (found under the loss's lock, verified), or a new one (:func:`_log_new`). Two runs of
+    the same project train each (loss, seed) once (the train step's lock) and log it once."""
+    with exclusive(ctx.workdir / "cache" / f"log-{lr.fingerprint}"):
+        wait(lr.futures())
+        if all(f.state.is_completed() for f in lr.futures()):
+            # only a run logged since this one started: an older one was already judged
+            found = _reusable(ctx, lr.loss_id, lr.fingerprint, ctx.cfg.seeds_of(lr.loss_id), ctx.started_ms)
+            if found is not None:
+                return found
+        return _log_new(ctx, lr)
+
+
+def _log_new(ctx: Context, lr: LossRun) -> LossResult | str:
     """One child run for the loss, spanning exactly its own tasks; a failure is recorded and its
     reason returned, not raised."""
     cfg, loss = ctx.cfg, ctx.cfg.losses[lr.loss_id]
@@ -441,8 +473,11 @@ def _log(ctx: Context, lr: LossRun) -> LossResult | str:
         },
     )
     try:
+        # in the order the tasks depend on each other: the first failure is the one reported
         trained = [f.result() for f in lr.trained]
         calibrated = [f.result() for f in lr.calibrated]
+        if lr.selected is not None:
+            lr.selected.result()
         evaluated = [f.result() for f in lr.evaluated]
         packaged = lr.packaged.result()
     except Exception as e:  # NaN loss, crash after retries: this loss fails, the others go on

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -258,16 +259,50 @@ def cmd_run(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepared_for(cfg: Config, lay: Layout, args: argparse.Namespace) -> None:
+    """``lay.prepared`` holds the data the current config prepares: prepared now when it is missing
+    (the Prefect flow keeps its own under ``<workdir>/cache/``); refused, naming what changed, when
+    it was prepared from other inputs (another class selection, split, ... or prepare code), so
+    that nothing is ever imported on stale data."""
+    from oodgate.steps.common import differences, read_json
+    from oodgate.steps.inputs import prepare_inputs
+
+    summary = lay.prepared / "data.json"
+    if not summary.is_file():
+        cmd_prepare(cfg, lay, args)
+        return
+    params = "" if args.params == "params.yaml" else f" --params {args.params}"
+    fix = f"prepare it again with `python -m oodgate prepare{params}` (or `dvc repro prepare`)"
+    try:
+        recorded = read_json(summary)
+    except (OSError, ValueError) as e:
+        raise StaleResultError(f"prepared data: {str(summary)!r} cannot be read ({e}); {fix}") from None
+    recorded = recorded.get("inputs") if isinstance(recorded, dict) else None
+    if recorded is None:
+        raise StaleResultError(
+            f"prepared data: {str(summary)!r} does not record the inputs it was prepared from (an older "
+            f"oodgate wrote it), so it may not match {args.params}; {fix}"
+        )
+    changed = differences(recorded, prepare_inputs(cfg))
+    if changed:
+        raise StaleResultError(
+            f"prepared data: {str(summary)!r} does not match {args.params}: it was prepared from other "
+            f"inputs ({'; '.join(changed)}); {fix}"
+        )
+
+
 def cmd_import(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
-    """The train step of the losses that import a checkpoint (``losses.<id>.checkpoint``)."""
+    """The train step of the losses that import a checkpoint (``losses.<id>.checkpoint``), on the
+    prepared data of the current config (prepared here if there is none)."""
     imported = [k for k in _losses(cfg, args) if cfg.losses[k].checkpoint is not None]
     if not imported:
         raise ConfigError(
-            "no loss imports a checkpoint: add e.g. checkpoint: {path: models/mine_{seed}.pt, format: torchvision} "
+            "no loss imports a checkpoint: add e.g. checkpoint: {path: data/models/mine_{seed}.pt, format: torchvision} "
             "to a loss in params.yaml (see the README, Bring your own model)"
         )
     from oodgate import steps
 
+    _prepared_for(cfg, lay, args)
     for loss_id in imported:
         for seed in _seeds(cfg, args):
             if seed not in cfg.seeds_of(loss_id):
@@ -346,9 +381,38 @@ def cmd_numerics(args: argparse.Namespace) -> int:
     return 0
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM reached a step: it stops, and says so in one line."""
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM (``kill``, ``timeout``, a scheduler's stop) end a step with one
+    line and exit status 130, never a traceback: what it finished is kept (every result file is
+    written atomically, its record last), and a re-run reuses or resumes it."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workdir = Path(".")  # where results go, once the config says
+    _stop_on_signals()
+    try:
+        return _main(args, workdir)
+    except Interrupted as e:
+        print(
+            f"error: {e} received: stopped; finished results are kept, and running the step again "
+            "(or `dvc repro`) reuses them and resumes a training from its last epoch",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _main(args: argparse.Namespace, workdir: Path) -> int:
     try:
         if args.command == "materialize":
             return cmd_materialize(args)

@@ -8,6 +8,7 @@ logged. Load it once at the entry point (``load_config``) and pass it down.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -374,6 +375,10 @@ class ScheduleConfig(_Frozen):
         return v
 
 
+# A batch of 100,000 images of 32x32x3 is 1.2 GB as float32; a 381 KB .npz of zeros held 500,000.
+MAX_BATCH_IMAGES = 100_000
+
+
 class MonitorConfig(_Frozen):
     """The monitoring flow (``flows/monitor.py``): score incoming batches with the champion.
 
@@ -390,6 +395,12 @@ class MonitorConfig(_Frozen):
     alpha: float = Field(default=0.01, gt=0.0, lt=0.5)
     test: Literal["binomial", "beta_binomial"] = "beta_binomial"
     expected_ood_rate: float | None = Field(default=None, gt=0.0, lt=1.0)
+    max_images: int = Field(
+        default=MAX_BATCH_IMAGES,
+        ge=1,
+        description="most images one batch may hold, checked before it is read (an .npz from its "
+        "header, a folder by its file count): a small compressed file can hold gigabytes",
+    )
     schedule: ScheduleConfig = ScheduleConfig(cron="0 * * * *")
 
     @model_validator(mode="after")
@@ -585,6 +596,44 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(_format_errors(e, source)) from None
 
 
+class _AliasRefused(Exception):
+    def __init__(self, alias: str, line: int) -> None:
+        self.alias, self.line = alias, line
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader refusing every alias (``*a``): 9 levels of 10 aliases, a few hundred
+    bytes, expand to 10**9 values ("billion laughs": 1 GB in 24 s, then killed). Anchors (``&a``)
+    alone are allowed: nothing refers to them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(event.anchor, event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)`` for YAML a user wrote (``params.yaml``, a ``--set`` value), refusing
+    what can expand without bound: an alias, or nesting deeper than Python recurses, is a one-line
+    :class:`ConfigError` naming ``source``; a syntax error is raised as ``yaml.YAMLError``."""
+    loader = _NoAliasLoader(text)
+    try:
+        return loader.get_single_data()
+    except _AliasRefused as e:
+        raise ConfigError(
+            f"{source}: line {e.line}: a YAML alias (*{e.alias}) is not allowed: aliases can expand "
+            "without bound; write the value out (an anchor &name alone is allowed)"
+        ) from None
+    except RecursionError:
+        raise ConfigError(
+            f"{source}: the YAML is nested too deeply to read (over Python's recursion limit of "
+            f"{sys.getrecursionlimit()}); write it with fewer levels"
+        ) from None
+    finally:
+        loader.dispose()
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``["train.epochs=2", "seeds=[0,1]"]`` -> ``{"train.epochs": 2, "seeds": [0, 1]}`` (YAML values)."""
     overrides = {}
@@ -593,7 +642,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE (e.g. train.epochs=2), got {item!r}")
         try:
-            overrides[key] = yaml.safe_load(value)
+            shown = item if len(item) <= 80 else f"{item[:60]}... ({len(item)} characters)"
+            overrides[key] = load_yaml(value, f"--set {shown!r}")
         except yaml.YAMLError as e:
             problem = str(e).splitlines()[0]
             raise ConfigError(
@@ -610,7 +660,7 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
             f"config file {str(path)!r} not found; run from the repository root or pass its path"
         )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text(), str(path)) or {}
     except UnicodeDecodeError as e:
         # e.g. an image or a model file given as --params: its bytes are not UTF-8 text
         raise ConfigError(

@@ -80,12 +80,29 @@ _WRN: list[Rule] = [
     (r"^block(\d+)\.layer\.(\d+)\.", r"block\1.\2."),
     (r"^bn1\.", "bn."),
 ]
-for _name in ("wrn_40_2", "wrn_28_10", "wrn_16_8", "wrn_28_2"):
+for _name in ("wrn_40_2", "wrn_28_10"):  # registered backbones only (oodgate.models.names())
     _BACKBONES[("logitnorm", _name)] = _WRN
 
 _HEAD_PREFIXES = ("classifier.", "fc.", "linear.")
 _IGNORED = ("temperature", "validationset_available", "precomputed_thresholds")  # DisMax's extras
 _LINEAR_METHODS = ("softmax", "logitnorm")
+# What the papers' head modules hold in a state dict, which tells the method a file was trained with:
+# their SoftMax baseline ``weights``, ``bias``; IsoMaxLossFirstPart ``prototypes``;
+# IsoMaxPlusLossFirstPart ``prototypes``, ``distance_scale`` (its ``temperature`` is a plain float,
+# never saved); DisMaxLossFirstPart the same and its ``temperature``, ``validationset_available`` and
+# ``precomputed_thresholds`` parameters. So the four are told apart by their keys, IsoMax+ from DisMax
+# too (the same prototypes and scale, another formula: an IsoMax+ file imported as DisMax, or the
+# reverse, gave logits off by up to ~2.2). Where a file cannot tell: the linear head of the
+# ``torchvision`` and ``logitnorm`` formats is the same for SoftMax (cross-entropy) and LogitNorm
+# training; both compute ``W f + b`` at inference, so only the declared method's label and default
+# score depend on it.
+_ENTROPIC_HEADS = {
+    "softmax": ("weights", "bias"),
+    "isomax": ("prototypes",),
+    "isomax_plus": ("prototypes", "distance_scale"),
+    "dismax": ("prototypes", "distance_scale", *_IGNORED),
+}
+_ENTROPIC_NAMES = {"softmax": "SoftMax", "isomax": "IsoMax", "isomax_plus": "IsoMax+", "dismax": "DisMax"}
 
 
 @dataclass(frozen=True)
@@ -101,26 +118,22 @@ def read_state(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Te
     state dict, unwrapped from ``{"state_dict": ...}``/``{"model": ...}``/``{"net": ...}``, its
     ``module.`` prefixes (DataParallel) removed; or an oodgate checkpoint (with ``spec``) as is."""
     path = Path(path)
+    where = what if repr(str(path)) in what else f"{what}: {str(path)!r}"  # the path named once
     if not path.is_file():
-        raise CheckpointError(
-            f"{what}: {str(path)!r} does not exist; give the path of the file, relative to the project"
-        )
+        raise CheckpointError(f"{where} does not exist; give the path of the file, relative to the project")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickled objects refused, not a torch file, truncated
-        raise CheckpointError(
-            f"{what}: {str(path)!r} cannot be read as plain tensors ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); it must be saved with torch.save(model.state_dict(), path)"
-        ) from None
+    except Exception as e:  # pickled objects refused, not a torch file, truncated, empty
+        from oodgate.models.torchvision_models import load_error
+
+        raise CheckpointError(f"{where} {load_error(path, e)}") from None
     if isinstance(obj, dict) and "spec" in obj and "model" in obj:
         return obj  # oodgate's own checkpoint
     for key in ("state_dict", "model", "net"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(
-            f"{what}: {str(path)!r} holds a {type(obj).__name__}, not a state dict of tensors"
-        )
+        raise CheckpointError(f"{where} holds a {type(obj).__name__}, not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -132,19 +145,43 @@ def _rename(key: str, rules: list[Rule]) -> str:
     return key
 
 
-def _head_prefix(state: dict[str, torch.Tensor], names: tuple[str, ...]) -> str:
+def _head_prefix(state: dict[str, torch.Tensor], names: tuple[str, ...], source: str = "checkpoint") -> str:
     for prefix in _HEAD_PREFIXES:
         if any(f"{prefix}{n}" in state for n in names):
             return prefix
     raise CheckpointError(
-        f"no classification head found: none of {', '.join(p + n for p in _HEAD_PREFIXES for n in names)} "
-        f"is in the file (its last keys: {', '.join(list(state)[-4:])})"
+        f"{source}: no classification head found: none of "
+        f"{', '.join(p + n for p in _HEAD_PREFIXES for n in names)} is in the file (its last keys: "
+        f"{', '.join(list(state)[-4:])})"
     )
 
 
-def _map_entropic(state: dict, spec: ModelSpec) -> tuple[dict, list[str]]:
-    names = ("weights", "bias") if spec.method == "softmax" else ("prototypes", "distance_scale")
-    prefix = _head_prefix(state, names)
+def entropic_head(state: dict[str, torch.Tensor], method: str, source: str = "checkpoint") -> str:
+    """The prefix of the head of a file in the papers' layout, once its parameters are those of
+    ``method``'s head (:data:`_ENTROPIC_HEADS`); refused naming both methods when they are another's."""
+    prefix = _head_prefix(state, ("weights", "prototypes"), source)
+    names = {k.removeprefix(prefix) for k in state if k.startswith(prefix)}
+    if "weights" in names:
+        found = "softmax"
+    elif names & set(_IGNORED):
+        found = "dismax"
+    elif "distance_scale" in names:
+        found = "isomax_plus"
+    else:
+        found = "isomax"
+    if found != method and method in _ENTROPIC_HEADS:
+        held = ", ".join(prefix + n for n in _ENTROPIC_HEADS[found] if n in names)
+        want = ", ".join(prefix + n for n in _ENTROPIC_HEADS[method])
+        raise CheckpointError(
+            f"{source} holds the head of {_ENTROPIC_NAMES[found]} ({held}), not that of "
+            f"{_ENTROPIC_NAMES[method]}, the loss's method (method: {method}, whose file holds {want}); set "
+            f"the loss's method: {found}, or give a checkpoint trained with {method} (their logits differ)"
+        )
+    return prefix
+
+
+def _map_entropic(state: dict, spec: ModelSpec, source: str = "checkpoint") -> tuple[dict, list[str]]:
+    prefix = entropic_head(state, spec.method, source)
     rules = _BACKBONES.get(("entropic", spec.backbone))
     if rules is None:
         raise CheckpointError(
@@ -166,7 +203,7 @@ def _map_entropic(state: dict, spec: ModelSpec) -> tuple[dict, list[str]]:
     return out, ignored
 
 
-def _map_logitnorm(state: dict, spec: ModelSpec) -> tuple[dict, list[str]]:
+def _map_logitnorm(state: dict, spec: ModelSpec, source: str = "checkpoint") -> tuple[dict, list[str]]:
     rules = _BACKBONES.get(("logitnorm", spec.backbone))
     if rules is None:
         raise CheckpointError(
@@ -254,7 +291,7 @@ def import_model(
     with torch.device("meta"):
         meta_model = Classifier(spec)
     if fmt == "entropic":
-        mapped, ignored = _map_entropic(state, spec)
+        mapped, ignored = _map_entropic(state, spec, source)
     elif fmt == "logitnorm":
         mapped, ignored = _map_logitnorm(state, spec)
     else:
@@ -265,22 +302,69 @@ def import_model(
     return Imported(model.eval(), tuple(ignored))
 
 
-def _import_oodgate(state: dict, spec: ModelSpec, source: str) -> Imported:
-    saved = ModelSpec.from_dict(state["spec"])
-    for key in (
-        "backbone",
-        "method",
-        "num_classes",
-        "in_channels",
-        "image_size",
-        "backbone_options",
-        "method_options",
-    ):
-        if getattr(saved, key) != getattr(spec, key):
+def saved_spec(state: dict, source: str) -> ModelSpec:
+    """The :class:`ModelSpec` an oodgate checkpoint holds (read from the file, nothing built)."""
+    if "spec" not in state:
+        raise CheckpointError(
+            f"{source} is not an oodgate checkpoint (it holds no model spec, only tensors): set "
+            "checkpoint.format to the layout it has (torchvision, entropic or logitnorm)"
+        )
+    try:
+        return ModelSpec.from_dict(state["spec"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{source} holds a model spec oodgate cannot read ({type(e).__name__}: {e}); give a best.pt "
+            "or calibrated.pt written by oodgate"
+        ) from None
+
+
+# what the config calls each field of a saved spec, and how to make them agree
+_SPEC_KEYS = {
+    "method": ("the loss's method", "declare method: {saved} for this loss"),
+    "num_classes": ("the data's class count", "select the classes it was trained on (data.classes)"),
+    "class_names": (
+        "the data's classes",
+        "select the classes it was trained on, in its order (data.classes)",
+    ),
+    "in_channels": ("the data's image channels", "use data of {saved}-channel images (data.dataset)"),
+    "image_size": (
+        "the data's image size",
+        "use data of {saved}x{saved} images (data.dataset, or data.image_size for a folder)",
+    ),
+    "backbone": ("model.backbone", "declare model.backbone: {saved}"),
+    "backbone_options": ("model.options", "declare model.options: {saved}"),
+    "method_options": ("the loss's options", "declare the loss's options: {saved}"),
+}
+
+
+def compare_spec(saved: ModelSpec, expected: dict[str, object], source: str, where: dict[str, str]) -> None:
+    """Refuse an oodgate checkpoint whose spec differs from what the config gives (``expected``:
+    spec field -> value, only the fields known; ``where``: a field -> the config key it comes from)."""
+    for key, (what, fix) in _SPEC_KEYS.items():
+        if key not in expected:
+            continue
+        have, want = getattr(saved, key), expected[key]
+        if key == "class_names" and (not have or not want):
+            continue  # not recorded, or not known before the data is prepared
+        if isinstance(have, tuple):
+            have, want = list(have), list(want)
+        if have != want:
             raise CheckpointError(
-                f"{source} holds a model with {key} {getattr(saved, key)!r}, but params.yaml declares "
-                f"{getattr(spec, key)!r}; declare the checkpoint's architecture and method"
+                f"{source} holds a model with {key} {have!r}, but {what} is {want!r} "
+                f"({where.get(key, 'params.yaml')}); {fix.format(saved=have)}, or give a checkpoint that "
+                "fits the config"
             )
+
+
+def _import_oodgate(state: dict, spec: ModelSpec, source: str) -> Imported:
+    saved = saved_spec(state, source)
+    keys = ("method", "num_classes", "class_names", "in_channels", "image_size", "backbone")
+    compare_spec(
+        saved,
+        {k: getattr(spec, k) for k in (*keys, "backbone_options", "method_options")},
+        source,
+        {"class_names": "the prepared data", "num_classes": "the prepared data"},
+    )
     model = build_classifier(replace(saved, score=spec.score, class_names=spec.class_names), 0)
     weights = dict(state["model"])
     weights["head.temperature"] = torch.ones_like(model.head.temperature)  # oodgate fits its own
@@ -307,24 +391,60 @@ def check_checkpoints(
     registered dataset."""
     from oodgate import methods
 
+    if all(loss.checkpoint is None for loss in cfg.losses.values()):
+        return
+    data = cfg.data
+    names: list[str] = []  # the class names, where known before the data is prepared (folders)
+    if data.dataset == "folder":
+        shape: tuple[int, int] | None = (3, data.image_size)
+        names = _folder_classes(cfg, Path(project))
+        classes = len(names) or (len(data.classes) if data.classes else None)
+        where_classes = "data.classes" if data.classes else f"the class folders under data.root {data.root!r}"
+        where_shape = f"RGB at data.image_size {data.image_size}"
+    else:
+        shape = image_shapes.get(data.dataset)
+        classes = len(data.classes) if data.classes else num_classes.get(data.dataset)
+        where_classes = "data.classes" if data.classes else f"data.dataset {data.dataset!r}"
+        where_shape = f"the images of data.dataset {data.dataset!r}"
+    channels, side = shape or (3, 32)
     for loss_id, loss in cfg.losses.items():
         c = loss.checkpoint
         if c is None:
             continue
-        data = cfg.data
-        if data.dataset == "folder":
-            channels, side = 3, data.image_size
-            classes = len(data.classes) if data.classes else None  # the folder's class count is read later
-        else:
-            channels, side = image_shapes.get(data.dataset, (3, 32))
-            classes = len(data.classes) if data.classes else num_classes.get(data.dataset)
         for seed in cfg.seeds if c.per_seed else cfg.seeds[:1]:
             path = Path(checkpoint_for_seed(c.path, seed))
             path = path if path.is_absolute() else Path(project) / path
             source = f"losses.{loss_id}.checkpoint {str(path)!r}"
             state = read_state(path, source)
-            if classes is None or c.format == "oodgate":
-                continue  # the head's size is checked when the data is known, or comes with the file
+            if c.format == "oodgate":  # its spec, read from the file (nothing built), against the config's
+                expected: dict[str, object] = {
+                    "method": loss.method,
+                    "backbone": cfg.model.backbone,
+                    "backbone_options": dict(cfg.model.options),
+                    "method_options": dict(loss.options),
+                }
+                if classes is not None:
+                    expected["num_classes"] = classes
+                if names:
+                    expected["class_names"] = tuple(names)
+                if shape is not None:
+                    expected["in_channels"], expected["image_size"] = shape
+                where = {
+                    "method": f"losses.{loss_id}.method",
+                    "method_options": f"losses.{loss_id}.options",
+                    "num_classes": where_classes,
+                    "class_names": where_classes,
+                    "in_channels": where_shape,
+                    "image_size": where_shape,
+                }
+                compare_spec(saved_spec(state, source), expected, source, where)
+                continue
+            if "spec" in state:
+                raise CheckpointError(f"{source} is an oodgate checkpoint: set checkpoint.format: oodgate")
+            if c.format == "entropic":
+                entropic_head(state, loss.method, source)  # the head's method, known without the data
+            if classes is None:
+                continue  # the head's size is checked when the data is known
             spec = ModelSpec(
                 backbone=cfg.model.backbone,
                 method=loss.method,
@@ -337,8 +457,6 @@ def check_checkpoints(
                 backbone_options=dict(cfg.model.options),
                 method_options=dict(loss.options),
             )
-            if "spec" in state:
-                raise CheckpointError(f"{source} is an oodgate checkpoint: set checkpoint.format: oodgate")
             with torch.device("meta"):
                 meta_model = Classifier(spec)
             if c.format in ("torchvision", "logitnorm") and spec.method not in _LINEAR_METHODS:
@@ -347,5 +465,16 @@ def check_checkpoints(
                     f"logitnorm methods, not {spec.method!r}"
                 )
             mapper = {"entropic": _map_entropic, "logitnorm": _map_logitnorm}.get(c.format)
-            mapped, _ = mapper(state, spec) if mapper else _map_torchvision(state, meta_model)
+            mapped, _ = mapper(state, spec, source) if mapper else _map_torchvision(state, meta_model)
             _check_fit(mapped, meta_model, source, c.format)
+
+
+def _folder_classes(cfg, project: Path) -> list[str]:
+    """A folder dataset's selected class names, from its class folders (no image is decoded); empty
+    when the folder cannot be listed (preflight's folder check says why)."""
+    from oodgate.data.folder import scan
+
+    try:
+        return list(scan(cfg.data, project / cfg.data.root).class_names)
+    except (OSError, ValueError):
+        return []

@@ -135,12 +135,14 @@ def apply_from_params(params: str | Path, overrides: Mapping[str, Any] | None = 
     file or section that cannot be read applies the defaults (loading the config reports why)."""
     import yaml
 
+    from oodgate.config import ConfigError, load_yaml  # no alias is expanded (a "billion laughs")
+
     section: dict[str, Any] = {}
     try:
-        raw = yaml.safe_load(Path(params).read_text()) or {}
+        raw = load_yaml(Path(params).read_text(), str(params)) or {}
         if isinstance(raw, dict) and isinstance(raw.get("numerics"), dict):
             section = dict(raw["numerics"])
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError):
         pass
     for key, value in (overrides or {}).items():
         if key.startswith("numerics."):
@@ -160,6 +162,8 @@ def apply_from_argv(argv: list[str], default_root: str | Path | None = None) -> 
 
     import yaml
 
+    from oodgate.config import ConfigError, load_yaml
+
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--root", default=None)
@@ -170,8 +174,8 @@ def apply_from_argv(argv: list[str], default_root: str | Path | None = None) -> 
     for item in known.set:
         key, sep, value = item.partition("=")
         try:
-            overrides[key] = yaml.safe_load(value) if sep else None
-        except yaml.YAMLError:
+            overrides[key] = load_yaml(value, "--set") if sep else None
+        except (yaml.YAMLError, ConfigError):
             pass
     apply_from_params(root / known.params, overrides)
 

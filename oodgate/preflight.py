@@ -11,6 +11,7 @@ loaded whole). Each problem is one line naming the key, the value and the fix
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -39,6 +40,10 @@ IMAGE_SHAPES = {
     "svhn": (3, 32),
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# An OOD .npz is loaded whole, then conformed to the ID shape (a copy or two more); a small compressed
+# file can hold any size (a 381 KB .npz held 392 MB of zero images), so the decompressed size of its
+# array 'x' is read from its header and capped before anything is decompressed.
+MAX_OOD_BYTES = 8 * 2**30  # 8 GiB
 
 
 class PreflightError(ConfigError):
@@ -147,20 +152,61 @@ def check_classes(cfg: Config) -> None:
         )
 
 
+def npz_array_header(path: str | Path, name: str = "x") -> tuple[tuple[int, ...], np.dtype] | None:
+    """Shape and dtype of the array ``name`` in the ``.npz`` at ``path``, from its ``.npy`` header
+    alone (the array is never decompressed); None when the archive holds no such array. A file that
+    is not a zip raises ``zipfile.BadZipFile``, a damaged header ``ValueError``, as they come."""
+    with zipfile.ZipFile(path) as z:
+        members = set(z.namelist())
+        member = next((m for m in (f"{name}.npy", name) if m in members), None)
+        if member is None:
+            return None
+        with z.open(member) as f:
+            fmt = np.lib.format
+            read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def ood_npz_too_large(path: str | Path, shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+    """Why the array ``x`` of an OOD ``.npz`` (``shape`` and ``dtype`` from its header) is too large
+    to load: its decompressed size over :data:`MAX_OOD_BYTES`; None when it is not."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes <= MAX_OOD_BYTES:
+        return None
+    return (
+        f"{str(path)!r}: array 'x' ({dtype}, shape {shape}) is {_size(nbytes)} decompressed, over the "
+        f"limit of {_size(MAX_OOD_BYTES)} for an OOD set (MAX_OOD_BYTES in oodgate/preflight.py); "
+        "save fewer images in it, or split it into several OOD sets"
+    )
+
+
 def _npz_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of the array ``x`` in an ``.npz``, from its header only."""
     try:
-        with zipfile.ZipFile(path) as z:
-            names = [n.removesuffix(".npy") for n in z.namelist()]
-            if "x" not in names:
-                raise PreflightError(
-                    f"data.ood: {str(path)!r} holds no array 'x' (found: {', '.join(names) or 'none'}); "
-                    "save the images with np.savez(path, x=images)"
-                )
-            with z.open("x.npy") as f:
-                fmt = np.lib.format
-                read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
-                shape, _, dtype = read(f)
+        header = npz_array_header(path)
+        if header is None:
+            with zipfile.ZipFile(path) as z:
+                names = [n.removesuffix(".npy") for n in z.namelist()]
+            raise PreflightError(
+                f"data.ood: {str(path)!r} holds no array 'x' (found: {', '.join(names) or 'none'}); "
+                "save the images with np.savez(path, x=images)"
+            )
+        shape, dtype = header
+    except ValueError as e:
+        if isinstance(e, PreflightError):
+            raise
+        raise PreflightError(
+            f"data.ood: {str(path)!r}: the header of array 'x' cannot be read ({e}); "
+            "save the images with np.savez(path, x=images)"
+        ) from None
     except zipfile.BadZipFile:
         raise PreflightError(
             f"data.ood: {str(path)!r} is not an .npz archive (not a zip file); "
@@ -204,6 +250,9 @@ def check_ood_path(name: str, path: Path, key: str = "data.ood") -> None:
         )
     if shape[0] == 0:
         raise PreflightError(f"data.ood: {str(path)!r}: array 'x' holds no images")
+    too_large = ood_npz_too_large(path, shape, dtype)
+    if too_large:
+        raise PreflightError(f"{key}: {name!r} points to {too_large}")
 
 
 def check_folder(cfg: Config, project: Path) -> None:

@@ -24,6 +24,16 @@ from pathlib import Path
 TAG = "oodgate.model_files"  # on a model version: {relative path: sha256} of every file
 
 
+# What repairs a version: a pipeline run re-registers its best candidate when the version holding
+# the same weights fails this check (oodgate_mlflow.registry.register), and a promoted candidate
+# replaces a champion that fails it; another version can be loaded meanwhile.
+REPAIR = (
+    "run the pipeline (`make run`): when this model is its best candidate it is registered again as a new "
+    "version and the aliases move to it, and a promoted candidate replaces a champion that fails this check; "
+    "meanwhile load another version (--version N)"
+)
+
+
 class ModelIntegrityError(RuntimeError):
     """A registered model's files are not the ones recorded at registration."""
 
@@ -52,13 +62,12 @@ def verify(model_dir: str | Path, recorded: str | None, what: str) -> None:
     message)."""
     if not recorded:
         raise ModelIntegrityError(
-            f"{what} has no record of its files ({TAG}), so they cannot be verified; register it again "
-            "with this version of oodgate (a pipeline run registers its best candidate)"
+            f"{what} has no record of its files ({TAG}), so they cannot be verified; {REPAIR}"
         )
     try:
         want = json.loads(recorded)
     except ValueError:
-        raise ModelIntegrityError(f"{what}: its {TAG} record is not readable; register it again") from None
+        raise ModelIntegrityError(f"{what}: its {TAG} record is not readable; {REPAIR}") from None
     got = manifest(model_dir)
     for name in sorted(set(want) | set(got)):
         if name not in got:
@@ -73,5 +82,5 @@ def verify(model_dir: str | Path, recorded: str | None, what: str) -> None:
             continue
         raise ModelIntegrityError(
             f"{what}: {name} {problem}; refusing to load it (the artifact store was changed after "
-            "registration: restore the file, or register the model again)"
+            f"registration); restore the file, or {REPAIR}"
         )

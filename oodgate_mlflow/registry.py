@@ -146,6 +146,7 @@ class Candidate:
     seed: int = 0  # the seed whose model is logged
     seed_choice: str = ""  # why that seed
     compared: str = ""  # which two models the gate compared, on which images
+    model_digest: str | None = None  # the logged model's files as recorded (tracking.MODEL_DIGEST)
 
 
 @dataclass(frozen=True)
@@ -184,16 +185,41 @@ def current_champion(name: str) -> ModelVersion | None:
     return current(name, CHAMPION)
 
 
+SUPERSEDED_TAG = "oodgate.superseded"  # on a version whose files were lost or changed: by which, and why
+
+
 def version_with_fingerprint(name: str, model_fingerprint: str) -> ModelVersion | None:
-    """The oldest registered version of ``name`` whose weights have this fingerprint, or None."""
+    """The oldest registered version of ``name`` whose weights have this fingerprint and which no
+    later version superseded, or None."""
     from mlflow.exceptions import MlflowException
 
     try:
         versions = tracking.client().search_model_versions(f"name='{name}'")
     except MlflowException:
         return None
-    same = [v for v in versions if (v.tags or {}).get(FINGERPRINT_TAG) == model_fingerprint]
+    same = [
+        v
+        for v in versions
+        if (v.tags or {}).get(FINGERPRINT_TAG) == model_fingerprint and SUPERSEDED_TAG not in (v.tags or {})
+    ]
     return min(same, key=lambda v: int(v.version)) if same else None
+
+
+def files_problem(name: str, version: ModelVersion) -> str | None:
+    """Why a registered version's files cannot be used (missing, changed, or never recorded), in a
+    few words, or None when they are the ones recorded at registration."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = tracking.download_model(f"models:/{name}/{version.version}", Path(tmp) / "m")
+        except Exception as e:  # the files are gone from the artifact store
+            return f"its files cannot be read from the artifact store ({type(e).__name__})"
+        try:
+            integrity.verify(local, (version.tags or {}).get(integrity.TAG), f"version {version.version}")
+        except integrity.ModelIntegrityError as e:
+            return str(e).split("; refusing")[0].split("; register")[0]
+    return None
 
 
 def _description(candidate: Candidate, champion_reasons: tuple[str, ...], take: bool, rule: str) -> str:
@@ -220,20 +246,46 @@ def _description(candidate: Candidate, champion_reasons: tuple[str, ...], take: 
     return "\n".join(lines)
 
 
-def record_files(name: str, version: ModelVersion) -> None:
+def record_files(name: str, version: ModelVersion, logged_digest: str | None = None) -> None:
     """Hash every file of the new version and record the digests in the registry
-    (:mod:`oodgate_mlflow.integrity`): every loader compares them before it loads anything."""
+    (:mod:`oodgate_mlflow.integrity`): every loader compares them before it loads anything. With
+    ``logged_digest`` (the model's files as recorded when its run logged them), the version's files
+    must be those: otherwise the version is deleted and :class:`integrity.ModelIntegrityError` raised."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         # as every loader downloads it (MLflow adds registered_model_meta: the name and version)
-        files = integrity.manifest(
-            tracking.download_model(f"models:/{name}/{version.version}", Path(tmp) / "m")
-        )
+        local = tracking.download_model(f"models:/{name}/{version.version}", Path(tmp) / "m")
+        files = integrity.manifest(local)
+        if logged_digest is not None and tracking.model_files_digest(local) != logged_digest:
+            tracking.client().delete_model_version(name, version.version)
+            raise integrity.ModelIntegrityError(
+                f"model {name!r}: the files registered as version {version.version} are not the ones its run "
+                "logged (the artifact store changed in between); the version was deleted: run the pipeline "
+                "again (make run), which logs the model anew"
+            )
     record = integrity.encode(files)
     if len(record) > 7500:  # MLflow truncates tag values at 8000 characters
         raise RuntimeError(f"model {name} v{version.version} has too many files to record ({len(files)})")
     tracking.client().set_model_version_tag(name, version.version, integrity.TAG, record)
+
+
+def _supersede(name: str, broken: tuple[ModelVersion, str], version: ModelVersion) -> tuple[str, ...]:
+    """The version whose files were lost or changed is superseded by ``version`` (the same weights,
+    registered again): tagged so, its aliases moved; one line saying why."""
+    old, problem = broken
+    c = tracking.client()
+    c.set_model_version_tag(
+        name, old.version, SUPERSEDED_TAG, f"by version {version.version}: {problem}"[:5000]
+    )
+    aliases = c.get_model_version(name, old.version).aliases or []  # a search's versions may omit them
+    moved = [a for a in aliases if a != CHALLENGER]
+    for alias in moved:
+        c.set_registered_model_alias(name, alias, version.version)
+    where = f"; its alias {', '.join(moved)} moved to it" if moved else ""
+    return (
+        f"registered again as version {version.version}: version {old.version} has the same weights, but {problem}{where}",
+    )
 
 
 def register(
@@ -252,6 +304,11 @@ def register(
     c = tracking.client()
     with serialised(name, lock_path) as how:
         existing = version_with_fingerprint(name, candidate.fingerprint) if candidate.fingerprint else None
+        broken = None
+        if existing is not None:
+            problem = files_problem(name, existing)
+            if problem is not None:  # its files were lost or changed: register the model again
+                broken, existing = (existing, problem), None
         if existing is not None:
             version, new = existing, False
         else:
@@ -268,7 +325,8 @@ def register(
             if candidate.fingerprint:
                 tags[FINGERPRINT_TAG] = candidate.fingerprint
             version, new = mlflow.register_model(candidate.model_uri, name, tags=tags), True
-            record_files(name, version)
+            record_files(name, version, candidate.model_digest)
+        repaired = _supersede(name, broken, version) if broken is not None else ()
         c.set_registered_model_alias(name, CHALLENGER, version.version)
         champ = current_champion(name)
         take, reasons = False, ("not promoted: the gate did not show it better than the baseline",)
@@ -283,6 +341,7 @@ def register(
                 take, reasons = judge(champ)
             if take:
                 c.set_registered_model_alias(name, CHAMPION, version.version)
+        reasons = (*repaired, *reasons)
     is_champion = take or (champ is not None and str(champ.version) == str(version.version))
     if new:
         c.update_model_version(

@@ -9,6 +9,7 @@ tracking store is SQLite at the project root; ``MLFLOW_TRACKING_URI`` points at 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -317,6 +319,101 @@ def find_finished_run(experiment_id: str, tags: Mapping[str, str]) -> Run | None
         max_results=1,
     )
     return runs[0] if runs else None
+
+
+ARTIFACT_DIGESTS = "oodgate.artifact_digests"  # on a child run: {artifact: sha256} of what reuse reads
+MODEL_DIGEST = "model"  # the key of the logged model's files (the sha256 of their manifest)
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_files_digest(model_dir: Path) -> str:
+    """One digest of a model's files: the SHA-256 of their manifest (:func:`integrity.manifest`),
+    without what MLflow adds to a registered copy (``registered_model_meta``)."""
+    from oodgate_mlflow import integrity
+
+    files = {k: v for k, v in integrity.manifest(model_dir).items() if k != "registered_model_meta"}
+    return text_digest(integrity.encode(files))
+
+
+def record_artifact_digests(run_id: str, digests: Mapping[str, str]) -> None:
+    """Record, in the tracking store, the digest of every artifact a later run may reuse from this
+    one (:func:`verified_artifacts` checks them): whoever can write only the artifact store cannot
+    change what a reused run offers unnoticed."""
+    set_tags(run_id, {ARTIFACT_DIGESTS: json.dumps(dict(digests), sort_keys=True, separators=(",", ":"))})
+
+
+@dataclass(frozen=True)
+class VerifiedArtifacts:
+    """A reused run's artifacts, downloaded into ``dir`` and checked against the digests recorded
+    when they were logged: what the gate and the registry read of it, and nothing else."""
+
+    metrics_by_seed: list[dict[str, float]]
+    sample_dirs: list[str]
+
+
+class UnverifiedArtifactError(RuntimeError):
+    """A reused run's artifact is missing, changed or was never recorded: recompute it."""
+
+
+def verified_artifacts(run: Run, seeds: list[int], dst: Path) -> VerifiedArtifacts:
+    """Download what a finished child run offers for reuse (``metrics_by_seed.json``, every seed's
+    ``samples.pt``, the model's files) into ``dst`` (replaced) and compare each with the digest
+    recorded in the tracking store when it was logged (:data:`ARTIFACT_DIGESTS`). Raises
+    :class:`UnverifiedArtifactError` naming the first file that is missing, differs, or has no
+    record; the local copies are what the caller then reads."""
+    import shutil
+
+    run_id = run.info.run_id
+    raw = run.data.tags.get(ARTIFACT_DIGESTS)
+    if not raw:
+        raise UnverifiedArtifactError(
+            f"run {run_id} has no record of its artifacts' digests ({ARTIFACT_DIGESTS}): it was logged by an "
+            "earlier version, so what it offers cannot be verified"
+        )
+    want = json.loads(raw)
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    names = ["metrics_by_seed.json", *(f"samples/seed{s}/samples.pt" for s in seeds)]
+    local: dict[str, Path] = {}
+    for name in names:
+        try:
+            local[name] = download_dir(run_id, name, dst / Path(name).parent)
+        except Exception as e:  # missing, or an unreadable artifact location
+            raise UnverifiedArtifactError(
+                f"{name} of run {run_id} cannot be read ({type(e).__name__})"
+            ) from None
+        if name not in want:
+            raise UnverifiedArtifactError(f"{name} of run {run_id} was not recorded when the run was logged")
+        if file_sha256(local[name]) != want[name]:
+            raise UnverifiedArtifactError(
+                f"{name} of run {run_id} is not the file logged (its digest differs)"
+            )
+    model_uri = run.data.tags.get("oodgate.model_uri", "")
+    try:
+        model_dir = download_model(model_uri, dst / "model") if model_uri else None
+    except Exception as e:
+        raise UnverifiedArtifactError(
+            f"the model of run {run_id} cannot be read ({type(e).__name__})"
+        ) from None
+    if model_dir is None or model_files_digest(model_dir) != want.get(MODEL_DIGEST):
+        raise UnverifiedArtifactError(
+            f"the model of run {run_id} ({model_uri or 'no URI'}) is not the one logged"
+        )
+    return VerifiedArtifacts(
+        metrics_by_seed=json.loads(local["metrics_by_seed.json"].read_text()),
+        sample_dirs=[str(local[f"samples/seed{s}/samples.pt"].parent) for s in seeds],
+    )
 
 
 def missing_artifacts(run: Run, seeds: list[int]) -> list[str]:

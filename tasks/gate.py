@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 from prefect import task
 
 from oodgate import steps
 from oodgate.config import Config
 from oodgate.steps.gate_step import GateReport
-from oodgate_mlflow import tracking
 from tasks.track import LossResult
 
 
 def samples_of(cfg: Config, entry: LossResult) -> list:
     """The per-seed sample arrays of a loss: from its evaluation directories, or, for a child run
-    reused from an earlier flow run, from that run's artifacts."""
-    if entry.sample_dirs:
-        return [steps.load_samples(d) for d in entry.sample_dirs]
-    with tempfile.TemporaryDirectory() as tmp:  # a reused baseline: its samples are run artifacts
-        out = []
-        for seed in cfg.seeds_of(entry.loss):
-            d = tracking.download_dir(entry.run_id, f"samples/seed{seed}", Path(tmp) / str(seed))
-            out.append(steps.load_samples(d))
-        return out
+    reused from an earlier flow run, from the local copies verified against the digests recorded
+    when it was logged (never straight from the artifact store)."""
+    if not entry.sample_dirs:
+        raise RuntimeError(f"{entry.loss}: no verified per-sample arrays (run {entry.run_id})")
+    return [steps.load_samples(d) for d in entry.sample_dirs]
 
 
 @task(name="gate", task_run_name="gate")

@@ -13,6 +13,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from oodgate import monitoring
+from oodgate.config import MAX_BATCH_IMAGES
 from oodgate_mlflow import monitor_runs
 from oodgate_mlflow.champion import load_champion
 from tasks.data import data_version
@@ -32,8 +33,10 @@ def load_champion_task(
 
 
 @task(name="read-batch", cache_policy=NONE)
-def read_batch(path: str, shape: tuple[int, int, int], fit: bool = False) -> monitoring.Batch:
-    return monitoring.load_batch(path, shape, fit)
+def read_batch(
+    path: str, shape: tuple[int, int, int], fit: bool = False, max_images: int = MAX_BATCH_IMAGES
+) -> monitoring.Batch:
+    return monitoring.load_batch(path, shape, fit, max_images)
 
 
 @task(name="score-batch", cache_policy=NONE)

@@ -58,6 +58,7 @@ class LossResult:
     seed_choice: str = ""
     evaluation_data: str = ""  # digest of the test and OOD images (registry.EVALUATION_DATA_TAG)
     score_choice: str = ""  # the score and why (oodgate.evaluation.ScoreChoice.text)
+    model_digest: str = ""  # the logged model's files, as recorded (tracking.MODEL_DIGEST)
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,8 @@ def log_loss_run(
         )
         tracking.log_artifacts(run_id, Path(e.dir) / "plots", f"plots/seed{e.seed}")
         tracking.log_artifacts(run_id, Path(e.dir) / "samples.pt", f"samples/seed{e.seed}")
-    tracking.log_text(run_id, json.dumps(reports, indent=1), "metrics_by_seed.json")
+    by_seed_text = json.dumps(reports, indent=1)
+    tracking.log_text(run_id, by_seed_text, "metrics_by_seed.json")
     for t, c, e in zip(trained, calibrated, evaluated):  # what computed each result, on which machine
         for step, d in (("train", t.dir), ("calibrate", c.dir), ("evaluate", e.dir)):
             tracking.log_artifacts(run_id, Path(d) / PROVENANCE, f"provenance/seed{t.seed}/{step}")
@@ -180,6 +182,18 @@ def log_loss_run(
     )
     model_uri = tracking.log_exported_model(run_id, Path(packaged.dir))
     tracking.set_tags(run_id, {"oodgate.model_uri": model_uri})
+    # what a later run may reuse from this one, digested into the tracking store
+    with tempfile.TemporaryDirectory() as tmp:
+        model_digest = tracking.model_files_digest(tracking.download_model(model_uri, Path(tmp) / "m"))
+    digests = {
+        "metrics_by_seed.json": tracking.text_digest(by_seed_text),
+        **{
+            f"samples/seed{e.seed}/samples.pt": tracking.file_sha256(Path(e.dir) / "samples.pt")
+            for e in evaluated
+        },
+        tracking.MODEL_DIGEST: model_digest,
+    }
+    tracking.record_artifact_digests(run_id, digests)
     return LossResult(
         loss=loss_id,
         run_id=run_id,
@@ -195,6 +209,7 @@ def log_loss_run(
         seed_choice=packaged.seed_choice,
         evaluation_data=evaluation_data,
         score_choice=chosen.score_choice,
+        model_digest=model_digest,
     )
 
 
@@ -207,8 +222,9 @@ def evaluation_images(prepared_dir: str | Path) -> str:
     return digest([file_digest(Path(prepared_dir) / "id.pt"), file_digest(Path(prepared_dir) / "ood.pt")])
 
 
-def reused_result(run) -> LossResult:
-    """The LossResult of a finished child run found by its fingerprint (nothing is recomputed)."""
+def reused_result(run, verified: tracking.VerifiedArtifacts) -> LossResult:
+    """The LossResult of a finished child run found by its fingerprint (nothing is recomputed), its
+    per-seed metrics and samples the ``verified`` local copies (:func:`tracking.verified_artifacts`)."""
     tags = run.data.tags
     return LossResult(
         loss=tags["oodgate.loss"],
@@ -217,12 +233,14 @@ def reused_result(run) -> LossResult:
         model_fingerprint=tags.get("oodgate.model_fingerprint"),
         mean={k: v for k, v in run.data.metrics.items() if k.startswith(("test/", "ood/"))},
         score=tags.get("oodgate.score", ""),
-        metrics_by_seed=tracking.download_json(run.info.run_id, "metrics_by_seed.json"),
+        metrics_by_seed=verified.metrics_by_seed,
+        sample_dirs=verified.sample_dirs,
         reused=True,
         seed=int(tags.get("oodgate.model_seed", "0")),
         seed_choice=tags.get("oodgate.seed_choice", ""),
         evaluation_data=tags.get(registry.EVALUATION_DATA_TAG, ""),
         score_choice=tags.get("oodgate.score_choice", ""),
+        model_digest=json.loads(tags.get(tracking.ARTIFACT_DIGESTS, "{}")).get(tracking.MODEL_DIGEST, ""),
     )
 
 
@@ -297,6 +315,7 @@ def register_model(
         seed=logged.seed,
         seed_choice=logged.seed_choice,
         compared=decision.compared,
+        model_digest=logged.model_digest or None,
     )
     judge = champion_judge(cfg, loss_id, logged.seed, samples, prepared_dir) if samples is not None else None
     return registry.register(cfg.registry.model_name, candidate, Path(lock_path), judge, rule)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -329,3 +330,60 @@ def test_a_set_value_that_is_not_yaml_is_one_line_in_every_entry_point(tmp_path,
     assert out.stderr.startswith("error: --set 'seeds=[0,1': '[0,1' is not a YAML value"), out.stderr
     assert out.stderr.count("\n") == 1, out.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# ------------------------------------------------------------------ YAML that expands without bound
+def _alias_bomb(levels: int = 9, width: int = 10) -> str:
+    """A "billion laughs": each level lists the one before ``width`` times, so the last one stands for
+    ``width ** levels`` values in a few hundred bytes."""
+    lines = ['a0: &a0 ["lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_in_milliseconds_in_one_line(tmp_path, capsys):
+    """9 levels of 10 aliases, as --set or as the params file, printed nothing and grew to 1 GB in
+    24 s before it was killed: any alias is refused where the YAML is read, naming the line."""
+    import time
+
+    from oodgate.config import load_yaml, parse_overrides
+
+    bomb = _alias_bomb()
+    flow = "{" + ", ".join(bomb.splitlines()) + "}"  # the same on one line, as a --set value
+    t0 = time.perf_counter()
+    with pytest.raises(
+        ConfigError,
+        match=r"^--set 'seeds=\{a0: &a0 \[\"lol\"\].*\.\.\. \(\d+ characters\)': line 1: a YAML alias "
+        r"\(\*a0\) is not allowed: aliases can expand without bound; write the value out "
+        r"\(an anchor &name alone is allowed\)$",
+    ):
+        parse_overrides([f"seeds={flow}"])
+    p = tmp_path / "params.yaml"
+    p.write_text(bomb)
+    message = f"{p}: line 2: a YAML alias (*a0) is not allowed: aliases can expand without bound"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(p)
+    assert time.perf_counter() - t0 < 1.0
+    # the entry point, which reads the numerics from the same file first: one line, exit 2
+    assert main(["run", "--params", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert main(["run", "--params", str(p), "--set", f"seeds={flow}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --set 'seeds={a0: &a0") and err.count("\n") == 1, err
+    # an anchor that nothing refers to expands nothing: read as before
+    assert load_yaml("seeds: &s [0, 1]\nworkdir: w\n", "params.yaml") == {"seeds": [0, 1], "workdir": "w"}
+
+
+def test_yaml_nested_deeper_than_python_recurses_is_refused_in_one_line(tmp_path):
+    """100,000 nested brackets ended in a RecursionError traceback."""
+    from oodgate.config import parse_overrides
+
+    with pytest.raises(
+        ConfigError, match=r"^--set 'seeds=\[\[\[.*: the YAML is nested too deeply to read .*fewer levels$"
+    ):
+        parse_overrides(["seeds=" + "[" * 100_000])
+    p = tmp_path / "params.yaml"
+    p.write_text("seeds: " + "[" * 100_000 + "0" + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(p))}: the YAML is nested too deeply"):
+        load_config(p)

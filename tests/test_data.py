@@ -264,6 +264,24 @@ def test_path_source_errors_name_the_path(root: Path, tmp_path: Path) -> None:
         load_data(cfg(root, classes=ID_DIGITS, ood=[{"name": "x", "path": str(tmp_path / "bad.npz")}]))
 
 
+@pytest.mark.parametrize("side", [12, 16], ids=["pillow-warns", "pillow-raises"])
+def test_an_ood_folder_image_over_pillows_pixel_limit_is_named(tmp_path: Path, monkeypatch, side) -> None:
+    """Over twice Pillow's limit its DecompressionBombError had no file name; between the limit and
+    twice it Pillow only warned and decoded the image."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # an 8x8 image (64 pixels) is within it
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "imgs" / "a.png")
+    Image.fromarray(np.zeros((side, side), np.uint8)).save(tmp_path / "imgs" / "big.png")
+    with pytest.raises(
+        ValueError,
+        match=rf"^OOD folder '.*imgs': big\.png has {side * side} pixels, over Pillow's limit of 100 pixels "
+        r"\(PIL\.Image\.MAX_IMAGE_PIXELS, a guard against decompression bombs\); shrink it or remove it$",
+    ):
+        load_path_source(tmp_path / "imgs", 1, 28)
+    (tmp_path / "imgs" / "big.png").unlink()
+    assert load_path_source(tmp_path / "imgs", 1, 28).shape == (1, 1, 28, 28)
+
+
 def test_ood_config_errors(root: Path) -> None:
     with pytest.raises(
         ValueError, match=r"unknown OOD dataset 'tiny_imagenet'.*gaussian_noise.*photo_patches"

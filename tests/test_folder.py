@@ -8,6 +8,7 @@ images are versioned with `dvc add`, then DVC's prepare stage on the same params
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,30 @@ def test_a_corrupt_image_fails_by_default_naming_it(images):
     cfg = parse_config(folder_params(str(images), "w", on_bad_image="fail")).data
     with pytest.raises(folder.BadImagesError, match=r"1 of 73 images .* cannot be read: .*dog/999\.jpg"):
         load_data(cfg, images)
+
+
+@pytest.mark.parametrize("side", [12, 16], ids=["pillow-warns", "pillow-raises"])
+def test_an_image_over_pillows_pixel_limit_is_a_bad_image_named_with_its_size(tmp_path, monkeypatch, side):
+    """Pillow's decompression-bomb guard: over twice its limit its error had no file name; between
+    the limit and twice it Pillow only warned and decoded the image. Both are a bad image here."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # an 8x8 image (64 pixels) is within it
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
+    Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(tmp_path / "big.png")
+    paths = [tmp_path / "big.png", tmp_path / "ok.png"]
+    x, kept, bad = folder.decode_files(paths, 8)
+    assert kept.tolist() == [1] and x.shape == (1, 3, 8, 8)
+    why = (
+        f"ImageTooLargeError: {side * side} pixels, over Pillow's limit of 100 pixels "
+        "(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs)"
+    )
+    assert bad == [(paths[0], why)]
+    with pytest.raises(
+        folder.BadImagesError,
+        match=rf"^1 of 2 images under .* cannot be read: .*big\.png \({re.escape(why)}\); fix or remove "
+        r"them, or set data\.on_bad_image: skip to leave them out$",
+    ):
+        folder.report_bad(bad, 2, tmp_path, "fail")
+    folder.report_bad(bad, 2, tmp_path, "skip")  # data.on_bad_image: skip leaves it out
 
 
 def test_classes_by_name_select_and_order(images):

@@ -202,6 +202,121 @@ def test_a_pickled_object_is_refused_unread(tmp_path):
         import_model(tmp_path / "nope.pth", "entropic", _spec("resnet34", "isomax"))
 
 
+def test_a_pickled_object_is_refused_without_pytorchs_advice_to_unpickle_it(tmp_path):
+    """PyTorch's own message says that loading with weights_only=False "will likely succeed": running
+    the file's pickle is exactly what must never happen, so the message says what to save instead."""
+    torch.save({"model": _Payload(tmp_path / "ran"), "w": torch.zeros(2)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError) as e:
+        import_model(tmp_path / "evil.pth", "entropic", _spec("resnet34", "isomax"))
+    message = str(e.value)
+    assert re.search(
+        r"'.*evil\.pth' cannot be read as plain tensors \(UnpicklingError: it holds a pickled \S+ object\); "
+        r"pickled objects are never loaded, only tensors: save the weights alone, with "
+        r"torch\.save\(model\.state_dict\(\), path\)$",
+        message,
+    ), message
+    assert "weights_only" not in message and "likely succeed" not in message and "\n" not in message
+    assert not (tmp_path / "ran").exists()
+
+
+def test_an_empty_or_truncated_checkpoint_says_which_with_its_size(tmp_path):
+    """They used to share the advice to save with torch.save(model.state_dict(), path); the empty
+    file's message was `(EOFError: )`. A legacy (non-zip) file cut inside its pickle makes PyTorch's
+    unpickler read a cut name as a "global": still truncated, not a pickled object."""
+    spec = _spec("resnet34", "isomax")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(
+        CheckpointError, match=r"'.*empty\.pth' is empty \(0 bytes\): .*; copy the file again"
+    ):
+        import_model(tmp_path / "empty.pth", "entropic", spec)
+    whole = _save(tmp_path, {"w": torch.zeros(1000)}).read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(
+        CheckpointError,
+        match=rf"'.*cut\.pth' is truncated or not a torch\.save file \({len(whole) // 2} bytes; RuntimeError: "
+        r"PytorchStreamReader failed reading zip archive[^)]*\); copy it again from where it was written",
+    ):
+        import_model(tmp_path / "cut.pth", "entropic", spec)
+    torch.save({"w": torch.zeros(100)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    legacy = (tmp_path / "legacy.pth").read_bytes()
+    from oodgate.classifier import save_classifier
+
+    ours = save_classifier(build_classifier(_spec("small_cnn", "softmax", width=8), 0), tmp_path / "best.pt")
+    ours = ours.read_bytes()  # an oodgate checkpoint, as `format: oodgate` reads
+    # cut anywhere: torch raises RuntimeError, OSError (Invalid argument), EOFError, UnpicklingError, ...
+    cuts = [(whole, n) for n in range(1, len(whole), 97)] + [(legacy, n) for n in range(1, len(legacy), 7)]
+    cuts += [(ours, n) for n in range(1, len(ours), len(ours) // 40)]
+    for data, n in cuts:
+        (tmp_path / "cut.pth").write_bytes(data[:n])
+        with pytest.raises(CheckpointError, match=rf"is truncated or not a torch\.save file \({n} bytes; "):
+            import_model(tmp_path / "cut.pth", "entropic", spec)
+
+
+def test_every_backbone_a_format_maps_is_registered():
+    """A layout mapped for a backbone oodgate does not have (wrn_16_8 and wrn_28_2 were) could never
+    be used: preflight refuses the backbone's name first."""
+    from oodgate import models
+    from oodgate.importing import _BACKBONES
+
+    mapped = {name for _, name in _BACKBONES}
+    assert mapped and mapped <= set(models.names()), sorted(mapped - set(models.names()))
+
+
+def test_an_isomax_plus_file_declared_dismax_or_the_reverse_is_refused_naming_both(embedded_root, tmp_path):
+    """The two heads hold the same prototypes and distance scale but compute other logits; the DisMax
+    code saves its temperature (and validation thresholds) with the head, the IsoMax+ code does not:
+    the file says which it is, at config load too."""
+    from oodgate.config import parse_config
+    from oodgate.preflight import PreflightError, preflight
+
+    state = _random_backbone("resnet34", _theirs_resnet)
+    state.update(
+        {"classifier.prototypes": torch.randn(C, 512), "classifier.distance_scale": torch.tensor([2.0])}
+    )
+    iso = _save(tmp_path, state, "isomax_plus.pth")
+    extras = {
+        "temperature": [1.0],
+        "validationset_available": [False],
+        "precomputed_thresholds": [[0.0] * 25] * 2,
+    }
+    dis = _save(
+        tmp_path, {**state, **{f"classifier.{k}": torch.tensor(v) for k, v in extras.items()}}, "dismax.pth"
+    )
+    for path, saved, declared in ((iso, "IsoMax\\+", "dismax"), (dis, "DisMax", "isomax_plus")):
+        found = "isomax_plus" if path == iso else "dismax"
+        with pytest.raises(
+            CheckpointError,
+            match=rf"holds the head of {saved} \(classifier\.prototypes, classifier\.distance_scale.*\), not that of "
+            rf".*, the loss's method \(method: {declared}, .*\); set the loss's method: {found}, or give",
+        ):
+            import_model(path, "entropic", _spec("resnet34", declared))
+    raw = tiny_params(embedded_root, tmp_path / "w")
+    raw["model"] = {"backbone": "resnet34"}
+    raw["losses"]["dismax_fpr"]["checkpoint"] = {"path": str(iso), "format": "entropic"}
+    with pytest.raises(
+        PreflightError,
+        match=rf"losses\.dismax_fpr\.checkpoint '{re.escape(str(iso))}' holds the head of IsoMax\+",
+    ):
+        preflight(parse_config(raw), project=tmp_path)
+    assert (
+        import_model(iso, "entropic", _spec("resnet34", "isomax_plus")).ignored == ()
+    )  # as declared: imported
+
+
+def test_the_demo_keeps_its_checkpoints_under_data_root_where_dvc_sees_them():
+    """Outside data.root (the demo's models/ was), replacing a checkpoint left `dvc status` clean and
+    `dvc repro` re-imported nothing: the inputs stage depends on data.root, not on other folders."""
+    from conftest import REPO
+
+    from oodgate.config import load_config
+
+    cfg = load_config(REPO / "params" / "own_model.yaml")
+    paths = [loss.checkpoint.path for loss in cfg.losses.values() if loss.checkpoint is not None]
+    assert paths
+    for path in paths:
+        assert Path(cfg.data.root) in Path(path).parents, f"{path} is outside data.root {cfg.data.root!r}"
+
+
 # ------------------------------------------------------------------ through the steps and the flow
 def _imported_params(root, workdir, checkpoint: dict, **extra) -> dict:
     raw = tiny_params(root, workdir, epochs=1)
@@ -268,7 +383,7 @@ def test_a_checkpoint_trained_by_oodgate_imports_with_the_same_metrics_bit_for_b
     before = inputs.train_fingerprint(cfg, "dismax_fpr", 0, "i")
     (outside.parent / "model_seed0.pt").write_bytes(b"other bytes")  # another file at the same path
     assert inputs.train_fingerprint(cfg, "dismax_fpr", 0, "i") != before
-    with pytest.raises(CheckpointError, match="cannot be read as plain tensors"):
+    with pytest.raises(CheckpointError, match=r"is truncated or not a torch\.save file \(11 bytes"):
         import_model(outside.parent / "model_seed0.pt", "oodgate", _spec("small_cnn", "dismax"))
 
 

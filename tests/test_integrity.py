@@ -21,7 +21,9 @@ MODEL = "verified"
 GOOD = {"test/accuracy": 0.95, "test/ece": 0.01, "ood/mean/fpr95": 0.2}
 
 
-def _register(exp_id: str, prepared_dir: Path, tmp_path: Path, seed: int = 0) -> str:
+def _register(
+    exp_id: str, prepared_dir: Path, tmp_path: Path, seed: int = 0, fingerprint: str | None = None
+) -> str:
     from oodgate.classifier import ModelSpec, build_classifier
     from oodgate.serving import ServingModel
 
@@ -43,7 +45,7 @@ def _register(exp_id: str, prepared_dir: Path, tmp_path: Path, seed: int = 0) ->
         loss="softmax",
         model_uri=uri,
         run_id=run_id,
-        fingerprint=None,
+        fingerprint=fingerprint,
         promote=True,
         reasons=(),
         tests={},
@@ -204,5 +206,63 @@ def test_a_version_registered_without_a_record_is_refused(registered):
     from oodgate_mlflow.integrity import ModelIntegrityError
 
     MlflowClient().delete_model_version_tag(MODEL, "1", integrity.TAG)
-    with pytest.raises(ModelIntegrityError, match=r"has no record of its files .*register it again"):
+    with pytest.raises(
+        ModelIntegrityError, match=r"has no record of its files .*run the pipeline \(`make run`\)"
+    ):
         _load()
+
+
+def test_a_version_whose_files_are_lost_changed_or_unrecorded_is_registered_again(
+    mlflow_db, prepared_dir, tmp_path
+):
+    """ "Already registered" is said only of a version whose files verify; one with no record of its
+    files, or a changed file, is superseded by the same weights registered again, and its aliases
+    move to the new version, with one line saying why; registering once more reuses that one."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient()
+    exp = tracking.ensure_experiment("oodgate", tmp_path)
+    uri = _register(exp, prepared_dir, tmp_path, fingerprint="same-weights")  # v1, the champion
+    assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    run_id = c.get_model_version(MODEL, "1").run_id
+
+    def again() -> registry.Registration:
+        candidate = registry.Candidate("softmax", uri, run_id, "same-weights", True, (), {})
+        return registry.register(MODEL, candidate, tmp_path / "lock")
+
+    c.delete_model_version_tag(MODEL, "1", integrity.TAG)  # a crash between registering and recording
+    r = again()
+    assert (r.version, r.new_version, r.champion) == (2, True, True)
+    assert r.reasons[0].startswith(
+        "registered again as version 2: version 1 has the same weights, but version 1 has no record of its files"
+    )
+    assert r.reasons[0].endswith("its alias champion moved to it")
+    assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "2"
+    assert c.get_model_version(MODEL, "1").tags["oodgate.superseded"].startswith("by version 2: ")
+
+    for p in (tmp_path / "mlartifacts").rglob("reference.json"):
+        p.write_text(p.read_text().replace("0.5", "0.25"))  # every copy: the run's and the versions'
+    r = again()
+    assert (r.version, r.new_version) == (
+        3,
+        True,
+    ) and "reference.json is not the file registered" in r.reasons[0]
+    r = again()
+    assert (r.version, r.new_version) == (3, False)
+    assert _load()[1] == 3
+
+
+def test_a_registration_whose_files_are_not_the_ones_logged_is_undone(mlflow_db, prepared_dir, tmp_path):
+    """The files registered are compared with the digest the run recorded when it logged the model:
+    a difference (the artifact store changed between logging and registering) deletes the version."""
+    from mlflow.tracking import MlflowClient
+
+    from oodgate_mlflow.integrity import ModelIntegrityError
+
+    exp = tracking.ensure_experiment("oodgate", tmp_path)
+    uri = _register(exp, prepared_dir, tmp_path, fingerprint="a")
+    run_id = MlflowClient().get_model_version(MODEL, "1").run_id
+    candidate = registry.Candidate("softmax", uri, run_id, "b", True, (), {}, model_digest="0" * 64)
+    with pytest.raises(ModelIntegrityError, match=r"version 2 are not the ones its run logged .*was deleted"):
+        registry.register(MODEL, candidate, tmp_path / "lock")
+    assert [str(v.version) for v in MlflowClient().search_model_versions(f"name='{MODEL}'")] == ["1"]

@@ -213,6 +213,11 @@ def test_dask_workers_use_the_flow_s_server_and_sigterm_leaves_no_process(projec
     # the workers' trainings stopped within a batch, and the cluster closed them without a kill
     assert "TrainingInterrupted: training interrupted at epoch" in out, out[-3000:]
     assert "Worker process still alive after" not in out, out[-3000:]
+    # quietly: no closed-connection tracebacks, no second cluster started after the signal, no
+    # semaphores left for the resource tracker to report
+    assert "CommClosedError" not in out and "Traceback" not in out, out[-3000:]
+    assert out.count("Creating a new Dask cluster") == 1, out[-3000:]
+    assert "leaked semaphore" not in out, out[-3000:]
     left = _of_project(project)
     _wait_until_gone(left, 30)  # a worker notices its nanny is gone within a second or two
     assert _of_project(project) == [], [(p.pid, p.cmdline()) for p in _of_project(project)]

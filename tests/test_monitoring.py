@@ -193,6 +193,77 @@ def test_bad_folders_name_the_files(tmp_path):
         load_batch(d, SHAPE)
 
 
+def _header_only_npz(path, shape: tuple[int, ...]) -> None:
+    """An .npz whose array 'x' is only a header claiming uint8 images of ``shape``: all a reader may
+    look at before deciding to decompress (a real file of zeros is as small: 381 KB held 500,000)."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x.npy", header.getvalue())
+
+
+def test_an_npz_batch_over_monitor_max_images_is_refused_from_its_header(tmp_path):
+    """A 381 KB .npz of 500,000 zero images (392 MB decompressed) was read whole: 363 s, 4.6 GB."""
+    np.savez_compressed(tmp_path / "b.npz", x=np.zeros((11, 8, 8), np.uint8))
+    with pytest.raises(
+        BatchError,
+        match=r"^batch '.*b\.npz' \(its header: array 'x' uint8 of shape \(11, 8, 8\)\) holds 11 images, "
+        r"more than monitor\.max_images=10; split the batch into smaller \.npz files, or raise the cap "
+        r"with --set monitor\.max_images=N$",
+    ):
+        load_batch(tmp_path / "b.npz", SHAPE, max_images=10)
+    assert len(load_batch(tmp_path / "b.npz", SHAPE, max_images=11).x) == 11
+    # the header alone decides: one claiming a million images holds none, and is never decompressed
+    _header_only_npz(tmp_path / "claims.npz", (1_000_000, 8, 8))
+    with pytest.raises(BatchError, match=r"holds 1000000 images, more than monitor\.max_images=100000;"):
+        load_batch(tmp_path / "claims.npz", SHAPE)  # the default cap, monitor.max_images' default
+    # and so does the image shape: a (2, 100000, 100000) header is refused before 20 GB are read
+    _header_only_npz(tmp_path / "wide.npz", (2, 100_000, 100_000))
+    with pytest.raises(BatchError, match=r"images of shape \(100000, 100000\) do not fit the model"):
+        load_batch(tmp_path / "wide.npz", SHAPE)
+    # a folder is counted by its files, before any is decoded
+    (tmp_path / "f").mkdir()
+    for i in range(3):
+        (tmp_path / "f" / f"{i}.png").write_bytes(b"not decoded")
+    for fit in (False, True):
+        with pytest.raises(BatchError, match=r"folder '.*f' holds 3 images, more than monitor\.max_images=2"):
+            load_batch(tmp_path / "f", SHAPE, fit=fit, max_images=2)
+
+
+def test_monitor_max_images_is_a_positive_count():
+    from oodgate.config import MonitorConfig
+
+    assert MonitorConfig().max_images == 100_000
+    assert MonitorConfig(max_images=5).max_images == 5
+    with pytest.raises(ConfigError, match=r"monitor\.max_images: .*greater than or equal to 1 \(got 0\)"):
+        parse_config({"monitor": {"max_images": 0}})
+
+
+@pytest.mark.parametrize("fit", [False, True], ids=["exact", "fitted"])
+@pytest.mark.parametrize("side", [12, 16], ids=["pillow-warns", "pillow-raises"])
+def test_an_image_over_pillows_pixel_limit_is_refused_naming_it(tmp_path, monkeypatch, fit, side):
+    """A 20000x20000 PNG gave Pillow's DecompressionBombError without the file's name, in 165 lines
+    with 3 tracebacks. Pillow only warns between its limit and twice it, and decodes the image."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # an 8x8 image (64 pixels) is within it
+    d = tmp_path / "b"
+    d.mkdir()
+    Image.fromarray(_images(1)[0]).save(d / "ok.png")
+    Image.fromarray(_images(1, (side, side))[0]).save(d / "big.png")
+    with pytest.raises(
+        BatchError,
+        match=rf"^batch folder '.*b': big\.png has {side * side} pixels, over Pillow's limit of 100 pixels "
+        r"\(PIL\.Image\.MAX_IMAGE_PIXELS, a guard against decompression bombs\); shrink it or remove it$",
+    ):
+        load_batch(d, SHAPE, fit=fit)
+    (d / "big.png").unlink()
+    assert len(load_batch(d, SHAPE, fit=fit).x) == 1  # Pillow's limit itself is kept
+
+
 def test_a_missing_batch_says_so_and_a_dvc_tracked_one_says_to_pull_it(tmp_path):
     with pytest.raises(BatchError, match="does not exist"):
         load_batch(tmp_path / "nowhere", SHAPE)

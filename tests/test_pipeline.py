@@ -223,14 +223,62 @@ def test_a_run_whose_artifacts_are_gone_is_logged_again_not_reused(first_run, ca
     """``mlartifacts/`` deleted, ``mlflow.db`` kept: the finished child runs still match by fingerprint,
     but their per-seed results and models are gone; the next run logs them again (from the cached
     trainings) instead of failing on ``metrics_by_seed.json`` forever."""
+    from oodgate_mlflow.champion import load_champion
+
     project, first, _ = first_run
+    assert first.registration.version == 1
     shutil.rmtree(project / "mlartifacts")
     again = _pipeline(project)
     assert again.reused == [] and not again.failed
     assert again.report.means == first.report.means
-    assert "its artifacts are gone (metrics_by_seed.json" in caplog.text
+    assert "metrics_by_seed.json of run " in caplog.text and "cannot be read" in caplog.text
+    # version 1 holds the same weights but its files are gone: registered again, the aliases moved
+    r = again.registration
+    assert (r.version, r.new_version) == (2, True), r
+    assert re.match(
+        r"registered again as version 2: version 1 has the same weights, but (its files cannot be read|"
+        r"version 1: MLmodel is missing from the artifact store)",
+        r.reasons[0],
+    ), r.reasons
+    v1 = MlflowClient().get_model_version("oodgate-classifier", "1")
+    assert v1.tags["oodgate.superseded"].startswith("by version 2: ")
+    model, version = load_champion(alias="challenger")  # loadable again
+    assert version == 2 and len(model.predict(np.zeros((1, 1, 28, 28), np.float32))) == 1
     reused = _pipeline(project)  # and now they are there again: reused
     assert reused.reused == ["dismax_fpr", "softmax"]
+    assert reused.registration.line().startswith("dismax_fpr: already registered as version 2")
+
+
+def test_a_reused_run_whose_artifacts_were_changed_is_recomputed_never_gated(first_run, caplog):
+    """Whoever can write only the artifact store forges a finished run's per-seed metrics (accuracy
+    0.999, ECE 0.001, every FPR95 0): the next run finds the run by its fingerprint, but the file is
+    not the one whose digest the tracking store recorded; it warns naming the file, computes and
+    logs the loss again, and the gate decides on the real figures."""
+    project, first, _ = first_run
+    (stored,) = [
+        p for p in (project / "mlartifacts").rglob("metrics_by_seed.json") if _loss_of(p) == "dismax_fpr"
+    ]
+    forged = [
+        {k: (0.999 if "accuracy" in k else 0.001 if "ece" in k else 0.0) for k in m}
+        for m in json.loads(stored.read_text())
+    ]
+    stored.write_text(json.dumps(forged, indent=1))
+    again = _pipeline(project)
+    assert again.reused == ["softmax"]  # the untouched run is reused; the forged one never is
+    assert f"metrics_by_seed.json of run {_run_id_of(stored)} is not the file logged" in caplog.text
+    assert again.report.decisions == first.report.decisions and again.report.means == first.report.means
+    # the forged bytes are never read: a third run reuses the run logged again, verified
+    assert sorted(_pipeline(project).reused) == ["dismax_fpr", "softmax"]
+
+
+def _run_id_of(artifact: Path) -> str:
+    """The run id in an artifact's path in the local artifact store (``<exp>/<run id>/artifacts/...``)."""
+    parts = artifact.parts
+    return parts[parts.index("artifacts") - 1]
+
+
+def _loss_of(artifact: Path) -> str:
+    return MlflowClient().get_run(_run_id_of(artifact)).data.tags["oodgate.loss"]
 
 
 def test_a_deleted_work_directory_is_recomputed_not_returned_from_cache(first_run):

@@ -83,6 +83,50 @@ def _refused_in_one_line(err: str, *parts: str) -> None:
         assert part in err, err
 
 
+def _header_only_npz(path: Path, shape: tuple[int, ...]) -> None:
+    """An .npz whose array 'x' is only a header claiming uint8 images of ``shape``: all a reader may
+    look at before deciding to decompress (a real file of zeros is as small: 381 KB held 392 MB)."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x.npy", header.getvalue())
+
+
+def test_an_ood_npz_over_the_size_cap_is_refused_from_its_header(params, monkeypatch, capsys):
+    """Its decompressed size, from the header, is checked by preflight and by the loader itself
+    before anything is decompressed: a small .npz can hold any number of zero images."""
+    from oodgate import preflight
+    from oodgate.data.ood import load_path_source
+
+    _header_only_npz(params.parent / "huge.npz", (20_000_000, 28, 28))  # 14.6 GiB, in 128 bytes
+    assert cli.main(["train", "--params", str(params), "--set", _ood("huge.npz"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    _refused_in_one_line(
+        err,
+        "error: data.ood: 'mine' points to 'huge.npz': array 'x' (uint8, shape (20000000, 28, 28)) is "
+        "14.6 GiB decompressed, over the limit of 8.0 GiB for an OOD set (MAX_OOD_BYTES in "
+        "oodgate/preflight.py); save fewer images in it, or split it into several OOD sets",
+    )
+    assert not (params.parent / "w").exists()
+    with pytest.raises(ValueError, match=r"^OOD file 'huge\.npz': array 'x' .* is 14\.6 GiB decompressed"):
+        load_path_source("huge.npz", 1, 28)  # a direct library call is refused as well
+    # a real file over a lowered cap, as a validation OOD set
+    monkeypatch.setattr(preflight, "MAX_OOD_BYTES", 1000)
+    np.savez_compressed(params.parent / "small.npz", x=np.zeros((2, 28, 28), np.uint8))  # 1568 bytes
+    ood_val = "data.ood_val=[{name: mine_val, path: small.npz, group: far}]"
+    assert cli.main(["train", "--params", str(params), "--set", ood_val, "--quiet"]) == 2
+    _refused_in_one_line(
+        capsys.readouterr().err,
+        "error: data.ood_val: 'mine_val' points to '",
+        "small.npz': array 'x' (uint8, shape (2, 28, 28)) is 1.5 KiB decompressed, over the limit of 1000 bytes",
+    )
+    with pytest.raises(ValueError, match=r"OOD file 'small\.npz': .* over the limit of 1000 bytes"):
+        load_path_source("small.npz", 1, 28)
+
+
 def test_a_workdir_that_is_a_file_is_refused_before_any_run(params, capsys):
     """It used to fail only after the flow had created its MLflow run."""
     workdir = params.parent / "w"
@@ -171,6 +215,10 @@ def weights(tmp_path):
     torch.save({"features.0.weight": [1.0, 2.0], "epoch": 3}, files["lists"])
     files["pickled"] = tmp_path / "pickled.pt"
     torch.save({"model": Path("an object")}, files["pickled"])
+    files["empty"] = tmp_path / "empty.pt"
+    files["empty"].write_bytes(b"")
+    files["cut"] = tmp_path / "cut.pt"  # an interrupted copy
+    files["cut"].write_bytes(files["width8"].read_bytes()[:1000])
     return files
 
 
@@ -182,16 +230,29 @@ def weights(tmp_path):
             r"does not fit backbone SmallCNN: 15 of another shape \(file vs model: features\.0\.weight \(4, 1, 3, 3\) vs \(8, 1, 3, 3\)",
         ),
         ("lists", r"holds a dict, not a state dict of tensors; save it with torch\.save"),
-        ("pickled", r"cannot be loaded as plain tensors \(UnpicklingError"),
+        (
+            "pickled",
+            r"cannot be loaded as plain tensors \(UnpicklingError: it holds a pickled pathlib\.\w*Path object\); "
+            r"pickled objects are never loaded, only tensors: save the weights alone, with torch\.save",
+        ),
+        ("empty", r"'[^']*empty\.pt' is empty \(0 bytes\): .*; copy the file again"),
+        (
+            "cut",
+            r"'[^']*cut\.pt' is truncated or not a torch\.save file \(1000 bytes; RuntimeError: PytorchStreamReader "
+            r"failed reading zip archive[^)]*\); copy it again from where it was written",
+        ),
     ],
 )
 def test_weights_that_do_not_fit_are_refused_at_preflight(params, weights, file, message, capsys):
-    """They used to fail once per training, after the data was prepared (exit 1, tracebacks)."""
+    """They used to fail once per training, after the data was prepared (exit 1, tracebacks); an
+    empty or cut file was told to be saved with torch.save (`(EOFError: )`), and a pickled object
+    came with PyTorch's advice that weights_only=False "will likely succeed"."""
     path = weights[file]
     assert cli.main(["train", "--params", str(params), "--set", f"model.weights={path}", "--quiet"]) == 2
     err = capsys.readouterr().err
     _refused_in_one_line(err, f"model.weights: '{path}'")
     assert re.search(message, err), err
+    assert "weights_only" not in err and "likely succeed" not in err
     assert not (params.parent / "w").exists()  # nothing prepared
 
 
@@ -222,3 +283,69 @@ def test_a_root_that_is_not_a_dvc_project_is_refused_with_the_fix(project, capsy
     assert not (project / "mlflow.db").exists()
     with pytest.raises(PreflightError, match="is not a DVC project"):  # a deployment's run says the same
         check_data.fn(str(project))
+
+
+# ------------------------------------------------------------------ an imported oodgate checkpoint
+def _oodgate_checkpoint(path: Path, **changes) -> Path:
+    """A checkpoint written by oodgate's save_classifier for the tiny config's dismax_fpr loss (small_cnn
+    of width 8, 3 classes of 1x28x28 images), with ``changes`` to its spec."""
+    from dataclasses import replace
+
+    from oodgate.classifier import ModelSpec, build_classifier, save_classifier
+
+    spec = ModelSpec("small_cnn", "dismax", 3, 1, 28, (0.5,), (0.25,), "mps", {"width": 8}, {"fpr": True})
+    spec = replace(spec, **changes)
+    if spec.in_channels != 1:
+        spec = replace(spec, mean=(0.5,) * spec.in_channels, std=(0.25,) * spec.in_channels)
+    save_classifier(build_classifier(spec, 0), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"num_classes": 10},
+            r"holds a model with num_classes 10, but the data's class count is 3 \(data\.classes\); select "
+            r"the classes it was trained on \(data\.classes\), or give a checkpoint that fits the config",
+        ),
+        (
+            {"method": "isomax_plus", "method_options": {}},
+            r"holds a model with method 'isomax_plus', but the loss's method is 'dismax' "
+            r"\(losses\.dismax_fpr\.method\); declare method: isomax_plus for this loss",
+        ),
+        (
+            {"in_channels": 3},
+            r"holds a model with in_channels 3, but the data's image channels is 1 \(the images of "
+            r"data\.dataset 'embedded_mnist'\)",
+        ),
+        ({"image_size": 32}, r"holds a model with image_size 32, but the data's image size is 28"),
+    ],
+    ids=["classes", "method", "channels", "size"],
+)
+def test_an_oodgate_checkpoint_of_another_model_is_refused_before_anything_trains(
+    params, changes, message, capsys
+):
+    """Its spec is read from the file and compared with the config at preflight; another class count
+    used to fail only at import, after the baseline had trained, and the flow exited 0 with
+    'mine: FAILED, not gated'."""
+    checkpoint = _oodgate_checkpoint(params.parent / "mine.pt", **changes)
+    raw = yaml.safe_load(params.read_text())
+    raw["losses"]["dismax_fpr"]["checkpoint"] = {"path": str(checkpoint), "format": "oodgate"}
+    params.write_text(yaml.safe_dump(raw))
+    assert cli.main(["import", "--params", str(params), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    _refused_in_one_line(err, f"losses.dismax_fpr.checkpoint '{checkpoint}' holds a model with")
+    assert re.search(message, err), err
+    assert not (params.parent / "w").exists()  # nothing prepared, trained or imported
+
+
+def test_an_oodgate_checkpoint_that_fits_passes_preflight(params):
+    from oodgate.config import load_config
+    from oodgate.preflight import preflight
+
+    checkpoint = _oodgate_checkpoint(params.parent / "mine.pt")
+    key = "losses.dismax_fpr.checkpoint"
+    preflight(
+        load_config(params, {key: {"path": str(checkpoint), "format": "oodgate"}}), project=params.parent
+    )

@@ -11,6 +11,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from stack import free_port as _free_port
@@ -45,8 +46,13 @@ def test_bad_cron_fails_before_registering(tmp_path, monkeypatch):
 
 
 class _FakeServer:
+    returncode = None
+
     def __init__(self) -> None:
         self.calls: list[str] = []
+
+    def poll(self) -> int | None:
+        return None  # running
 
     def terminate(self) -> None:
         self.calls.append("terminate")
@@ -180,7 +186,16 @@ def test_on_another_port_the_ui_talks_to_that_port_and_the_hints_name_it(project
         assert f"Trigger a run now:  PREFECT_API_URL={api} make trigger\n" in printed
         assert f"PREFECT_API_URL={api} python -m flows.trigger" in printed
         assert ":4200/" not in printed and ":4200 " not in printed
+        # its server killed, `make serve` does not stay up printing tracebacks: one line, and it stops
+        (server,) = [
+            p for p in psutil.Process(serve.pid).children(recursive=True) if "server" in " ".join(p.cmdline())
+        ]
+        server.kill()
+        serve.wait(timeout=60)
+        assert serve.returncode == 1, log.read_text()[-3000:]
+        assert "error: the Prefect server this command started exited (status -9;" in log.read_text()
     finally:
-        assert stop_process(serve, timeout=30), log.read_text()[
-            -3000:
-        ]  # SIGTERM stops serve, then its server
+        if serve.poll() is None:
+            assert stop_process(serve, timeout=30), log.read_text()[
+                -3000:
+            ]  # SIGTERM stops serve, then its server

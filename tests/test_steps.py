@@ -119,3 +119,23 @@ def test_a_result_trained_under_other_params_is_never_returned(embedded_root, pr
     same = tmp_path / "same"
     interrupted_after(1, lambda hooks: steps.train(cfg(epochs=2), "softmax", 0, prepared_dir, same, hooks))
     assert steps.train(cfg(epochs=2), "softmax", 0, prepared_dir, same).resumed_from_epoch == 1
+
+
+def test_two_runs_training_the_same_model_at_once_train_it_once(tiny_config, prepared_dir, tmp_path):
+    """Two pipeline runs of one project reach the same (loss, seed) at once: the train step's lock
+    lets one train while the other waits, then reuses the finished result (it trains nothing)."""
+    import threading
+
+    results, barrier = [], threading.Barrier(2)
+
+    def one() -> None:
+        barrier.wait()
+        results.append(steps.train(tiny_config, "softmax", 0, prepared_dir, tmp_path / "t"))
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.train_seconds > 0 for r in results) == [False, True]  # one trained, one reused
+    assert results[0].record() == results[1].record()

@@ -88,6 +88,30 @@ def test_trigger_without_a_server_says_how_to_start_one():
     assert "Traceback" not in out.stdout + out.stderr
 
 
+def test_a_prefect_server_that_does_not_answer_is_refused_before_any_work(project, tmp_path):
+    """PREFECT_API_URL naming a dead server gave Prefect's "Failed to reach API" and no way on; now
+    the flow's entry point says so in one line, with the two ways on, before anything starts."""
+    from conftest import shell_env
+
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = shell_env(PREFECT_API_URL=url, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", "--root", str(project)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith(
+        f"error: PREFECT_API_URL={url} does not answer ({url}/health): start that server"
+    )
+    assert "unset PREFECT_API_URL" in out.stderr and out.stderr.count("\n") == 1
+    assert "Traceback" not in out.stdout + out.stderr
+    assert not (project / "artifacts").exists()  # no work began
+
+
 def test_serve_prints_how_to_trigger():
     from flows.deploy import trigger_hint
 
@@ -343,3 +367,71 @@ def test_the_registry_line_says_each_alias_once():
     assert line(new_version=False, champion=True, promoted_now=False).endswith(
         "already registered as version 1, alias challenger, champion (unchanged)"
     )
+
+
+# ------------------------------------------------------------------ the REST server's request guard
+async def _echo(scope, receive, send):
+    """An ASGI app standing where the scoring server does: answers 200 with the body it read."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _post(
+    app, body: bytes, content_type: bytes = b"application/json", chunk: int = 65536
+) -> tuple[int, bytes]:
+    """One POST /invocations to the ASGI ``app``, its body streamed in ``chunk``-byte pieces."""
+    import asyncio
+
+    pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
+    incoming = [
+        {"type": "http.request", "body": p, "more_body": i < len(pieces) - 1} for i, p in enumerate(pieces)
+    ]
+    sent = []
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/invocations",
+        "headers": [(b"content-type", content_type)],
+    }
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def test_json_nested_deeper_than_the_limit_gets_400_and_one_line_before_the_model():
+    """100,000 nested brackets sent to /invocations gave HTTP 500 without a message (a RecursionError
+    in the JSON parser); the request-size middleware now measures the nesting in one pass."""
+    import json
+
+    from oodgate_mlflow.champion import MAX_JSON_DEPTH, _BodyLimit
+
+    app = _BodyLimit(_echo, 16 * 2**20)
+    status, body = _post(app, b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400
+    assert json.loads(body) == {
+        "error_code": "BAD_REQUEST",
+        "message": 'JSON nesting depth 100000 exceeds the limit of 32; send {"inputs": [...]} with images '
+        "(batch, C, H, W)",
+    }
+    # images (depth 5), and strings holding brackets and escaped quotes, reach the model unchanged
+    images = json.dumps({"inputs": [[[[0.5] * 28] * 28]] * 2, "note": "[" * 100 + '\\"{'}).encode()
+    assert _post(app, images, chunk=1000) == (200, images)
+    at_limit = b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH
+    assert _post(app, at_limit) == (200, at_limit)
+    assert _post(app, b"[" + at_limit + b"]")[0] == 400
+    # the size limit is unchanged, and a CSV body is not read as JSON
+    assert _post(_BodyLimit(_echo, 100), images)[0] == 413
+    assert _post(app, b"[" * 100, content_type=b"text/csv; charset=utf-8")[0] == 200

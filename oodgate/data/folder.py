@@ -168,7 +168,9 @@ def decode_image(path: str | Path, size: int, channels: int = 3) -> np.ndarray:
     composited onto white) or luma, shorter side resized to ``size`` and the centre cropped."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as img:
+    from oodgate.data.images import open_image  # over Pillow's pixel limit: a bad image
+
+    with open_image(path) as img:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")

@@ -1,10 +1,21 @@
-"""Pixel-level conversions shared by every loader: layout, grayscale, resizing (uint8 in, uint8 out)."""
+"""Pixel-level conversions shared by every loader: layout, grayscale, resizing (uint8 in, uint8 out);
+and opening a user's image file under Pillow's decompression-bomb limit (:func:`open_image`)."""
 
 from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 # ITU-R BT.601 luma weights in integer form, so the conversion is exact and identical everywhere.
 _LUMA = (299, 587, 114)
@@ -72,3 +83,35 @@ def conform(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
     if x.shape[2:] != (size, size):
         x = _resize(x, size)
     return x.contiguous()
+
+
+# ------------------------------------------------------------------ opening image files
+class ImageTooLargeError(ValueError):
+    """An image file with more pixels than Pillow's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``): decoding it could take any amount of memory and time."""
+
+    def __init__(self, pixels: int | None, limit: int) -> None:
+        self.pixels, self.limit = pixels, limit
+        size = f"{pixels} pixels, over" if pixels else "more pixels than"
+        super().__init__(
+            f"{size} Pillow's limit of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS, "
+            "a guard against decompression bombs)"
+        )
+
+
+@contextmanager
+def open_image(path: str | Path) -> Iterator[Image]:
+    """``PIL.Image.open(path)`` with Pillow's decompression-bomb guard as one error: an image over
+    ``MAX_IMAGE_PIXELS`` (Pillow only warns, then decodes it) or over twice that (Pillow's
+    ``DecompressionBombError``, whose message has no file name) raises :class:`ImageTooLargeError`;
+    the caller names the file. Pillow's limit itself is left as it is."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                yield img
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            raise ImageTooLargeError(int(found[1]) if found else None, Image.MAX_IMAGE_PIXELS) from None

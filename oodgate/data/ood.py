@@ -18,7 +18,7 @@ from oodgate.config import DataConfig, OODSource
 from oodgate.data.bundle import DataNotFoundError, ImageSet
 from oodgate.data.embedded import GLYPHS, PHOTO_PATCHES, PORTRAIT_PATCHES, load_embedded
 from oodgate.data.id_sets import embedded_mnist_set
-from oodgate.data.images import conform, nchw_from_array
+from oodgate.data.images import ImageTooLargeError, conform, nchw_from_array, open_image
 from oodgate.data.torchvision_sets import TORCHVISION_SETS, load_torchvision
 from oodgate.registry import Registry
 
@@ -135,21 +135,35 @@ for _name in TORCHVISION_SETS:
 
 
 def _load_image_folder(folder: Path, channels: int, size: int) -> torch.Tensor:
-    from PIL import Image
-
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"OOD folder {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     batch = []
     for f in files:  # images may differ in size and mode: conform each one, then stack
-        with Image.open(f) as img:
-            mode = "L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
-            array = np.asarray(img.convert(mode), dtype=np.uint8)
+        try:
+            with open_image(f) as img:
+                mode = "L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+                array = np.asarray(img.convert(mode), dtype=np.uint8)
+        except ImageTooLargeError as e:
+            raise ValueError(
+                f"OOD folder {str(folder)!r}: {f.name} has {e}; shrink it or remove it"
+            ) from None
         batch.append(conform(nchw_from_array(array[None], str(f)), channels, size))
     return torch.cat(batch)
 
 
 def _load_npz(path: Path) -> torch.Tensor:
+    import zipfile
+
+    from oodgate import preflight
+
+    try:  # the decompressed size from the header, before anything is decompressed
+        header = preflight.npz_array_header(path)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        header = None  # np.load below says what is wrong
+    too_large = header and preflight.ood_npz_too_large(path, *header)
+    if too_large:
+        raise ValueError(f"OOD file {too_large}")
     with np.load(path, allow_pickle=False) as npz:
         if "x" not in npz.files:
             raise ValueError(

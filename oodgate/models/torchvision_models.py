@@ -112,6 +112,69 @@ class WeightsError(ValueError):
     """``model.weights`` is missing, unreadable or does not fit the backbone."""
 
 
+def _pickled_global(path: Path, error: Exception) -> str | None:
+    """The class or function a whole file pickles, which ``weights_only`` refused to load; None when
+    the error is no such refusal, or the file ends inside its pickle (a legacy, non-zip file cut
+    short makes the unpickler read a cut name, ``torch._utils._reb``, as a global)."""
+    import pickle
+    import pickletools
+    import re
+    import zipfile
+
+    m = re.search(r"Unsupported global: GLOBAL (\S+) was not an allowed global", str(error))
+    if not isinstance(error, pickle.UnpicklingError) or m is None:
+        return None
+    if zipfile.is_zipfile(path):
+        return m[1]  # torch.save's zip archive: whole (a cut one fails before anything is unpickled)
+    try:  # the legacy format: pickles one after another; scanned, never run
+        with path.open("rb") as f:
+            size = path.stat().st_size
+            for _ in range(4):  # magic number, protocol, system info, the object
+                for _op in pickletools.genops(f):
+                    pass
+                if f.tell() >= size:
+                    break
+    except Exception:  # cut inside a pickle: truncated, not an object
+        return None
+    return m[1]
+
+
+def load_error(path: Path, error: Exception, verb: str = "read") -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed and what to do, as the end of a one-line
+    message that begins with the key and the path: the file is empty; it holds pickled objects
+    (never loaded: PyTorch's own advice to load it with ``weights_only=False`` is not repeated,
+    since that would run whatever the pickle holds); or it is truncated or not a torch.save file."""
+    import re
+    import zipfile
+
+    try:  # the file itself cannot be read (permissions, a directory, an I/O error)
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as e:
+        return f"cannot be {verb} ({e.strerror or e})"
+    save = "save the model with torch.save(model.state_dict(), path)"
+    if size == 0:
+        return f"is empty (0 bytes): the copy or the save did not finish; copy the file again, or {save}"
+    # from here on the bytes are at fault, whatever torch raised (a cut zip archive: RuntimeError, or
+    # OSError "Invalid argument"; a cut pickle stream: EOFError, UnpicklingError, struct.error, ...)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    detail = found[1] if found else (text.strip().splitlines() or [""])[0].split(". ")[0]
+    name = _pickled_global(path, error)
+    if name is not None or (found and zipfile.is_zipfile(path)):  # a whole file, refused unread
+        what = f"a pickled {name} object" if name else f"pickled content other than tensors: {detail[:120]}"
+        return (
+            f"cannot be {verb} as plain tensors (UnpicklingError: it holds {what}); pickled objects are "
+            "never loaded, only tensors: save the weights alone, with torch.save(model.state_dict(), path)"
+        )
+    detail = f"{type(error).__name__}: {detail[:120]}" if detail else type(error).__name__
+    return (
+        f"is truncated or not a torch.save file ({size} bytes; {detail}); copy it again from where it "
+        f"was written (the sizes must match), or {save}"
+    )
+
+
 def _load_tensors(path: Path) -> object:
     """The file's content, loaded as plain tensors only; memory-mapped when its format allows, so
     that preflight checks even a large file without reading it whole."""
@@ -131,11 +194,8 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
         )
     try:
         obj = _load_tensors(path)
-    except Exception as e:  # pickle refused (weights_only), not a torch file, truncated
-        raise WeightsError(
-            f"model.weights: {str(path)!r} cannot be loaded as plain tensors ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); save it with torch.save(model.state_dict(), path)"
-        ) from None
+    except Exception as e:  # pickle refused (weights_only), not a torch file, truncated, empty
+        raise WeightsError(f"model.weights: {str(path)!r} {load_error(path, e, 'loaded')}") from None
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

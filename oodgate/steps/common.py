@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -156,6 +158,25 @@ def verified(record: Mapping[str, Any], out_dir: Path, name: str, what: str, fix
             f"since it was written); {fix}"
         )
     return path
+
+
+# ---------------------------------------------------------------- one process at a time
+@contextlib.contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir``'s lock (an exclusive ``flock`` on ``.<name>.lock`` beside it) while a step
+    checks for its finished result and, if there is none, computes it: a second process with the
+    same inputs (another pipeline run of the same project, on this machine or on another one sharing
+    the work directory) waits, then finds the record written and reuses it instead of computing it
+    again. Prefect's cache isolation cannot do this here: its lock is on the cache key, which is over
+    the result's record, unknown until the result exists (:mod:`tasks.caching`)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------- upstream results

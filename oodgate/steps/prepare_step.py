@@ -14,9 +14,11 @@ from oodgate.steps.common import output_digests, pack, write_json
 def prepare(cfg: Config, out_dir: str | Path, root: str | Path | None = None) -> dict[str, Any]:
     """``id.pt`` (train/val/test and the normalisation stats), ``ood.pt`` (the whole OOD sets and their groups,
     and the validation OOD sets) and
-    ``data.json`` (the sizes, and the digests every later read verifies) in ``out_dir``; returns
-    ``data.json``'s content."""
+    ``data.json`` (the sizes, the digests every later read verifies, and the inputs record the data
+    was prepared from: :func:`~oodgate.steps.inputs.prepare_inputs`, deterministic, so that a re-run
+    writes the same bytes) in ``out_dir``; returns ``data.json``'s content."""
     from oodgate.data.load import load_data
+    from oodgate.steps.inputs import prepare_inputs
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -24,12 +26,12 @@ def prepare(cfg: Config, out_dir: str | Path, root: str | Path | None = None) ->
     scratch = out_dir / ".scratch"
     shutil.rmtree(scratch, ignore_errors=True)
     try:
-        return _save(load_data(cfg.data, root, scratch=scratch), out_dir)
+        return _save(load_data(cfg.data, root, scratch=scratch), out_dir, prepare_inputs(cfg))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _save(bundle, out_dir: Path) -> dict[str, Any]:
+def _save(bundle, out_dir: Path, inputs: dict[str, Any]) -> dict[str, Any]:
     meta = {
         "num_classes": bundle.num_classes,
         "in_channels": bundle.in_channels,
@@ -57,5 +59,7 @@ def _save(bundle, out_dir: Path) -> dict[str, Any]:
     sizes.update({f"ood/{k}": len(v.y) for k, v in bundle.ood.items()})
     sizes.update({f"ood_val/{k}": len(v.y) for k, v in bundle.ood_val.items()})
     summary = {**meta, "sizes": sizes, "outputs": output_digests(out_dir, ("id.pt", "ood.pt"))}
+    # what the data was prepared from (no paths, no times): the core CLI refuses stale prepared data
+    summary["inputs"] = inputs
     write_json(out_dir / "data.json", summary)
     return summary

@@ -15,7 +15,14 @@ from pathlib import Path
 from oodgate import engine
 from oodgate.classifier import save_classifier
 from oodgate.config import Config
-from oodgate.steps.common import activate_numerics, file_digest, load_prepared, reusable, write_json
+from oodgate.steps.common import (
+    activate_numerics,
+    exclusive,
+    file_digest,
+    load_prepared,
+    reusable,
+    write_json,
+)
 from oodgate.steps.results import Trained
 from oodgate.training import HISTORY, OUTPUTS, RECORD, finish, model_spec, train_here
 
@@ -43,6 +50,21 @@ def train(
         from oodgate.steps.inputs import train_fingerprint
 
         fingerprint = train_fingerprint(cfg, loss_id, seed, file_digest(prepared_dir / "id.pt"))
+    if engine.distributed().world > 1:  # a process of a data-parallel launch: its launcher holds the lock
+        return _train(cfg, loss_id, seed, prepared_dir, out_dir, hooks, fingerprint)
+    with exclusive(out_dir):  # a concurrent run with the same inputs waits, then reuses this result
+        return _train(cfg, loss_id, seed, prepared_dir, out_dir, hooks, fingerprint)
+
+
+def _train(
+    cfg: Config,
+    loss_id: str,
+    seed: int,
+    prepared_dir: Path,
+    out_dir: Path,
+    hooks: Sequence[engine.Hook],
+    fingerprint: str,
+) -> Trained:
     previous = _reused(out_dir, fingerprint)
     if previous is not None:
         return previous  # training is a pure function of its inputs
