@@ -1,9 +1,9 @@
 """How often the gate promotes simulated candidates whose truth is known, by evidence and test-set size.
 
-The simulation (:mod:`oodgate.simulation`) has the embedded default's OOD sets (2,000 near and
+The simulation (:mod:`simulation`) has the embedded default's OOD sets (2,000 near and
 3 x 1,000 far images); the test set has 600 (the demo), 2,000 or 10,000 images (CIFAR-10's). Effects
 against the SoftMax baseline's population metrics (accuracy 0.972, calibrated ECE 0.007, mean FPR95
-0.71), :data:`oodgate.simulation.MODEL_EFFECTS`:
+0.71), :data:`simulation.MODEL_EFFECTS`:
 
 - ``identical``: the baseline's metrics (another model with the same population metrics);
 - ``dismax-like``: accuracy +1 point, calibrated ECE -0.005, FPR95 30% lower (the DisMax paper's claim);
@@ -14,7 +14,7 @@ against the SoftMax baseline's population metrics (accuracy 0.972, calibrated EC
 Evidence ``models``: the two deployable models, fixed, scored on freshly drawn images (the question
 ``gate.evidence: models`` answers). Evidence ``seeds``: ``n`` seeds of each loss, each seed's model
 drawn with the demo's seed-to-seed noise around the effect (``gate.evidence: seeds``). Beside each
-seed-level rate, the number of seeds :func:`oodgate.gate.seeds_needed` predicts for 80%, from the
+seed-level rate, the number of seeds :func:`oodgate.deciding.gate.seeds_needed` predicts for 80%, from the
 effect's mean gains and the simulated seed spread.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_gate_power.py            # make bench-gate-power
@@ -29,13 +29,14 @@ import argparse
 import sys
 import time
 
-from oodgate import numerics
+from oodgate.base import numerics
 
 numerics.apply()  # before NumPy loads: the same rates on any machine
 
-from oodgate import simulation
-from oodgate.config import GateConfig
-from oodgate.gate import seeds_needed
+import simulation
+
+from oodgate.base.config import GateConfig
+from oodgate.deciding.gate import seeds_needed
 
 EFFECTS = ("identical", "dismax-like", "fpr95 lower", "worse accuracy")
 SIZES = (600, 2000, 10_000)

@@ -27,9 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from oodgate import numerics
+from oodgate.base import numerics
 
-numerics.apply()  # before NumPy and torch load: the kernels the pipeline computes with (oodgate.numerics)
+numerics.apply()  # before NumPy and torch load: the kernels the pipeline computes with (oodgate.base.numerics)
 
 import numpy as np
 import torch
@@ -56,11 +56,12 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_size(args: argparse.Namespace, folder: Path, work: Path, size: int) -> dict[str, float]:
-    from oodgate import engine, steps
-    from oodgate.classifier import build_classifier
-    from oodgate.config import parse_config
-    from oodgate.steps.common import load_prepared
-    from oodgate.training import model_spec
+    from oodgate.base.config import parse_config
+    from oodgate.data.prepared import load_prepared
+    from oodgate.learning.classifier import build_classifier
+    from oodgate.learning.training import engine
+    from oodgate.learning.training.driver import model_spec
+    from oodgate.running import steps
 
     cfg = parse_config(
         {

@@ -24,14 +24,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from oodgate import numerics
+from oodgate.base import numerics
 
-numerics.apply()  # before NumPy and torch load: the kernels the pipeline computes with (oodgate.numerics)
+numerics.apply()  # before NumPy and torch load: the kernels the pipeline computes with (oodgate.base.numerics)
 
 import torch
 from torch import nn
 
-from oodgate import methods, models
+from oodgate.learning import methods, models
 
 #: benchmark row -> (registered method, options)
 VARIANTS: dict[str, tuple[str, dict]] = {

@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from oodgate import numerics
+from oodgate.base import numerics
 
-numerics.apply()  # before NumPy and torch load: the kernels the pipeline computes with (oodgate.numerics)
+numerics.apply()  # before NumPy and torch load: the kernels the pipeline computes with (oodgate.base.numerics)
 
 import numpy as np
 
@@ -54,8 +54,8 @@ def batches(sizes: list[int], out: Path) -> list[Path]:
 def false_alarms(
     val_sizes=(240, 1000, 5000), batch: int = 600, alpha: float = 0.01, sims: int = 2000
 ) -> None:
-    from oodgate import metrics
-    from oodgate.monitoring import rate_test, validation_counts
+    from oodgate.measuring import metrics
+    from oodgate.watching.monitoring import rate_test, validation_counts
 
     print(
         f"| validation images | binomial alerts | beta-binomial alerts |  (batches of {batch}, level {alpha}, {sims} draws)"
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.false_alarms:
         false_alarms()
         return 0
-    from oodgate.project import telemetry_off
+    from oodgate.base.project import telemetry_off
 
     telemetry_off()
     if not (REPO / "mlflow.db").is_file():

@@ -2,7 +2,7 @@
 
 Every variant trains, calibrates and evaluates the same (loss, seed) of ``params.yaml`` (default
 softmax, seed 0) in a fresh process, under its own environment (the pins of
-:mod:`oodgate.numerics` are read when torch and NumPy load, so a variant cannot share a process):
+:mod:`oodgate.base.numerics` are read when torch and NumPy load, so a variant cannot share a process):
 
 - ``native``: nothing pinned, ``numerics.threads`` threads;
 - ``portable``: every pin (the default mode);
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 
-from oodgate import numerics
+from oodgate.base import numerics
 
 PINS = (
     "MKL_CBWR",
@@ -41,9 +41,9 @@ PINS = (
 CHILD = """
 import json, sys, time
 from pathlib import Path
-from oodgate import steps
-from oodgate.config import load_config
-from oodgate.layout import Layout
+from oodgate.running import steps
+from oodgate.base.config import load_config
+from oodgate.running.layout import Layout
 params, loss, seed, work = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
 cfg = load_config(params, {"workdir": str(work), "numerics.mode": "native", "seeds": [seed]})
 lay = Layout(work)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from oodgate.project import TELEMETRY_OFF
+from oodgate.base.project import TELEMETRY_OFF
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = {"softmax": {"method": "softmax"}, "dismax_fpr": {"method": "dismax", "options": {"fpr": True}}}
@@ -131,16 +131,18 @@ CHANGES: list[tuple[str, Callable[[Path], None]]] = [
     ("`train.epochs: 2`", setting("train.epochs", 2)),
     ("`registry.model_name: other`", setting("registry.model_name", "other")),
     (
-        "a docstring in `oodgate/engine.py`",
-        editing("oodgate/engine.py", '"""One training loop', '"""The one training loop'),
+        "a docstring in `oodgate/learning/training/engine.py`",
+        editing("oodgate/learning/training/engine.py", '"""One training loop', '"""The one training loop'),
     ),
     (
-        "code in `oodgate/plots.py`",
-        editing("oodgate/plots.py", "\nimport numpy as np\n", "\nimport numpy as np\n\nEDITED = 1\n"),
+        "code in `oodgate/measuring/plots.py`",
+        editing(
+            "oodgate/measuring/plots.py", "\nimport numpy as np\n", "\nimport numpy as np\n\nEDITED = 1\n"
+        ),
     ),
     (
-        "code in `oodgate/gate.py`",
-        editing("oodgate/gate.py", "\nimport numpy as np\n", "\nimport numpy as np\n\nEDITED = 1\n"),
+        "code in `oodgate/deciding/gate.py`",
+        editing("oodgate/deciding/gate.py", "\nimport numpy as np\n", "\nimport numpy as np\n\nEDITED = 1\n"),
     ),
 ]
 

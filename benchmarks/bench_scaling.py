@@ -29,9 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from oodgate import numerics
+from oodgate.base import numerics
 
-numerics.apply()  # before torch loads: the DDP part trains in this process (oodgate.numerics)
+numerics.apply()  # before torch loads: the DDP part trains in this process (oodgate.base.numerics)
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNERS = {
@@ -42,7 +42,7 @@ RUNNERS = {
 
 
 def _env(tmp: Path, name: str) -> dict[str, str]:
-    from oodgate.project import TELEMETRY_OFF
+    from oodgate.base.project import TELEMETRY_OFF
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     env.update(TELEMETRY_OFF, PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp / f"prefect-{name}"))
@@ -84,8 +84,8 @@ def overhead(args: argparse.Namespace) -> list[str]:
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.pipeline import task_runner_for
-    from oodgate.config import parse_config
+    from flows.dask_cluster import task_runner_for
+    from oodgate.base.config import parse_config
 
     @task(cache_policy=None)
     def noop(i: int) -> int:
@@ -122,9 +122,9 @@ def overhead(args: argparse.Namespace) -> list[str]:
 def ddp(args: argparse.Namespace, tmp: Path) -> list[str]:
     import math
 
-    from oodgate import steps
-    from oodgate.config import load_config
-    from oodgate.data import materialize_embedded
+    from oodgate.base.config import load_config
+    from oodgate.data.embedded import materialize_embedded
+    from oodgate.running import steps
 
     materialize_embedded(tmp / "data")
     rows, curves = [], {}

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from oodgate import numerics
+from oodgate.base import numerics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from oodgate import methods, steps
-    from oodgate.classifier import load_classifier
-    from oodgate.config import load_config
-    from oodgate.layout import Layout
+    from oodgate.base.config import load_config
+    from oodgate.learning import methods
+    from oodgate.learning.classifier import load_classifier
+    from oodgate.running import steps
+    from oodgate.running.layout import Layout
 
     cfg = load_config(args.params)
     lay = Layout(Path(args.workdir or cfg.workdir))

@@ -22,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from oodgate import numerics, steps
-from oodgate.config import load_config, parse_overrides
-from oodgate.layout import Layout
+from oodgate.base import numerics
+from oodgate.base.config import load_config, parse_overrides
+from oodgate.running import steps
+from oodgate.running.layout import Layout
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,78 +1,54 @@
-"""Prefect flows: compose the tasks in ``tasks/``; no ML logic here.
+"""Prefect flows: each module composes the tasks in ``tasks/``; no ML logic here.
 
-Here: the temporary Prefect server a ``python -m flows.pipeline`` run starts early (it boots while
-the rest imports) and the API URL the flow's processes share.
+A flow module run as a program (``python -m flows.pipeline``) is imported after this package, so the
+program's first step happens here, before the module's imports load NumPy and torch: the numerics
+its ``--params`` and ``--set`` name are pinned (``oodgate.base.numerics``: the same bits on any x86-64
+CPU are decided when torch loads), and the pipeline's and the monitor's temporary Prefect server
+starts booting while the rest imports (3.5 s of imports overlap its start). Imported any other way
+(a test, a Dask worker, a deployment's run) this does nothing.
 """
 
-from oodgate.project import telemetry_off
+import sys
 
-_server_start = None  # the thread bringing up Prefect's temporary server, if one was started early
+from flows.server import start_temporary_prefect_server
+from oodgate.base import numerics
+from oodgate.base.config import ConfigError, load_config, program_params
+from oodgate.base.project import PROJECT_ROOT
+
+# program -> where its --params is taken from without --root (None: the working directory)
+PINNED_PROGRAMS = {"pipeline": None, "monitor": PROJECT_ROOT, "deploy": PROJECT_ROOT}
+FLOW_PROGRAMS = ("pipeline", "monitor")  # programs that run a flow on a temporary Prefect server
 
 
-def start_temporary_prefect_server() -> None:
-    """Start Prefect's temporary server (the one a flow run starts itself when no
-    ``PREFECT_API_URL`` is set; here :mod:`oodgate_servers.prefect_temporary`'s, which ends with this process
-    even after a SIGKILL) in a background thread, so that it boots while the caller imports the
-    rest; :func:`wait_for_temporary_prefect_server` joins it before the first flow call, which then
-    finds it running (Prefect keeps one such server per process). Does nothing when a server is
-    configured."""
-    global _server_start
-    import threading
+def program() -> str | None:
+    """``pipeline`` when this process runs ``python -m flows.pipeline ...``, and so on; else None.
+    (While ``-m`` looks its module up, which imports this package first, ``sys.argv[0]`` is ``-m``.)"""
+    if sys.argv[:1] != ["-m"]:
+        return None
+    argv = sys.orig_argv
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith("-m"):
+            module = arg[2:] or (argv[i + 1] if i + 1 < len(argv) else "")
+            package, _, name = module.partition(".")
+            return name if package == "flows" else None
+    return None
 
-    if _server_start is not None:  # started already (by the program's preamble)
+
+def begin_program() -> None:
+    """Pin the numerics of the program's params, and start the temporary server of a flow program
+    whose params load (a config that does not is refused by the program, with no server started)."""
+    name = program()
+    if name not in PINNED_PROGRAMS:
         return
-    telemetry_off()
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+    args, default_root = sys.argv[1:], PINNED_PROGRAMS[name]
+    numerics.apply_from_argv(args, default_root)
+    if name not in FLOW_PROGRAMS or "-h" in args or "--help" in args:
         return
-    from oodgate_servers.prefect_temporary import TemporaryServer  # imported here, not in the thread
-
-    server = TemporaryServer()  # Prefect's clients find it as the process's temporary server
-
-    def start() -> None:
-        try:
-            server.start()
-        except Exception:  # the flow call starts it again and reports why it fails
-            pass
-
-    _server_start = threading.Thread(target=start, name="prefect-server-start", daemon=True)
-    _server_start.start()
+    try:
+        load_config(*program_params(args, default_root))  # parsed once: the program reads it again
+    except ConfigError:
+        return
+    start_temporary_prefect_server()
 
 
-def wait_for_temporary_prefect_server() -> None:
-    """Return once the server of :func:`start_temporary_prefect_server` answers (at once if none)."""
-    if _server_start is not None:
-        _server_start.join()
-
-
-def prefect_api_url() -> str | None:
-    """The Prefect API this process talks to: ``PREFECT_API_URL``, else the URL of its running
-    temporary server (None before one runs). Processes it starts that run Prefect tasks (local Dask
-    workers) get it, or each would start a temporary server of its own."""
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return PREFECT_API_URL.value()
-    from oodgate_servers.prefect_temporary import running_api_url
-
-    return running_api_url()
-
-
-class PrefectUnavailableError(RuntimeError):
-    """``PREFECT_API_URL`` names a server that does not answer."""
-
-
-def check_prefect_api() -> None:
-    """Before anything starts: the server ``PREFECT_API_URL`` names answers its health check; else
-    one line with the two ways on (Prefect's own error said only "Failed to reach API")."""
-    from prefect.settings import PREFECT_API_URL
-
-    from oodgate_servers.health import healthy
-
-    url = PREFECT_API_URL.value()
-    if url and not healthy(url.rstrip("/")):
-        raise PrefectUnavailableError(
-            f"PREFECT_API_URL={url} does not answer ({url.rstrip('/')}/health): start that server (make server "
-            "starts one on 127.0.0.1:4200), or unset PREFECT_API_URL to run on a temporary server of this process"
-        )
+begin_program()

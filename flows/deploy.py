@@ -20,18 +20,17 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from oodgate.project import PROJECT_ROOT, telemetry_off
-from oodgate_servers import health
+from prefect import serve as serve_all
+from prefect.schedules import Cron
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
-DEFAULT_API_URL = "http://127.0.0.1:4200/api"  # what the trigger and Prefect's clients use unless told
-DEPLOYMENT_NAME = "scheduled"
-FULL_NAME = f"oodgate-pipeline/{DEPLOYMENT_NAME}"
-MONITOR_NAME = f"oodgate-monitor/{DEPLOYMENT_NAME}"  # served too when params.yaml sets monitor.batch
-
-
-def wait_healthy(api_url: str, timeout: float = 60.0) -> None:
-    """Until the Prefect server at ``api_url`` answers its health check (TimeoutError otherwise)."""
-    health.wait_healthy(api_url, timeout, name="Prefect server")
+from flows.monitor import monitor
+from flows.pipeline import pipeline
+from flows.server import DEFAULT_API_URL, DEPLOYMENT_NAME, FULL_NAME, MONITOR_NAME, wait_healthy
+from oodgate.base import numerics
+from oodgate.base.config import load_config
+from oodgate.base.project import PROJECT_ROOT, telemetry_off
+from oodgate.running.preflight import check_names
 
 
 def server_environment(host: str, port: int) -> dict[str, str]:
@@ -72,13 +71,6 @@ def deployments(params_path: str, project: Path, root_param: str | None = None) 
     line that says what they are. ``project`` is where this machine reads the params file; a bad
     one fails here, before anything is registered. ``root_param`` is the ``root`` the runs get
     (default: ``project``)."""
-    from prefect.schedules import Cron
-
-    from flows.monitor import monitor
-    from flows.pipeline import pipeline
-    from oodgate.config import load_config
-    from oodgate.preflight import check_names
-
     cfg = load_config(project / params_path)  # a bad params.yaml fails here, before registering
     check_names(cfg)
     parameters = {"params_path": params_path, "root": root_param or str(project)}
@@ -113,12 +105,10 @@ def deployments(params_path: str, project: Path, root_param: str | None = None) 
 
 
 def serve(params_path: str, root: str | None = None, api_url: str = "") -> None:
-    from prefect import serve as serve_all
-
-    from oodgate import numerics
-
     project = Path(root).resolve() if root else PROJECT_ROOT
-    # before the flows import torch: every run (a subprocess of this one) inherits the numerics
+    # every run (a subprocess of this one) inherits the numerics: pinned when this program started
+    # (flows/__init__.py), or here when serve() is called otherwise; NumericsError if torch loaded
+    # under others
     numerics.apply_from_params(project / params_path)
     built, what = deployments(params_path, project)
     served = f"Serving deployment {what}"
@@ -171,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if not os.environ.get("PREFECT_API_URL"):
-            from prefect.settings import PREFECT_API_URL, temporary_settings
-
             api = f"http://{args.host}:{args.port}/api"
             log = PROJECT_ROOT / "logs" / "prefect-server.log"
             server = start_server(args.host, args.port, log)
@@ -186,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"Prefect UI: http://{args.host}:{args.port}  (server log: logs/prefect-server.log)",
                 flush=True,
             )
-            # Prefect read its settings when it was imported (just above), so the variable set here is not
+            # Prefect read its settings when it was imported, so the variable set here is not
             # seen in this process: without this, serve() would register with a temporary server of its own.
             api_settings = temporary_settings(updates={PREFECT_API_URL: api})
             _stop_when_server_exits(server, log, gone)

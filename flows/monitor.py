@@ -10,7 +10,7 @@ every image gets its class, calibrated confidence, OOD score and in-distribution
 threshold stored with the model; the predictions go to
 ``<workdir>/monitor/<batch>-<digest>-v<version>.parquet``, written only once everything succeeded
 (a failed batch leaves earlier predictions as they were). The OOD rate is tested against the
-expected rate (``oodgate.monitoring.rate_test``). An alert is: the tag ``oodgate.monitor.alert``
+expected rate (``oodgate.watching.monitoring.rate_test``). An alert is: the tag ``oodgate.monitor.alert``
 (``high`` or ``low``) on the batch's MLflow run, a Prefect markdown artifact ``monitor-report``
 with the evidence, and the Prefect event ``oodgate.monitor.alert`` (resource
 ``oodgate.model.<name>``) that an automation can act on; the run itself ends Completed, since the
@@ -19,25 +19,37 @@ monitoring worked. Every scored batch also emits ``oodgate.monitor.scored``.
 No ``from __future__ import annotations`` here, for the reason given in ``flows/pipeline.py``.
 """
 
-import argparse
+import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-if __name__ == "__main__":  # before NumPy and torch load: the numerics of the params (oodgate.numerics)
-    from oodgate import numerics as _numerics
-    from oodgate.project import PROJECT_ROOT as _ROOT
-
-    _numerics.apply_from_argv(sys.argv[1:], default_root=_ROOT)
-
 from prefect import flow
 
-from oodgate import monitoring
-from oodgate.config import ConfigError, load_config
-from oodgate.monitoring import MonitorError, write_demo_batches
-from oodgate.project import PROJECT_ROOT, telemetry_off
+from flows import entry
+from flows.server import check_prefect_api
+from oodgate.base import numerics
+from oodgate.base.config import Config, load_config
+from oodgate.base.project import PROJECT_ROOT
+from oodgate.data.bundle import DataNotFoundError
+from oodgate.watching import monitoring
+from oodgate.watching.monitoring import MonitorError, write_demo_batches
 from oodgate_mlflow import monitor_runs, tracking
+from oodgate_mlflow.champion import ChampionNotFoundError, resolve, verified_copy
+from oodgate_mlflow.integrity import ModelIntegrityError
 from tasks.monitor import announce, load_champion_task, log_batch, read_batch, score_batch
+
+# what a user must fix, besides entry.REFUSALS: one line, exit status 2
+REFUSALS = (
+    *entry.REFUSALS,
+    MonitorError,
+    monitoring.BatchError,
+    ChampionNotFoundError,
+    monitor_runs.NotAnOODGateModelError,
+    DataNotFoundError,
+    ModelIntegrityError,
+)
 
 
 @flow(name="oodgate-monitor", log_prints=True)
@@ -59,8 +71,6 @@ def monitor(
     mon, name = cfg.monitor, cfg.registry.model_name
     path = monitoring.batch_path(batch, mon.batch, project)
     uri = tracking.connect(root=project)
-    from oodgate import numerics
-
     numerics.activate(cfg.numerics.mode, cfg.numerics.threads)  # the champion scores under them
     model, v = load_champion_task(name, mon.alias, uri, version)
     used = f"version {version}" if version is not None else mon.alias
@@ -89,41 +99,25 @@ def monitor(
 
 
 def main(argv: list[str] | None = None) -> int:
-    telemetry_off()
-    p = argparse.ArgumentParser(prog="python -m flows.monitor", description=__doc__.splitlines()[0])
+    p = entry.parser("python -m flows.monitor", __doc__.splitlines()[0], "relative to --root")
     p.add_argument("--batch", default=None, help="folder of images or .npz (default: monitor.batch)")
     p.add_argument(
         "--demo", action="store_true", help="write two demo batches from the embedded data and score both"
     )
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--root", default=None, help="the project directory (default: this repository)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a params key")
     p.add_argument(
         "--alias", default=None, help="the model's alias (default monitor.alias: champion; or challenger)"
     )
     p.add_argument("--version", type=int, default=None, help="a version number instead of an alias")
     args = p.parse_args(argv)
-    from flows import PrefectUnavailableError, check_prefect_api
-    from oodgate.config import parse_overrides
-    from oodgate.data import DataNotFoundError
-    from oodgate_mlflow.champion import ChampionNotFoundError
-    from oodgate_mlflow.integrity import ModelIntegrityError
-
-    root = Path(args.root).resolve() if args.root else PROJECT_ROOT
     try:
-        overrides = parse_overrides(args.set)
-        if args.alias:
-            overrides["monitor.alias"] = args.alias
-        cfg = load_config(root / args.params, overrides)
+        params = entry.load(args, PROJECT_ROOT, **({"monitor.alias": args.alias} if args.alias else {}))
+        cfg, root = params.cfg, params.project
         batches = [str(Path(args.batch).resolve()) if args.batch else None]  # --batch is relative to here
         if args.demo:
-            batches = [
-                str(b)
-                for b in write_demo_batches(root / args.params, root / cfg.workdir / "monitor" / "demo")
-            ]
+            demo = root / cfg.workdir / "monitor" / "demo"
+            batches = [str(b) for b in write_demo_batches(params.path, demo)]
         else:
-            # none named and none configured: fails here
-            monitoring.batch_path(args.batch, cfg.monitor.batch, root)
+            monitoring.batch_path(args.batch, cfg.monitor.batch, root)  # none named and none configured
         tracking.connect(root=root)
         check_prefect_api()
         for b in batches:
@@ -131,31 +125,14 @@ def main(argv: list[str] | None = None) -> int:
             # score, is refused in one line, not in Prefect's tracebacks of a failed flow run
             check_inputs(cfg, monitoring.batch_path(b, cfg.monitor.batch, root), args.version)
             t0 = time.perf_counter()
-            summary = monitor(
-                batch=b,
-                params_path=args.params,
-                root=str(root),
-                overrides=overrides or None,
-                version=args.version,
-            )
+            summary = monitor(b, str(params.path), str(root), params.overrides or None, args.version)
             print(
                 f"{summary['batch']}: alert {summary['test']['alert']}, OOD rate {summary['ood_rate']:.1%}, "
                 f"{summary['model_name']} v{summary['champion_version']} ({time.perf_counter() - t0:.1f} s)",
                 flush=True,
             )
-    except (
-        ConfigError,
-        MonitorError,
-        monitoring.BatchError,
-        ChampionNotFoundError,
-        monitor_runs.NotAnOODGateModelError,
-        DataNotFoundError,
-        tracking.TrackingUnavailableError,
-        ModelIntegrityError,
-        PrefectUnavailableError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except REFUSALS as e:
+        return entry.refuse(e)
     except KeyboardInterrupt:
         print(
             "error: interrupted: stopped; a batch is logged only once it is scored, so run it again",
@@ -165,14 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_inputs(cfg, batch: Path, version: int | None) -> None:
+def check_inputs(cfg: Config, batch: Path, version: int | None) -> None:
     """What the flow would refuse, checked first: the model version (its files verified against the
     registry's record) and the batch (read as the model takes it: shape, dtype, range, NaN, size)."""
-    import json
-    import tempfile
-
-    from oodgate_mlflow.champion import resolve, verified_copy
-
     name, uri = cfg.registry.model_name, tracking.default_tracking_uri()
     found = resolve(name, cfg.monitor.alias, uri, version)
     with tempfile.TemporaryDirectory(prefix="oodgate-check-") as tmp:
@@ -183,4 +155,4 @@ def check_inputs(cfg, batch: Path, version: int | None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry.end(main())

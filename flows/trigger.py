@@ -16,8 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from flows.deploy import DEFAULT_API_URL, FULL_NAME, MONITOR_NAME, wait_healthy
-from oodgate.project import PROJECT_ROOT, telemetry_off
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.server import DEFAULT_API_URL, FULL_NAME, MONITOR_NAME, wait_healthy
+from oodgate.base.config import ConfigError, load_config, parse_overrides
+from oodgate.base.project import PROJECT_ROOT, telemetry_off
 
 
 def ui_url(api_url: str, flow_run_id: object) -> str:
@@ -27,10 +33,9 @@ def ui_url(api_url: str, flow_run_id: object) -> str:
 def check_overrides(overrides: dict, deployment: str = FULL_NAME) -> None:
     """Validate ``overrides`` against the deployment's params file when this machine has it, so a
     bad value fails here, with the key and the rule, before a run is created on the server."""
-    from prefect.client.orchestration import get_client
-
-    from oodgate.config import ConfigError, load_config
-    from oodgate.preflight import check_names
+    # the registries of the names (methods, models, data sets) import torch: 2.3 s that a trigger
+    # without --set never pays
+    from oodgate.running.preflight import check_names
 
     fixed = sorted(k for k in overrides if k == "numerics" or k.startswith("numerics."))
     if fixed:
@@ -50,8 +55,6 @@ def trigger(
     api_url: str, overrides: dict | None = None, deployment: str = FULL_NAME, batch: str | None = None
 ):
     """Create a run of the deployment now; returns the flow run (state SCHEDULED, due now)."""
-    from prefect.deployments import run_deployment
-
     if overrides:
         check_overrides(overrides, deployment)
     parameters = {"overrides": overrides} if overrides else {}
@@ -62,8 +65,6 @@ def trigger(
 
 def follow(flow_run_id: object, poll: float = 2.0):
     """Poll until the run reaches a final state; print each new state; return the final one."""
-    from prefect.client.orchestration import get_client
-
     seen = None
     with get_client(sync_client=True) as client:
         while True:
@@ -90,8 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch and not args.monitor:
         p.error("--batch needs --monitor")
     deployment = MONITOR_NAME if args.monitor else FULL_NAME
-    from oodgate.config import ConfigError, parse_overrides
-
     try:
         overrides = parse_overrides(args.set)
     except ConfigError as e:
@@ -107,9 +106,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    from prefect.exceptions import ObjectNotFound
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     # Prefect read its settings at import; without this a client would start a temporary server.
     with temporary_settings(updates={PREFECT_API_URL: api}):
         try:

@@ -24,10 +24,19 @@ import signal
 import sys
 from pathlib import Path
 
-from flows.deploy import wait_healthy
-from oodgate.project import PROJECT_ROOT, TELEMETRY_OFF, telemetry_off
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.runner.storage import LocalStorage
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.workers.process import ProcessWorker
+from pydantic import ValidationError
 
-DEFAULT_API_URL = "http://127.0.0.1:4200/api"
+from flows.server import DEFAULT_API_URL, wait_healthy
+from oodgate.base import numerics
+from oodgate.base.config import ConfigError, load_config
+from oodgate.base.project import PROJECT_ROOT, TELEMETRY_OFF, telemetry_off
+
 POOL_ENV = "OODGATE_POOL"
 DEFAULT_POOL = "oodgate"
 POOL_TYPE = "process"
@@ -45,11 +54,6 @@ class PoolError(RuntimeError):
 def ensure_pool(name: str) -> bool:
     """Create the process work pool ``name`` unless the server has it; True if it was created.
     A pool of that name but another type is refused: its workers would not run these flows."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-    from prefect.workers.process import ProcessWorker
-
     with get_client(sync_client=True) as client:
         try:
             pool = client.read_work_pool(name)
@@ -81,8 +85,7 @@ def deploy(
     Workers load the code from ``checkout`` (default this checkout's path) on their own machine,
     and the runs get ``root`` (default: ``checkout``). Returns the deployments' ids, what they are,
     and whether the pool was created."""
-    from prefect.runner.storage import LocalStorage
-
+    # the flows' modules (torch, MLflow, the tasks): 3.5 s that `make worker` never needs
     from flows.deploy import deployments
 
     project = Path(root).resolve() if root else PROJECT_ROOT
@@ -105,10 +108,7 @@ def deploy(
 
 
 def numerics_environment(params: Path) -> dict[str, str]:
-    """The variables that pin the numerics of ``params`` (:func:`oodgate.numerics.environment`)."""
-    from oodgate import numerics
-    from oodgate.config import load_config
-
+    """The variables that pin the numerics of ``params`` (:func:`oodgate.base.numerics.environment`)."""
     n = load_config(params).numerics
     return numerics.environment(n.mode, n.threads)
 
@@ -119,9 +119,6 @@ def _pool_name(value: str | None) -> str:
 
 def _bad_pool_name(pool: str) -> str | None:
     """Why Prefect would refuse ``pool`` as a work pool name, or None."""
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from pydantic import ValidationError
-
     try:
         WorkPoolCreate(name=pool, type=POOL_TYPE)
     except ValidationError as e:
@@ -144,8 +141,6 @@ def _check_server(api: str, command: str) -> bool:
 
 
 def _deploy_main(args: argparse.Namespace) -> int:
-    from oodgate.config import ConfigError, load_config
-
     pool = _pool_name(args.pool)
     api = args.api_url.rstrip("/")
     try:  # the params first: a bad file is refused before any server is asked anything
@@ -165,8 +160,6 @@ def _deploy_main(args: argparse.Namespace) -> int:
         return 2
     if not _check_server(api, "make deploy"):
         return 1
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     # Prefect read its settings at import; without this a client would start a temporary server.
     with temporary_settings(updates={PREFECT_API_URL: api}):
         try:

@@ -26,8 +26,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from oodgate.config import RegistryConfig
-from oodgate.project import telemetry_off
+from oodgate.base import numerics
+from oodgate.base.config import RegistryConfig
+from oodgate.base.project import telemetry_off
 from oodgate_mlflow import integrity, tracking
 
 if TYPE_CHECKING:  # mlflow loads on first use: the CLI's errors come before it
@@ -59,7 +60,7 @@ def _check_store(uri: str) -> None:
 
 
 def _failed(reason: str) -> bool:
-    """Whether a gate reason (:meth:`oodgate.gate.Evidence.reason`) is a criterion that failed."""
+    """Whether a gate reason (:meth:`oodgate.deciding.gate.Evidence.reason`) is a criterion that failed."""
     return any(w in reason for w in ("not shown", ", fails ", "not better", "missing or NaN"))
 
 
@@ -304,8 +305,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     telemetry_off()
-    from oodgate import numerics
-
     # before NumPy and torch load: the model computes under params.yaml's numerics
     numerics.apply_from_params(tracking.PROJECT_ROOT / "params.yaml")
     busy = port_in_use(args.host, args.port)

@@ -3,26 +3,19 @@ its best candidate as the ``challenger``; the ``champion`` alias moves only to a
 promoted over the SoftMax baseline that, by the caller's judgement (a :data:`Judge`), also replaces
 the current champion. The registry moves aliases; it runs no gate policy.
 
-The read-compare-move of the aliases is serialised, so two flows gating at once end with exactly one
-champion, chosen by the same rule, and both decisions recorded (run tags and model-version
-descriptions):
-
-- across machines, by a Prefect global concurrency limit of one slot, ``oodgate-registry-<model>``,
-  created on first use, whenever ``PREFECT_API_URL`` names a server (flows sharing a Prefect server
-  share the limit);
-- on one machine, always, by an exclusive file lock in the work directory: a ``python -m
-  flows.pipeline`` without ``PREFECT_API_URL`` runs on a temporary Prefect server of its own, which
-  no other process shares.
+The read-compare-move of the aliases runs under the caller's lock (a :data:`Lock`; the flow's is
+``tasks.registry.serialised``: a Prefect global concurrency limit and a file lock), so two flows
+gating at once end with exactly one champion, chosen by the same rule, and both decisions recorded
+(run tags and model-version descriptions).
 
 Registering the same weights again (a re-run with unchanged data, code and params) adds no version.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,90 +29,6 @@ CHAMPION = "champion"
 FINGERPRINT_TAG = "oodgate.model_fingerprint"
 EVALUATION_DATA_TAG = "oodgate.evaluation_data"  # on child runs: digest of the test and OOD images
 SERIALISED_TAG = "oodgate.registry_lock"  # on each new version: what serialised its registration
-LIMIT_PREFIX = "oodgate-registry-"
-LEASE_SECONDS = 60  # renewed while held; the slot of a holder that died is freed when it runs out
-WAIT_SECONDS = 600.0
-
-
-class RegistryBusyError(RuntimeError):
-    """The registry's concurrency limit could not be acquired or is not a one-slot limit."""
-
-
-def limit_name(model_name: str) -> str:
-    return f"{LIMIT_PREFIX}{model_name}"
-
-
-@contextlib.contextmanager
-def exclusive(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def prefect_server() -> str | None:
-    """The Prefect API that ``PREFECT_API_URL`` names, or None (a temporary server per process)."""
-    try:
-        from prefect.settings import PREFECT_API_URL
-    except ImportError:
-        return None
-    return PREFECT_API_URL.value() or None
-
-
-def ensure_limit(name: str) -> None:
-    """Create the one-slot global concurrency limit ``name`` unless it exists; refuse one that was
-    changed to more slots or deactivated, since it would no longer serialise anything."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            existing = client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):  # created at the same moment by another flow
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            return
-    if existing.limit != 1 or not existing.active:
-        raise RegistryBusyError(
-            f"the Prefect concurrency limit {name!r} has limit={existing.limit}, active={existing.active}; "
-            f"the registry needs one active slot: prefect gcl update {name} --limit 1 --enable"
-        )
-
-
-@contextlib.contextmanager
-def serialised(model_name: str, lock_path: Path) -> Iterator[str]:
-    """Hold the registry of ``model_name`` alone; yields what serialises it (recorded on the version)."""
-    api = prefect_server()
-    with contextlib.ExitStack() as stack:
-        how = f"file lock {lock_path}"
-        if api is not None:
-            from prefect.concurrency.sync import concurrency
-
-            name = limit_name(model_name)
-            ensure_limit(name)
-            try:
-                stack.enter_context(
-                    concurrency(
-                        name,
-                        occupy=1,
-                        timeout_seconds=WAIT_SECONDS,
-                        lease_duration=LEASE_SECONDS,
-                        strict=True,
-                    )
-                )
-            except TimeoutError:
-                raise RegistryBusyError(
-                    f"waited {WAIT_SECONDS:.0f} s for the Prefect concurrency limit {name!r} at {api}; another "
-                    f"flow holds it (see prefect gcl inspect {name}); the slot of a holder that died is freed "
-                    f"when its {LEASE_SECONDS} s lease runs out"
-                ) from None
-            how = f"Prefect concurrency limit {name!r} at {api} + {how}"
-        stack.enter_context(exclusive(lock_path))
-        yield how
 
 
 CHALLENGER = "challenger"
@@ -128,6 +37,10 @@ CHALLENGER = "challenger"
 # held: whether the candidate replaces it, and why (one line each). The registry runs no gate
 # policy of its own; it moves aliases.
 Judge = Callable[["ModelVersion"], tuple[bool, tuple[str, ...]]]
+
+# Held while the registry is read, compared and changed; yields what serialises it, in words (recorded
+# on each new version).
+Lock = AbstractContextManager[str]
 
 
 @dataclass(frozen=True)
@@ -289,20 +202,20 @@ def _supersede(name: str, broken: tuple[ModelVersion, str], version: ModelVersio
 
 
 def register(
-    name: str, candidate: Candidate, lock_path: Path, judge: Judge | None = None, rule: str = ""
+    name: str, candidate: Candidate, lock: Lock, judge: Judge | None = None, rule: str = ""
 ) -> Registration:
     """Register the run's best candidate and give it the ``challenger`` alias; move ``champion`` to it
     only if the gate promoted it and there is no champion, or ``judge`` (called with the current
     champion while the registry is held) says it replaces it. Without a judge a promoted candidate
     never replaces a champion.
 
-    Idempotent: a model whose fingerprint (:func:`oodgate.serving.fingerprint`) is registered already
+    Idempotent: a model whose fingerprint (:func:`oodgate.learning.serving.fingerprint`) is registered already
     adds no version; that version takes the aliases.
     """
     import mlflow
 
     c = tracking.client()
-    with serialised(name, lock_path) as how:
+    with lock as how:
         existing = version_with_fingerprint(name, candidate.fingerprint) if candidate.fingerprint else None
         broken = None
         if existing is not None:

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from oodgate.project import PROJECT_ROOT, telemetry_off
+from oodgate.base.project import PROJECT_ROOT, telemetry_off
 from oodgate_servers import health
 
 DB_USER = "oodgate"

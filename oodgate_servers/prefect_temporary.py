@@ -24,6 +24,8 @@ import time
 
 from prefect.server.api.server import SubprocessASGIServer
 
+from oodgate.base.project import PROJECT_ROOT
+
 PARENT_VARIABLE = "OODGATE_SERVER_PARENT"  # the pid of the flow process the server belongs to
 POLL_SECONDS = 1.0
 # uvicorn's graceful shutdown (Prefect's lifespan, the database) took under 2 s; a server that hangs
@@ -36,8 +38,6 @@ class TemporaryServer(SubprocessASGIServer):
 
     def _run_uvicorn_command(self) -> subprocess.Popen:
         from prefect.settings import get_current_settings
-
-        from oodgate.project import PROJECT_ROOT
 
         # Prefect's command and environment (SubprocessASGIServer._run_uvicorn_command of the pinned
         # Prefect), but this module's factory, found on --app-dir, and the parent's pid

@@ -1,1 +1,1 @@
-"""Prefect tasks: a few lines each over ``oodgate.steps``; they pass paths, ids and small reports."""
+"""Prefect tasks: a few lines each over ``oodgate.running.steps``; they pass paths, ids and small reports."""

@@ -1,7 +1,7 @@
 """Jobs and the Prefect cache policy keyed on their fingerprints.
 
 Every task of the flow takes a :class:`Job`: where it writes and the fingerprint of everything its
-result depends on (``oodgate.steps.inputs``). The cache key is that fingerprint, the task's source
+result depends on (``oodgate.running.steps.inputs``). The cache key is that fingerprint, the task's source
 (``TASK_SOURCE``) and the digests of its output files, while they are the ones its record vouches for. A persisted task result is only a record (paths,
 metrics) in Prefect's result storage; the files it names live in the work directory, so a missing
 output file is a cache miss (the step then recomputes, or reuses what its own fingerprint allows) and
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
 
-from oodgate.steps.common import damaged, digest, file_digest
+from oodgate.base.files import damaged, digest, file_digest
 
 if TYPE_CHECKING:
     from prefect.context import TaskRunContext

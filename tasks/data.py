@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from dvc.repo import Repo
 from prefect import task
 
-from oodgate import steps
-from oodgate.config import Config
+from oodgate.base.config import Config
+from oodgate.running import steps
+from oodgate.running.preflight import check_dvc_project
 from tasks.caching import Job, by_fingerprint
 
 
@@ -44,10 +46,6 @@ def _fix(data_dir: str, changed: list[str]) -> str:
 @task(name="check-data")  # no retry: a mismatch does not change by waiting
 def check_data(project_root: str, data_dir: str = "data") -> str:
     """The DVC hash of ``data/``; fails with the fixing command if the data is missing or changed."""
-    from dvc.repo import Repo
-
-    from oodgate.preflight import check_dvc_project
-
     root = Path(project_root)
     check_dvc_project(root, data_dir)  # DVC's own NotDvcRepoError names neither the path nor the fix
     version = data_version(root / f"{data_dir}.dvc")
@@ -73,8 +71,6 @@ def check_data(project_root: str, data_dir: str = "data") -> str:
 def _changed_files(repo_root: Path, data_dir: str) -> list[str]:
     """Files under ``data_dir`` (relative to it) that DVC cannot match to data.dvc (with an empty DVC
     cache, as on a fresh clone, that is every file of the changed directory)."""
-    from dvc.repo import Repo
-
     with Repo(str(repo_root)) as repo:
         status = repo.data_status(granular=True)["uncommitted"]
     prefix = f"{data_dir}/"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from prefect import task
 
-from oodgate import steps
-from oodgate.config import Config
-from oodgate.steps.results import Calibrated, Evaluated, Selected, Trained
+from oodgate.base.config import Config
+from oodgate.base.records import Calibrated, Evaluated, Selected, Trained
+from oodgate.running import steps
 from tasks.caching import Job, by_fingerprint
 
 

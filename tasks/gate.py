@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import task
 
-from oodgate import steps
-from oodgate.config import Config
-from oodgate.steps.gate_step import GateReport
-from tasks.track import LossResult
+from oodgate.base.config import Config
+from oodgate.running import steps
+from oodgate.running.steps.gate_step import GateReport
+from oodgate_mlflow.runs import LossResult
 
 
 def samples_of(cfg: Config, entry: LossResult) -> list:

@@ -12,8 +12,8 @@ from prefect.cache_policies import NONE
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from oodgate import monitoring
-from oodgate.config import MAX_BATCH_IMAGES
+from oodgate.base.config import MAX_BATCH_IMAGES
+from oodgate.watching import monitoring
 from oodgate_mlflow import monitor_runs
 from oodgate_mlflow.champion import load_champion
 from tasks.data import data_version

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from oodgate import steps
-from oodgate.config import Config
-from oodgate.engine import EpochStats, Hook, NonFiniteLossError, Run, TrainingInterrupted
-from oodgate.steps.results import Trained
+from oodgate.base.config import Config
+from oodgate.base.records import Trained
+from oodgate.learning.training.engine import EpochStats, Hook, NonFiniteLossError, Run, TrainingInterrupted
+from oodgate.running import steps
 from tasks.caching import Job, by_fingerprint
 
 

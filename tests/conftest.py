@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oodgate import numerics
-from oodgate.project import telemetry_off
+from oodgate.base import numerics
+from oodgate.base.project import telemetry_off
 
 # Nothing phones home from the test suite.
 telemetry_off()
@@ -22,7 +22,7 @@ numerics.apply()
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
-# What oodgate.numerics sets: a user's shell has none of it, so the entry points must set it themselves.
+# What oodgate.base.numerics sets: a user's shell has none of it, so the entry points must set it themselves.
 NUMERICS_VARIABLES = (
     numerics.MARKER,
     "MKL_CBWR",
@@ -46,9 +46,9 @@ def shell_env(**extra: str) -> dict[str, str]:
 
 def interrupted_after(epochs: int, train) -> None:
     """``train(hooks)`` stopped as by a SIGINT once epoch ``epochs`` is done: a hook sets
-    ``oodgate.engine.STOP`` after that epoch, the loop raises TrainingInterrupted in the next one's
+    ``oodgate.learning.training.engine.STOP`` after that epoch, the loop raises TrainingInterrupted in the next one's
     first batch, and STOP is cleared for what runs next. Leaves that epoch's ``last.pt``."""
-    from oodgate import engine
+    from oodgate.learning.training import engine
 
     class StopAfter(engine.Hook):
         def after_epoch(self, run, stats) -> None:
@@ -79,7 +79,7 @@ def repo_params() -> dict:
 
 @pytest.fixture(scope="session")
 def embedded_root(tmp_path_factory) -> Path:
-    from oodgate.data import materialize_embedded
+    from oodgate.data.embedded import materialize_embedded
 
     root = tmp_path_factory.mktemp("data")
     materialize_embedded(root)
@@ -115,15 +115,15 @@ def tiny_params(root: Path | str, workdir: Path | str, **train) -> dict:
 
 @pytest.fixture
 def tiny_config(embedded_root, tmp_path):
-    from oodgate.config import parse_config
+    from oodgate.base.config import parse_config
 
     return parse_config(tiny_params(embedded_root, tmp_path / "artifacts"))
 
 
 @pytest.fixture(scope="session")
 def prepared_dir(embedded_root, tmp_path_factory) -> Path:
-    from oodgate import steps
-    from oodgate.config import parse_config
+    from oodgate.base.config import parse_config
+    from oodgate.running import steps
 
     out = tmp_path_factory.mktemp("prepared")
     steps.prepare(parse_config(tiny_params(embedded_root, out / "w")), out)
@@ -200,7 +200,7 @@ def evaluate_one(cfg, loss_id: str, seed: int, calibrate_dir, prepared_dir, out_
     evaluation."""
     from pathlib import Path
 
-    from oodgate import steps
+    from oodgate.running import steps
 
     one = cfg.model_copy(update={"seeds": [seed]})
     select_dir = Path(out_dir).parent / f"{Path(out_dir).name}-select"

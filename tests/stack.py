@@ -16,7 +16,7 @@ from pathlib import Path
 
 from conftest import shell_env
 
-from oodgate.project import TELEMETRY_OFF
+from oodgate.base.project import TELEMETRY_OFF
 from oodgate_servers import health
 from oodgate_servers.health import poll, wait_until
 

@@ -1,4 +1,4 @@
-"""Tests for oodgate.calibration: temperature scaling with the nll and ece objectives."""
+"""Tests for oodgate.measuring.calibration: temperature scaling with the nll and ece objectives."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from oodgate import metrics, scores
-from oodgate.calibration import NotFittedError, TemperatureScaler, fit_temperature
+from oodgate.learning import scores
+from oodgate.measuring import metrics
+from oodgate.measuring.calibration import NotFittedError, TemperatureScaler, fit_temperature
 
 TRUE_T = 5.0
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oodgate.cli import _selection
-from oodgate.config import parse_config
+from oodgate.base.config import parse_config
+from oodgate.running.cli import _selection
 from tests.conftest import shell_env, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_a_stage_interrupted_says_so_in_one_line_and_keeps_what_it_finished(tmp_
 # ------------------------------------------------------------------ `python -m oodgate import`
 def _import_params(tmp_path: Path, embedded_root: Path, classes: list[int]) -> Path:
     """The tiny config, its dismax_fpr loss imported from an oodgate checkpoint of ``classes``."""
-    from oodgate.classifier import ModelSpec, build_classifier, save_classifier
+    from oodgate.learning.classifier import ModelSpec, build_classifier, save_classifier
 
     spec = ModelSpec(
         "small_cnn", "dismax", len(classes), 1, 28, (0.5,), (0.25,), "mps", {"width": 8}, {"fpr": True}
@@ -100,9 +100,9 @@ def _import_params(tmp_path: Path, embedded_root: Path, classes: list[int]) -> P
 def test_import_prepares_the_data_when_there_is_none(tmp_path, embedded_root, monkeypatch, capsys):
     """After `make run` the flow's prepared data is under artifacts/cache/, not in the fixed
     artifacts/prepared the CLI reads: the import used to fail with a raw `[Errno 2] ... id.pt`."""
-    from oodgate import cli
-    from oodgate.steps import read_json
-    from oodgate.steps.inputs import prepare_inputs
+    from oodgate.running import cli
+    from oodgate.running.steps import read_json
+    from oodgate.running.steps.inputs import prepare_inputs
 
     monkeypatch.chdir(tmp_path)
     params = _import_params(tmp_path, embedded_root, [0, 1, 2])
@@ -121,7 +121,7 @@ def test_import_refuses_prepared_data_of_another_config(
     """Prepared data of another class selection used to be imported on silently."""
     import shutil
 
-    from oodgate import cli
+    from oodgate.running import cli
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(prepared_dir, tmp_path / "w" / "prepared")  # classes [0, 1, 2]

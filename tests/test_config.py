@@ -8,9 +8,9 @@ import re
 import pytest
 import yaml
 
-from oodgate.cli import main
-from oodgate.config import ConfigError, load_config, parse_config
-from oodgate.preflight import check_names
+from oodgate.base.config import ConfigError, load_config, parse_config
+from oodgate.running.cli import main
+from oodgate.running.preflight import check_names
 
 
 def _checked(raw: dict, source: str = "<dict>"):
@@ -256,7 +256,7 @@ def test_a_bad_ood_name_is_refused_by_the_cli_in_one_line(tmp_path, repo_params,
 def test_shortening_a_run_names_every_conflict_and_the_overrides_that_work(tmp_path, repo_params):
     """`--set train.epochs=2` on the default params conflicts with train.milestones ([10]) and
     train.warmup_epochs (3); it used to take three refusals to find out."""
-    from oodgate.config import parse_overrides
+    from oodgate.base.config import parse_overrides
 
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump(repo_params))
@@ -346,7 +346,7 @@ def test_a_yaml_alias_bomb_is_refused_in_milliseconds_in_one_line(tmp_path, caps
     24 s before it was killed: any alias is refused where the YAML is read, naming the line."""
     import time
 
-    from oodgate.config import load_yaml, parse_overrides
+    from oodgate.base.config import load_yaml, parse_overrides
 
     bomb = _alias_bomb()
     flow = "{" + ", ".join(bomb.splitlines()) + "}"  # the same on one line, as a --set value
@@ -377,7 +377,7 @@ def test_a_yaml_alias_bomb_is_refused_in_milliseconds_in_one_line(tmp_path, caps
 
 def test_yaml_nested_deeper_than_python_recurses_is_refused_in_one_line(tmp_path):
     """100,000 nested brackets ended in a RecursionError traceback."""
-    from oodgate.config import parse_overrides
+    from oodgate.base.config import parse_overrides
 
     with pytest.raises(
         ConfigError, match=r"^--set 'seeds=\[\[\[.*: the YAML is nested too deeply to read .*fewer levels$"

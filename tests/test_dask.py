@@ -21,7 +21,7 @@ import psutil
 import pytest
 from stack import isolated_env
 
-from oodgate.config import ConfigError, parse_config
+from oodgate.base.config import ConfigError, parse_config
 
 
 def _evaluations(project: Path) -> dict[str, bytes]:
@@ -88,7 +88,7 @@ def test_the_runner_is_chosen_in_params_and_an_address_needs_dask():
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    from flows.pipeline import task_runner_for
+    from flows.dask_cluster import task_runner_for
 
     base = {
         "losses": {"softmax": {"method": "softmax"}},
@@ -106,7 +106,7 @@ def test_the_runner_is_chosen_in_params_and_an_address_needs_dask():
     assert environ["OMP_NUM_THREADS"] == str(torch.get_num_threads())  # the thread runner's, not 1
     assert "MALLOC_TRIM_THRESHOLD_" not in environ  # made every training 3.2x slower
     assert environ["OMP_WAIT_POLICY"] == "PASSIVE"  # 3 workers share the cores
-    from flows import prefect_api_url
+    from flows.server import prefect_api_url
 
     # the API this process uses (here the test server), or each worker starts a server of its own
     assert environ.get("PREFECT_API_URL") == prefect_api_url()

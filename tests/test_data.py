@@ -12,19 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from oodgate.config import DataConfig
-from oodgate.data import (
-    ID_DATASETS,
-    OOD_DATASETS,
-    DataBundle,
-    DataNotFoundError,
-    ImageSet,
-    channel_stats,
-    conform,
-    load_data,
-    materialize_embedded,
-)
-from oodgate.data.ood import load_path_source
+from oodgate.base.config import DataConfig
+from oodgate.data.bundle import DataBundle, DataNotFoundError, ImageSet
+from oodgate.data.embedded import materialize_embedded
+from oodgate.data.id_sets import ID_DATASETS
+from oodgate.data.images import conform
+from oodgate.data.load import channel_stats, load_data
+from oodgate.data.ood import OOD_DATASETS, load_path_source
 
 EMBEDDED_SHA256 = {
     "mnist5k_images.npy": "fd5da3944b2079e9584591a5faa956b0bc57fb8788eba1b5693d907da357a53c",

@@ -26,10 +26,10 @@ import pytest
 import torch
 from conftest import tiny_params
 
-from oodgate import steps
-from oodgate.config import ConfigError, parse_config
-from oodgate.distributed import DistributedTrainingError
-from oodgate.steps.inputs import train_fingerprint
+from oodgate.base.config import ConfigError, parse_config
+from oodgate.learning.training.distributed import DistributedTrainingError
+from oodgate.running import steps
+from oodgate.running.steps.inputs import train_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 FIRST_EPOCH_RTOL = 0.02  # measured 0.5%
@@ -91,10 +91,10 @@ def test_distributed_training_refuses_what_it_cannot_do(embedded_root, tmp_path)
 LOOPBACK = ("127.0.0.1", "::1")
 LAUNCHER = """
 import json, sys
-from oodgate import numerics
+from oodgate.base import numerics
 numerics.apply()
-from oodgate import steps
-from oodgate.config import parse_config
+from oodgate.running import steps
+from oodgate.base.config import parse_config
 steps.train(parse_config(json.loads(sys.argv[1])), "softmax", 0, sys.argv[2], sys.argv[3])
 """
 
@@ -125,7 +125,9 @@ def test_the_training_processes_listen_on_loopback_only_meet_in_a_private_direct
         print(f"listening sockets of the launched processes: {listening}")
         for addresses in listening.values():
             assert all(a.ip in LOOPBACK for a in addresses), listening
-        training = [p for p in launched if p.cmdline()[1:3] == ["-m", "oodgate.distributed"]]
+        training = [
+            p for p in launched if p.cmdline()[1:3] == ["-m", "oodgate.learning.training.distributed"]
+        ]
         assert len(training) == 2, [p.cmdline() for p in launched]
         # the rendezvous is a file in a directory only this user can enter
         store = Path(urlparse(training[0].cmdline()[training[0].cmdline().index("--init") + 1]).path)

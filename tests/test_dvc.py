@@ -202,8 +202,8 @@ def test_prepare_writes_id_pt_byte_identical_when_only_the_ood_sets_change(
     embedded_root, prepared_dir, tmp_path
 ):
     """Why changing data.ood re-runs prepare but never retrains: train depends on id.pt only."""
-    from oodgate import steps
-    from oodgate.config import parse_config
+    from oodgate.base.config import parse_config
+    from oodgate.running import steps
 
     params = tiny_params(embedded_root, tmp_path / "w")
     params["data"]["ood"] = ["uniform_noise"]
@@ -285,9 +285,9 @@ def test_metrics_equal_an_in_process_run_of_the_same_steps(dvc_project, embedded
     """What the Prefect flow computes (the same step functions, in one process) is what DVC computed."""
     import torch
 
-    from oodgate import steps
-    from oodgate.config import load_config
-    from oodgate.layout import Layout
+    from oodgate.base.config import load_config
+    from oodgate.running import steps
+    from oodgate.running.layout import Layout
 
     root = dvc_project.root
     cfg = load_config(root / "params.yaml", {"data.root": str(embedded_root), "workdir": str(tmp_path / "w")})
@@ -465,15 +465,15 @@ def test_each_change_reruns_exactly_the_stages_that_depend_on_it(dvc_project):
         *(f"select@{k}" for k in LOSSES),
         "gate",
     }
-    assert after(editing("oodgate/engine.py", '"""One training loop', '"""The one training loop')) == {
-        "inputs"
-    }
+    assert after(
+        editing("oodgate/learning/training/engine.py", '"""One training loop', '"""The one training loop')
+    ) == {"inputs"}
     assert params.read_text() == original
     assert "Data and pipelines are up to date." in dvc(root, "status").stdout
 
 
 def test_every_stage_depends_on_its_inputs_record_and_no_params_key_by_hand():
-    """What a stage depends on is oodgate.steps.inputs, not a list of keys retyped in dvc.yaml: only
+    """What a stage depends on is oodgate.running.steps.inputs, not a list of keys retyped in dvc.yaml: only
     the `inputs` stage reads params.yaml, and each other stage reads the record of its own step."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert stages["inputs"]["params"] == [{"params.yaml": None}]

@@ -7,10 +7,12 @@ import pytest
 import torch
 from conftest import interrupted_after
 
-from oodgate import engine, methods, steps
-from oodgate.classifier import build_classifier, load_classifier, read_checkpoint
-from oodgate.config import TrainConfig
-from oodgate.data import ImageSet
+from oodgate.base.config import TrainConfig
+from oodgate.data.bundle import ImageSet
+from oodgate.learning import methods
+from oodgate.learning.classifier import build_classifier, load_classifier, read_checkpoint
+from oodgate.learning.training import engine
+from oodgate.running import steps
 
 
 def _subset(s: ImageSet, n: int) -> ImageSet:
@@ -24,7 +26,7 @@ def small(prepared_dir):
 
 
 def _spec(bundle, method="dismax", **options):
-    from oodgate.classifier import ModelSpec
+    from oodgate.learning.classifier import ModelSpec
 
     return ModelSpec(
         backbone="small_cnn",
@@ -164,7 +166,7 @@ def test_loading_a_checkpoint_concurrently_never_shifts_a_seeded_initialisation(
     bundle, *_ = small
     spec = _spec(bundle, fpr=True)
     reference = build_classifier(spec, 3).state_dict()
-    from oodgate.classifier import save_classifier
+    from oodgate.learning.classifier import save_classifier
 
     ckpt = save_classifier(build_classifier(spec, 9), tmp_path / "other.pt")
     stop = threading.Event()

@@ -20,12 +20,12 @@ import torch
 import yaml
 from PIL import Image
 
-from oodgate.config import ConfigError, parse_config
+from oodgate.base.config import ConfigError, parse_config
 from oodgate.data import folder
 from oodgate.data.load import load_data
-from oodgate.models import create_backbone
-from oodgate.models.torchvision_models import WeightsError, load_weights
-from oodgate.preflight import PreflightError, check_names, preflight
+from oodgate.learning.models import create_backbone
+from oodgate.learning.models.torchvision_models import WeightsError, load_weights
+from oodgate.running.preflight import PreflightError, check_names, preflight
 
 CLASSES = ("cat", "dog", "fox")
 REPO = Path(__file__).resolve().parents[1]
@@ -267,7 +267,7 @@ def test_fine_tuning_freezes_the_backbone_then_trains_it_slower(images, tmp_path
     import torchvision
     from conftest import interrupted_after
 
-    from oodgate import steps
+    from oodgate.running import steps
 
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "pre.pth")
     params = folder_params(str(images), str(tmp_path / "w"))
@@ -290,7 +290,7 @@ def test_fine_tuning_freezes_the_backbone_then_trains_it_slower(images, tmp_path
     groups = after2["optimizer"]["param_groups"]
     assert [g["initial_lr"] for g in groups] == pytest.approx([0.005, 0.05])
     # the fingerprint holds the weights' bytes: another file of the same name trains again
-    from oodgate.steps.inputs import train_fingerprint
+    from oodgate.running.steps.inputs import train_fingerprint
 
     fp = train_fingerprint(cfg, "softmax", 0, "x")
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "pre.pth")
@@ -298,7 +298,7 @@ def test_fine_tuning_freezes_the_backbone_then_trains_it_slower(images, tmp_path
 
 
 def test_resized_crop_is_seeded_and_keeps_the_shape():
-    from oodgate.engine import augment
+    from oodgate.learning.training.engine import augment
 
     x = torch.rand(8, 3, 16, 16)
     a = augment(x, "resized_crop_flip", torch.Generator().manual_seed(1), scale=(0.2, 1.0))
@@ -309,7 +309,7 @@ def test_resized_crop_is_seeded_and_keeps_the_shape():
 
 
 def test_monitoring_fits_folder_images_like_the_training_images(images):
-    from oodgate.monitoring import load_batch
+    from oodgate.watching.monitoring import load_batch
 
     batch = load_batch(images / "cat", (3, 32, 32), fit=True)
     assert batch.x.shape == (24, 3, 32, 32) and batch.x.dtype == np.float32

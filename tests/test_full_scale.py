@@ -88,7 +88,7 @@ def cifar_project(tmp_path, monkeypatch) -> Path:
     write_cifar10(data, rng)
     write_cifar100(data, rng)
     write_svhn(data, rng)
-    from oodgate.data import materialize_embedded
+    from oodgate.data.embedded import materialize_embedded
 
     materialize_embedded(data)  # the validation OOD sets the config names (glyphs, portrait patches)
     # the only mock: the MD5s torchvision expects are those of the real files
@@ -124,8 +124,8 @@ def test_cifar10_resnet34_config_runs_through_the_flow_on_tiny_files(
     from mlflow.tracking import MlflowClient
 
     from flows.pipeline import pipeline
-    from oodgate import steps
-    from oodgate.config import load_config
+    from oodgate.base.config import load_config
+    from oodgate.running import steps
 
     full = yaml.safe_load((cifar_project / "params.yaml").read_text())["losses"]
     overrides = {**OVERRIDES, "losses": {k: full[k] for k in LOSSES}}

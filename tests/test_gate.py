@@ -1,5 +1,5 @@
 """The gate: the means-only rule, the evidence tests (reference values), the resampled metrics, and
-simulated candidates whose truth is known (:mod:`oodgate.simulation`)."""
+simulated candidates whose truth is known (:mod:`simulation`)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import math
 
 import numpy as np
 import pytest
+import simulation
 from scipy import stats
 
-from oodgate import metrics, resampling, simulation
-from oodgate.config import GateConfig
-from oodgate.gate import (
+from oodgate.base.config import GateConfig
+from oodgate.deciding import resampling
+from oodgate.deciding.gate import (
     Criterion,
     compare_means,
     criteria,
@@ -20,6 +21,7 @@ from oodgate.gate import (
     rank_key,
     welch_evidence,
 )
+from oodgate.measuring import metrics
 
 ACCURACY = Criterion("test/accuracy", True, "accuracy", "superior", 0.0)
 

@@ -1,7 +1,7 @@
 """The gate's model-level evidence (``gate.evidence: models``): the paired tests (reference values),
 Holm's step-down over candidates, the deployable seed's choice, the seeds a recipe would need, and
 two fixed models whose population metrics are known, scored on freshly drawn images
-(:mod:`oodgate.simulation`)."""
+(:mod:`simulation`)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import math
 
 import numpy as np
 import pytest
+import simulation
 from scipy import optimize, stats
 
-from oodgate import paired, simulation
-from oodgate.config import GateConfig
-from oodgate.gate import choose_seed, decide_all, decide_models, seeds_needed
+from oodgate.base.config import GateConfig
+from oodgate.deciding import paired
+from oodgate.deciding.gate import choose_seed, decide_all, decide_models, seeds_needed
 
 CONFIDENCE = 0.95
 
@@ -189,7 +190,7 @@ def truths() -> dict[str, simulation.Family]:
 
 
 def test_the_truths_have_the_population_metrics_asked_for(truths):
-    """The fixed models of :data:`oodgate.simulation.MODEL_EFFECTS` against the baseline's:
+    """The fixed models of :data:`simulation.MODEL_EFFECTS` against the baseline's:
     accuracy +1 point, calibrated ECE -0.005 and FPR95 30% lower; accuracy -1 point; FPR95 equal."""
     b = simulation.population(simulation.BASELINE)
     d = simulation.population(truths["dismax-like"])
@@ -208,8 +209,8 @@ def test_the_truths_have_the_population_metrics_asked_for(truths):
 
 @pytest.mark.slow
 def test_model_with_solves_for_the_population_metrics():
-    """:func:`oodgate.simulation.model_with` finds a fixed model by its population metrics (how
-    :data:`oodgate.simulation.MODEL_EFFECTS` were found)."""
+    """:func:`simulation.model_with` finds a fixed model by its population metrics (how
+    :data:`simulation.MODEL_EFFECTS` were found)."""
     b = simulation.population(simulation.BASELINE)
     f = simulation.model_with(accuracy=b["test/accuracy"] - 0.01)
     assert simulation.population(f)["test/accuracy"] == pytest.approx(b["test/accuracy"] - 0.01, abs=5e-4)

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import yaml
 from conftest import evaluate_one, tiny_params
 
-from oodgate.classifier import ModelSpec, build_classifier
-from oodgate.importing import CheckpointError, import_model
+from oodgate.learning.classifier import ModelSpec, build_classifier
+from oodgate.learning.importing import CheckpointError, import_model
 
 C = 3  # classes
 
@@ -239,7 +239,7 @@ def test_an_empty_or_truncated_checkpoint_says_which_with_its_size(tmp_path):
         import_model(tmp_path / "cut.pth", "entropic", spec)
     torch.save({"w": torch.zeros(100)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     legacy = (tmp_path / "legacy.pth").read_bytes()
-    from oodgate.classifier import save_classifier
+    from oodgate.learning.classifier import save_classifier
 
     ours = save_classifier(build_classifier(_spec("small_cnn", "softmax", width=8), 0), tmp_path / "best.pt")
     ours = ours.read_bytes()  # an oodgate checkpoint, as `format: oodgate` reads
@@ -255,8 +255,8 @@ def test_an_empty_or_truncated_checkpoint_says_which_with_its_size(tmp_path):
 def test_every_backbone_a_format_maps_is_registered():
     """A layout mapped for a backbone oodgate does not have (wrn_16_8 and wrn_28_2 were) could never
     be used: preflight refuses the backbone's name first."""
-    from oodgate import models
-    from oodgate.importing import _BACKBONES
+    from oodgate.learning import models
+    from oodgate.learning.importing import _BACKBONES
 
     mapped = {name for _, name in _BACKBONES}
     assert mapped and mapped <= set(models.names()), sorted(mapped - set(models.names()))
@@ -266,8 +266,8 @@ def test_an_isomax_plus_file_declared_dismax_or_the_reverse_is_refused_naming_bo
     """The two heads hold the same prototypes and distance scale but compute other logits; the DisMax
     code saves its temperature (and validation thresholds) with the head, the IsoMax+ code does not:
     the file says which it is, at config load too."""
-    from oodgate.config import parse_config
-    from oodgate.preflight import PreflightError, preflight
+    from oodgate.base.config import parse_config
+    from oodgate.running.preflight import PreflightError, preflight
 
     state = _random_backbone("resnet34", _theirs_resnet)
     state.update(
@@ -308,7 +308,7 @@ def test_the_demo_keeps_its_checkpoints_under_data_root_where_dvc_sees_them():
     `dvc repro` re-imported nothing: the inputs stage depends on data.root, not on other folders."""
     from conftest import REPO
 
-    from oodgate.config import load_config
+    from oodgate.base.config import load_config
 
     cfg = load_config(REPO / "params" / "own_model.yaml")
     paths = [loss.checkpoint.path for loss in cfg.losses.values() if loss.checkpoint is not None]
@@ -330,9 +330,9 @@ def _imported_params(root, workdir, checkpoint: dict, **extra) -> dict:
 
 @pytest.mark.slow
 def test_a_checkpoint_trained_by_oodgate_imports_with_the_same_metrics_bit_for_bit(embedded_root, tmp_path):
-    from oodgate import steps
-    from oodgate.config import parse_config
-    from oodgate.layout import Layout
+    from oodgate.base.config import parse_config
+    from oodgate.running import steps
+    from oodgate.running.layout import Layout
 
     trained_cfg = parse_config(tiny_params(embedded_root, tmp_path / "trained", epochs=1))
     lay = Layout(Path(trained_cfg.workdir))
@@ -375,7 +375,7 @@ def test_a_checkpoint_trained_by_oodgate_imports_with_the_same_metrics_bit_for_b
             train={"lr": 0.5},
         )
     )
-    from oodgate.steps import inputs
+    from oodgate.running.steps import inputs
 
     assert inputs.train_fingerprint(moved, "dismax_fpr", 0, "i") == inputs.train_fingerprint(
         cfg, "dismax_fpr", 0, "i"

@@ -1,4 +1,4 @@
-"""What each step depends on (oodgate.steps.inputs): exactly its params keys, its code, its upstream.
+"""What each step depends on (oodgate.running.steps.inputs): exactly its params keys, its code, its upstream.
 
 Every defect pinned here made a result recompute when nothing it reads had changed (at full scale,
 GPU-days) or return a result computed from other inputs.
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import evaluate_one
 
-from oodgate import steps
-from oodgate.config import parse_config
-from oodgate.steps import inputs
+from oodgate.base.config import parse_config
+from oodgate.running import steps
+from oodgate.running.steps import inputs
 
-PACKAGE = Path(inputs.__file__).resolve().parents[1]
+PACKAGE = Path(inputs.__file__).resolve().parents[2]
 
 
 def _cfg(repo_params, **sections):
@@ -104,27 +104,33 @@ def test_code_versions_ignore_docstrings_and_comments_and_cover_only_the_code_a_
 
     train = {p.relative_to(PACKAGE).as_posix() for p in inputs.step_files("train")}
     assert {
-        "engine.py",
-        "classifier.py",
-        "steps/train_step.py",
-        "methods/dismax.py",
-        "models/resnet.py",
+        "learning/training/engine.py",
+        "learning/classifier.py",
+        "running/steps/train_step.py",
+        "learning/methods/dismax.py",
+        "learning/models/resnet.py",
     } <= train
     for never in (
-        "plots.py",
-        "gate.py",
-        "evaluation.py",
-        "calibration.py",
+        "measuring/plots.py",
+        "deciding/gate.py",
+        "measuring/evaluation.py",
+        "measuring/calibration.py",
         "data/ood.py",
-        "steps/gate_step.py",
+        "running/steps/gate_step.py",
     ):
         assert never not in train, never
-    assert "plots.py" in {p.relative_to(PACKAGE).as_posix() for p in inputs.step_files("evaluate")}
+    assert "measuring/plots.py" in {p.relative_to(PACKAGE).as_posix() for p in inputs.step_files("evaluate")}
 
 
 # Files a step may execute without being part of its code version: the config (its values are in the
 # records), the records themselves (compared, not used), lazy re-exports and paths.
-EXEMPT = {"config.py", "steps/inputs.py", "steps/__init__.py", "__init__.py", "layout.py"}
+EXEMPT = {
+    "base/config.py",
+    "running/steps/inputs.py",
+    "running/steps/__init__.py",
+    "__init__.py",
+    "running/layout.py",
+}
 
 
 def _executed(fn) -> set[str]:

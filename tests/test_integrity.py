@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from oodgate import steps
+from oodgate.running import steps
 from oodgate_mlflow import integrity, registry, tracking
+from tasks.registry import serialised
 
 MODEL = "verified"
 GOOD = {"test/accuracy": 0.95, "test/ece": 0.01, "ood/mean/fpr95": 0.2}
@@ -24,8 +25,8 @@ GOOD = {"test/accuracy": 0.95, "test/ece": 0.01, "ood/mean/fpr95": 0.2}
 def _register(
     exp_id: str, prepared_dir: Path, tmp_path: Path, seed: int = 0, fingerprint: str | None = None
 ) -> str:
-    from oodgate.classifier import ModelSpec, build_classifier
-    from oodgate.serving import ServingModel
+    from oodgate.learning.classifier import ModelSpec, build_classifier
+    from oodgate.learning.serving import ServingModel
 
     bundle = steps.load_prepared(prepared_dir, with_ood=False)
     spec = ModelSpec(
@@ -50,7 +51,7 @@ def _register(
         reasons=(),
         tests={},
     )
-    registry.register(MODEL, candidate, tmp_path / "lock")
+    registry.register(MODEL, candidate, serialised(MODEL, tmp_path / "lock"))
     return uri
 
 
@@ -163,8 +164,8 @@ def test_a_changed_model_file_is_refused_naming_it_before_any_code_runs(
         other = tmp_path / "other"
         other.mkdir()
         run = tracking.start_run(tracking.ensure_experiment("other", other), "x", {})
-        from oodgate.classifier import ModelSpec, build_classifier
-        from oodgate.serving import ServingModel
+        from oodgate.learning.classifier import ModelSpec, build_classifier
+        from oodgate.learning.serving import ServingModel
 
         bundle = steps.load_prepared(prepared_dir, with_ood=False)
         spec = ModelSpec(
@@ -228,7 +229,7 @@ def test_a_version_whose_files_are_lost_changed_or_unrecorded_is_registered_agai
 
     def again() -> registry.Registration:
         candidate = registry.Candidate("softmax", uri, run_id, "same-weights", True, (), {})
-        return registry.register(MODEL, candidate, tmp_path / "lock")
+        return registry.register(MODEL, candidate, serialised(MODEL, tmp_path / "lock"))
 
     c.delete_model_version_tag(MODEL, "1", integrity.TAG)  # a crash between registering and recording
     r = again()
@@ -264,5 +265,5 @@ def test_a_registration_whose_files_are_not_the_ones_logged_is_undone(mlflow_db,
     run_id = MlflowClient().get_model_version(MODEL, "1").run_id
     candidate = registry.Candidate("softmax", uri, run_id, "b", True, (), {}, model_digest="0" * 64)
     with pytest.raises(ModelIntegrityError, match=r"version 2 are not the ones its run logged .*was deleted"):
-        registry.register(MODEL, candidate, tmp_path / "lock")
+        registry.register(MODEL, candidate, serialised(MODEL, tmp_path / "lock"))
     assert [str(v.version) for v in MlflowClient().search_model_versions(f"name='{MODEL}'")] == ["1"]

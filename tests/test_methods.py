@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oodgate import methods, scores
-from oodgate.methods.dismax import fractional_targets, mosaic
+from oodgate.learning import methods, scores
+from oodgate.learning.methods.dismax import fractional_targets, mosaic
 
 
 def _ce(logits: np.ndarray, y: np.ndarray) -> float:

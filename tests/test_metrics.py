@@ -1,4 +1,4 @@
-"""Reference-value tests for oodgate.metrics (ID is the positive class, scores are higher-is-ID)."""
+"""Reference-value tests for oodgate.measuring.metrics (ID is the positive class, scores are higher-is-ID)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from oodgate import metrics
+from oodgate.measuring import metrics
 
 # Logits of 4 classes whose softmax is exact in float64: exp(-1000) underflows to 0.
 BIG = 1000.0

@@ -1,4 +1,4 @@
-"""Contract and reference tests for the backbones in ``oodgate.models``."""
+"""Contract and reference tests for the backbones in ``oodgate.learning.models``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from oodgate import models
-from oodgate.models import BACKBONES, create_backbone
+from oodgate.learning import models
+from oodgate.learning.models import BACKBONES, create_backbone
 
 # Parameter counts of the backbone alone. The published figures include a 10-class linear layer
 # (D * 10 + 10 parameters): ResNet-18 11.17M, ResNet-34 21.28M, DenseNet-BC-100 (k=12) 0.77M,

@@ -21,6 +21,8 @@ from conftest import evaluate_one
 from mlflow.tracking import MlflowClient
 from stack import REPO, free_port, read_events
 
+from tasks.registry import serialised
+
 pytestmark = pytest.mark.slow
 MODEL = "oodgate-classifier"
 
@@ -61,10 +63,11 @@ def _store(root: Path):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, embedded_root, mlflow_template, prefect_harness) -> Project:
     from flows.monitor import write_demo_batches
-    from oodgate import steps
-    from oodgate.config import parse_config
+    from oodgate.base.config import parse_config
+    from oodgate.running import steps
     from oodgate_mlflow import registry, tracking
-    from tasks.track import log_loss_run
+    from oodgate_mlflow.runs import PipelineRun
+    from tasks.track import package_model
 
     root = tmp_path_factory.mktemp("monitored")
     shutil.copy(mlflow_template, root / "mlflow.db")
@@ -86,7 +89,9 @@ def project(tmp_path_factory, embedded_root, mlflow_template, prefect_harness) -
     with _store(root):
         exp = tracking.ensure_experiment("oodgate", root)
         run_id = tracking.start_run(exp, "softmax", {"oodgate.loss": "softmax"})
-        logged = log_loss_run.fn(run_id, cfg, "softmax", [trained], [calibrated], [evaluated])
+        packaged = package_model.fn("softmax", [trained], [calibrated], [evaluated], str(work / "package"))
+        run = PipelineRun(exp, run_id, {}, str(work / "cache"), 0)
+        logged = run.log_loss(run_id, "softmax", [trained], [calibrated], [evaluated], packaged, "")
         candidate = registry.Candidate(
             loss="softmax",
             model_uri=logged.model_uri,
@@ -96,7 +101,7 @@ def project(tmp_path_factory, embedded_root, mlflow_template, prefect_harness) -
             reasons=(),
             tests={},
         )
-        registry.register(MODEL, candidate, work / ".lock")
+        registry.register(MODEL, candidate, serialised(MODEL, work / ".lock"))
     paths = write_demo_batches(root / "params.yaml", root / "incoming")
     return Project(root, {p.stem: p for p in paths}, logged.model_uri)
 
@@ -179,7 +184,7 @@ def test_a_dvc_tracked_folder_of_images_is_scored_and_its_dvc_hash_recorded(proj
     import torch
     from PIL import Image
 
-    from oodgate.monitoring import BatchError
+    from oodgate.watching.monitoring import BatchError
 
     folder = project.root / "pngs"
     folder.mkdir()
@@ -219,7 +224,7 @@ def _snapshot(project: Project) -> tuple[dict[str, bytes], int]:
     ],
 )
 def test_a_failed_batch_changes_nothing(project, tmp_path, write, error):
-    from oodgate.monitoring import BatchError
+    from oodgate.watching.monitoring import BatchError
 
     before = _snapshot(project)
     write(tmp_path)
@@ -231,7 +236,7 @@ def test_a_failed_batch_changes_nothing(project, tmp_path, write, error):
 def test_a_batch_over_monitor_max_images_is_refused_by_the_flow_and_changes_nothing(project, tmp_path):
     """`--set monitor.max_images=N` reaches the reading of the batch: a 381 KB .npz of 500,000 zero
     images used to be read whole (363 s, 4.6 GB)."""
-    from oodgate.monitoring import BatchError
+    from oodgate.watching.monitoring import BatchError
 
     before = _snapshot(project)
     np.savez_compressed(tmp_path / "big.npz", x=np.zeros((4, 28, 28), np.uint8))
@@ -313,8 +318,8 @@ def test_a_model_logged_without_its_reference_gets_the_binomial_test_only(projec
     import torch
 
     from flows.monitor import MonitorError
-    from oodgate.classifier import load_classifier
-    from oodgate.serving import ServingModel
+    from oodgate.learning.classifier import load_classifier
+    from oodgate.learning.serving import ServingModel
     from oodgate_mlflow import registry, tracking
 
     model = load_classifier(project.root / "artifacts" / "calibrate" / "calibrated.pt")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from oodgate import metrics
-from oodgate.config import ConfigError, parse_config
-from oodgate.monitoring import BatchError, load_batch, rate_test, validation_counts
+from oodgate.base.config import ConfigError, parse_config
+from oodgate.measuring import metrics
+from oodgate.watching.monitoring import BatchError, load_batch, rate_test, validation_counts
 
 SHAPE = (1, 8, 8)
 
@@ -234,7 +234,7 @@ def test_an_npz_batch_over_monitor_max_images_is_refused_from_its_header(tmp_pat
 
 
 def test_monitor_max_images_is_a_positive_count():
-    from oodgate.config import MonitorConfig
+    from oodgate.base.config import MonitorConfig
 
     assert MonitorConfig().max_images == 100_000
     assert MonitorConfig(max_images=5).max_images == 5
@@ -280,7 +280,7 @@ def test_a_summary_reads_back_from_the_record_it_writes():
     batch scored before is reported from it as it was."""
     import json
 
-    from oodgate.monitoring import BatchFigures, MonitorResult, MonitorSummary
+    from oodgate.watching.monitoring import BatchFigures, MonitorResult, MonitorSummary
 
     figures = BatchFigures(600, 31, 31 / 600, 0.93, float("nan"), 2.5, {"0": 300, "1": 300})
     summary = MonitorSummary(figures, rate_test(31, 600, 0.01), "m", 2, "champion", "/b.npz", "ab" * 32)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, shell_env, tiny_params
 
-from oodgate import numerics
-from oodgate.config import ConfigError, parse_config
-from oodgate.steps import inputs
+from oodgate.base import numerics
+from oodgate.base.config import ConfigError, parse_config
+from oodgate.running.steps import inputs
 
 X86_AVX2 = numerics.is_x86() and numerics.has_avx2()
 
@@ -33,7 +33,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 PROVENANCE = (
-    "import json; from oodgate import numerics; print(json.dumps(numerics.provenance({mode!r}, {t})))"
+    "import json; from oodgate.base import numerics; print(json.dumps(numerics.provenance({mode!r}, {t})))"
 )
 
 
@@ -55,7 +55,7 @@ def test_portable_environment_pins_every_dispatcher_and_the_threads():
 
 @pytest.mark.skipif(not X86_AVX2, reason="portable pins are for x86-64 CPUs with AVX2")
 def test_apply_before_torch_loads_puts_the_kernels_in_force():
-    code = "from oodgate import numerics; numerics.apply('portable', 3); import torch, numpy; "
+    code = "from oodgate.base import numerics; numerics.apply('portable', 3); import torch, numpy; "
     code += "numerics.activate('portable', 3); " + PROVENANCE.format(mode="portable", t=3)
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr
@@ -74,7 +74,7 @@ def test_apply_before_torch_loads_puts_the_kernels_in_force():
 @pytest.mark.skipif(not X86_AVX2, reason="portable pins are for x86-64 CPUs with AVX2")
 def test_native_undoes_a_parents_pins():
     env = {k: v for k, v in numerics.environment("portable", 2).items()}
-    code = "from oodgate import numerics; numerics.apply('native', None); import torch, numpy; "
+    code = "from oodgate.base import numerics; numerics.apply('native', None); import torch, numpy; "
     code += PROVENANCE.format(mode="native", t=None)
     proc = _python(code, **env)
     assert proc.returncode == 0, proc.stderr
@@ -86,7 +86,7 @@ def test_native_undoes_a_parents_pins():
 def test_computing_under_portable_numerics_without_the_pins_is_refused():
     """torch loaded first (a notebook, a worker started by hand): the step refuses to compute rather
     than give results that only this CPU reproduces."""
-    proc = _python("import torch; from oodgate import numerics; numerics.activate('portable', 2)")
+    proc = _python("import torch; from oodgate.base import numerics; numerics.activate('portable', 2)")
     assert proc.returncode != 0
     assert "numerics.mode 'portable' is not in force in this process" in proc.stderr
     assert "MKL_CBWR" in proc.stderr and "python -m oodgate numerics" in proc.stderr
@@ -94,14 +94,14 @@ def test_computing_under_portable_numerics_without_the_pins_is_refused():
 
 def test_asking_for_other_numerics_after_torch_loaded_is_refused():
     proc = _python(
-        "from oodgate import numerics; numerics.apply('portable', 2); import torch; numerics.apply('native', 2)"
+        "from oodgate.base import numerics; numerics.apply('portable', 2); import torch; numerics.apply('native', 2)"
     )
     assert proc.returncode != 0
     assert "numerics.mode 'native' was asked for after torch" in proc.stderr
     assert "numerics.mode 'portable' with 2 threads" in proc.stderr
     # only the thread count differs: torch can change it at any time
     ok = _python(
-        "from oodgate import numerics; numerics.apply('portable', 2); import torch; "
+        "from oodgate.base import numerics; numerics.apply('portable', 2); import torch; "
         "numerics.apply('portable', 1); numerics.activate('portable', 1); print(torch.get_num_threads())"
     )
     assert ok.returncode == 0, ok.stderr

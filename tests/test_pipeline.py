@@ -24,12 +24,14 @@ import yaml
 from conftest import tiny_params
 from mlflow.tracking import MlflowClient
 
-from oodgate import methods, steps
-from oodgate.config import ConfigError, load_config
-from oodgate.methods.softmax import SoftMaxHead
+from oodgate.base.config import ConfigError, load_config
+from oodgate.learning import methods
+from oodgate.learning.methods.softmax import SoftMaxHead
+from oodgate.running import steps
 from oodgate_mlflow import registry, tracking
 from tasks.caching import Job
 from tasks.data import DataVersionError, check_data
+from tasks.registry import serialised
 from tasks.train import train_model
 
 pytestmark = pytest.mark.slow
@@ -484,8 +486,8 @@ def test_missing_or_changed_data_names_the_fix(project):
 
 # ------------------------------------------------------------------ registry
 def _logged_model(exp_id: str, name: str, metrics: dict, prepared_dir: Path) -> tuple[str, str]:
-    from oodgate.classifier import ModelSpec, build_classifier
-    from oodgate.serving import ServingModel
+    from oodgate.learning.classifier import ModelSpec, build_classifier
+    from oodgate.learning.serving import ServingModel
 
     bundle = steps.load_prepared(prepared_dir, with_ood=False)
     spec = ModelSpec(
@@ -540,14 +542,18 @@ def test_champion_moves_only_to_a_better_model_and_loads_from_the_registry(mlflo
     run_b, uri_b = _logged_model(exp, "b", GOOD, prepared_dir)
     run_c, uri_c = _logged_model(exp, "c", WORSE, prepared_dir)
     by_run = {run_a: WORSE, run_b: GOOD, run_c: WORSE}
-    ra = registry.register("m", _candidate("a", run_a, uri_a), lock, _by_fpr95(by_run, WORSE))
-    rb = registry.register("m", _candidate("b", run_b, uri_b), lock, _by_fpr95(by_run, GOOD))
-    rc = registry.register("m", _candidate("c", run_c, uri_c), lock, _by_fpr95(by_run, WORSE))
+    ra = registry.register(
+        "m", _candidate("a", run_a, uri_a), serialised("m", lock), _by_fpr95(by_run, WORSE)
+    )
+    rb = registry.register("m", _candidate("b", run_b, uri_b), serialised("m", lock), _by_fpr95(by_run, GOOD))
+    rc = registry.register(
+        "m", _candidate("c", run_c, uri_c), serialised("m", lock), _by_fpr95(by_run, WORSE)
+    )
     assert (ra.promoted_now, rb.promoted_now, rc.promoted_now) == (True, True, False)
     assert ra.reasons == ("no current champion",)
     assert rc.reasons == ("FPR95 0.3 vs champion v2 0.2",)
     # without a judge nothing compares the two: the champion stays
-    rd = registry.register("m", _candidate("d", run_c, uri_c, fingerprint="d"), lock)
+    rd = registry.register("m", _candidate("d", run_c, uri_c, fingerprint="d"), serialised("m", lock))
     assert not rd.promoted_now and rd.reasons == ("the champion v2 stays: nothing compared the two",)
     champ = MlflowClient().get_model_version_by_alias("m", "champion")
     assert str(champ.version) == "2"
@@ -593,7 +599,7 @@ def test_champion_moves_only_to_a_better_model_and_loads_from_the_registry(mlflo
 def test_a_candidate_not_promoted_is_the_challenger_and_never_the_champion(mlflow_db, prepared_dir, tmp_path):
     exp = tracking.ensure_experiment("oodgate", tmp_path)
     run_id, uri = _logged_model(exp, "x", GOOD, prepared_dir)
-    r = registry.register("m4", _candidate("x", run_id, uri, promote=False), tmp_path / "l")
+    r = registry.register("m4", _candidate("x", run_id, uri, promote=False), serialised("m4", tmp_path / "l"))
     assert (r.version, r.new_version, r.champion, r.promoted_now) == (1, True, False, False)
     assert r.reasons == ("not promoted: the gate did not show it better than the baseline",)
     assert str(MlflowClient().get_model_version_by_alias("m4", "challenger").version) == "1"
@@ -615,7 +621,7 @@ def test_two_flows_gating_at_once_leave_exactly_one_champion(mlflow_db, prepared
     def gate_one(run_id, uri, name, metrics):
         barrier.wait()
         results[name] = registry.register(
-            "m2", _candidate(name, run_id, uri), lock, _by_fpr95(by_run, metrics)
+            "m2", _candidate(name, run_id, uri), serialised("m2", lock), _by_fpr95(by_run, metrics)
         )
 
     threads = [threading.Thread(target=gate_one, args=e) for e in entries]
@@ -634,7 +640,7 @@ def test_two_flows_gating_at_once_leave_exactly_one_champion(mlflow_db, prepared
 
 def _scored(name: str, version, prepared_dir: Path):
     """A registered model's per-image arrays on the prepared test and OOD images."""
-    from oodgate import gate
+    from oodgate.deciding import gate
     from oodgate_mlflow.scoring import score_version
 
     bundle = steps.load_prepared(prepared_dir)
@@ -653,14 +659,16 @@ def test_the_champion_is_scored_on_this_runs_images_and_replaced_only_by_the_gat
     prepared test and OOD images, against the candidate's arrays on the same images, by the gate's
     rule and model-level evidence; a champion of other classes stays, one whose files fail
     verification is replaced."""
-    from oodgate.config import parse_config
+    from oodgate.base.config import parse_config
     from oodgate_mlflow.integrity import ModelIntegrityError
-    from tasks.track import champion_judge
+    from tasks.registry import champion_judge
 
     exp = tracking.ensure_experiment("oodgate", tmp_path)
     lock = tmp_path / "lock"
     run_a, uri_a = _logged_model(exp, "a", WORSE, prepared_dir)
-    registry.register("j", _candidate("a", run_a, uri_a, fingerprint="a"), lock)  # the champion, v1
+    registry.register(
+        "j", _candidate("a", run_a, uri_a, fingerprint="a"), serialised("j", lock)
+    )  # the champion, v1
     champion = MlflowClient().get_model_version_by_alias("j", "champion")
     itself = _scored("j", champion, prepared_dir)
     raw = tiny_params(embedded_root, tmp_path / "w")
@@ -696,7 +704,7 @@ def test_the_champion_is_scored_on_this_runs_images_and_replaced_only_by_the_gat
 def test_retry_only_where_it_helps():
     from prefect.states import Completed, Failed
 
-    from oodgate.engine import NonFiniteLossError
+    from oodgate.learning.training.engine import NonFiniteLossError
     from tasks.train import _retry_helps
 
     assert _retry_helps(None, None, Failed(data=OSError("disk full"))) is True  # I/O: a retry may pass
@@ -731,19 +739,19 @@ def test_registering_the_same_weights_again_adds_no_version(mlflow_db, prepared_
     lock = tmp_path / "lock"
     run_a, uri_a = _logged_model(exp, "a", GOOD, prepared_dir)
     run_b, uri_b = _logged_model(exp, "b", GOOD, prepared_dir)  # a re-run: same weights, new run
-    first = registry.register("m3", _candidate("a", run_a, uri_a, fingerprint="f1"), lock)
-    again = registry.register("m3", _candidate("a", run_b, uri_b, fingerprint="f1"), lock)
+    first = registry.register("m3", _candidate("a", run_a, uri_a, fingerprint="f1"), serialised("m3", lock))
+    again = registry.register("m3", _candidate("a", run_b, uri_b, fingerprint="f1"), serialised("m3", lock))
     assert (first.version, first.champion, first.new_version) == (1, True, True)
     assert again == registry.Registration(
         "a", 1, False, True, False, ("unchanged: same fingerprint as version 1 (the champion)",)
     )
     assert len(MlflowClient().search_model_versions("name='m3'")) == 1
-    other = registry.register("m3", _candidate("a", run_b, uri_b, fingerprint="f2"), lock)
+    other = registry.register("m3", _candidate("a", run_b, uri_b, fingerprint="f2"), serialised("m3", lock))
     assert other.version == 2 and other.new_version
 
 
 def test_model_fingerprint_is_the_weights():
-    from oodgate.serving import fingerprint
+    from oodgate.learning.serving import fingerprint
 
     a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     b.load_state_dict(a.state_dict())
@@ -778,7 +786,7 @@ def test_a_tampered_champion_is_refused_without_running_its_payload(mlflow_db, p
 
     exp = tracking.ensure_experiment("oodgate", tmp_path)
     run_id, uri = _logged_model(exp, "t", GOOD, prepared_dir)
-    registry.register("tampered", _candidate("t", run_id, uri), tmp_path / "lock")
+    registry.register("tampered", _candidate("t", run_id, uri), serialised("tampered", tmp_path / "lock"))
     model, version = load_champion("tampered", uri=mlflow_db)  # intact: loads
     assert version == 1 and len(model.predict(np.zeros((1, 1, 28, 28), np.float32))) == 1
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import tiny_params
 
-from oodgate import cli
+from oodgate.running import cli
 
 
 @pytest.fixture
@@ -98,7 +98,6 @@ def _header_only_npz(path: Path, shape: tuple[int, ...]) -> None:
 def test_an_ood_npz_over_the_size_cap_is_refused_from_its_header(params, monkeypatch, capsys):
     """Its decompressed size, from the header, is checked by preflight and by the loader itself
     before anything is decompressed: a small .npz can hold any number of zero images."""
-    from oodgate import preflight
     from oodgate.data.ood import load_path_source
 
     _header_only_npz(params.parent / "huge.npz", (20_000_000, 28, 28))  # 14.6 GiB, in 128 bytes
@@ -108,13 +107,15 @@ def test_an_ood_npz_over_the_size_cap_is_refused_from_its_header(params, monkeyp
         err,
         "error: data.ood: 'mine' points to 'huge.npz': array 'x' (uint8, shape (20000000, 28, 28)) is "
         "14.6 GiB decompressed, over the limit of 8.0 GiB for an OOD set (MAX_OOD_BYTES in "
-        "oodgate/preflight.py); save fewer images in it, or split it into several OOD sets",
+        "oodgate/data/npz.py); save fewer images in it, or split it into several OOD sets",
     )
     assert not (params.parent / "w").exists()
     with pytest.raises(ValueError, match=r"^OOD file 'huge\.npz': array 'x' .* is 14\.6 GiB decompressed"):
         load_path_source("huge.npz", 1, 28)  # a direct library call is refused as well
     # a real file over a lowered cap, as a validation OOD set
-    monkeypatch.setattr(preflight, "MAX_OOD_BYTES", 1000)
+    from oodgate.data import npz
+
+    monkeypatch.setattr(npz, "MAX_OOD_BYTES", 1000)
     np.savez_compressed(params.parent / "small.npz", x=np.zeros((2, 28, 28), np.uint8))  # 1568 bytes
     ood_val = "data.ood_val=[{name: mine_val, path: small.npz, group: far}]"
     assert cli.main(["train", "--params", str(params), "--set", ood_val, "--quiet"]) == 2
@@ -205,7 +206,7 @@ def weights(tmp_path):
     """Files a user might give as model.weights, for the tiny config's small_cnn of width 8."""
     import torch
 
-    from oodgate.models import create_backbone
+    from oodgate.learning.models import create_backbone
 
     files = {}
     for width in (8, 4):
@@ -257,8 +258,8 @@ def test_weights_that_do_not_fit_are_refused_at_preflight(params, weights, file,
 
 
 def test_weights_that_fit_pass_preflight(params, weights):
-    from oodgate.config import load_config
-    from oodgate.preflight import preflight
+    from oodgate.base.config import load_config
+    from oodgate.running.preflight import preflight
 
     preflight(load_config(params, {"model.weights": str(weights["width8"])}), project=params.parent)
 
@@ -269,7 +270,7 @@ def test_a_root_that_is_not_a_dvc_project_is_refused_with_the_fix(project, capsy
     import shutil
 
     from flows.pipeline import main
-    from oodgate.preflight import PreflightError
+    from oodgate.running.preflight import PreflightError
     from tasks.data import check_data
 
     shutil.rmtree(project / ".dvc")
@@ -291,7 +292,7 @@ def _oodgate_checkpoint(path: Path, **changes) -> Path:
     of width 8, 3 classes of 1x28x28 images), with ``changes`` to its spec."""
     from dataclasses import replace
 
-    from oodgate.classifier import ModelSpec, build_classifier, save_classifier
+    from oodgate.learning.classifier import ModelSpec, build_classifier, save_classifier
 
     spec = ModelSpec("small_cnn", "dismax", 3, 1, 28, (0.5,), (0.25,), "mps", {"width": 8}, {"fpr": True})
     spec = replace(spec, **changes)
@@ -341,8 +342,8 @@ def test_an_oodgate_checkpoint_of_another_model_is_refused_before_anything_train
 
 
 def test_an_oodgate_checkpoint_that_fits_passes_preflight(params):
-    from oodgate.config import load_config
-    from oodgate.preflight import preflight
+    from oodgate.base.config import load_config
+    from oodgate.running.preflight import preflight
 
     checkpoint = _oodgate_checkpoint(params.parent / "mine.pt")
     key = "losses.dismax_fpr.checkpoint"

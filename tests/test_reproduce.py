@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import REPO, shell_env
 
-from oodgate import numerics
+from oodgate.base import numerics
 
 pytestmark = pytest.mark.slow
 # SoftMax's score is chosen over its three seeds' models (score: auto), so the chain to seed 0's

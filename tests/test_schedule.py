@@ -31,7 +31,7 @@ def _write_params(path: Path, cron: str) -> Path:
 def test_bad_cron_fails_before_registering(tmp_path, monkeypatch):
     import flows.deploy
     from flows.pipeline import pipeline
-    from oodgate.config import ConfigError
+    from oodgate.base.config import ConfigError
 
     bad = _write_params(tmp_path / "bad.yaml", "every day")
     # Nothing listens there: a call to the API would fail with a connection error, not ConfigError.

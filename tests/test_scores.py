@@ -1,4 +1,4 @@
-"""Reference-value tests for oodgate.scores (higher = more in-distribution)."""
+"""Reference-value tests for oodgate.learning.scores (higher = more in-distribution)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from oodgate import scores
+from oodgate.learning import scores
 
 # Row 0: z = (2, 1, 0); row 1: uniform z = (0, 0, 0).
 LOGITS = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)

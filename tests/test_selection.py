@@ -13,11 +13,12 @@ import pytest
 import torch
 from conftest import tiny_params
 
-from oodgate import engine, steps
-from oodgate.config import ConfigError, parse_config
+from oodgate.base.config import ConfigError, parse_config
 from oodgate.data import embedded
-from oodgate.evaluation import ScoreChoice, choose_score
-from oodgate.preflight import PreflightError, preflight
+from oodgate.learning.training import engine
+from oodgate.measuring.evaluation import ScoreChoice, choose_score
+from oodgate.running import steps
+from oodgate.running.preflight import PreflightError, preflight
 
 
 # ---------------------------------------------------------------- the choice, on validation figures

@@ -250,8 +250,8 @@ def test_runs_live_in_postgres_and_artifacts_in_the_served_directory(shared):
 
 @pytest.mark.slow
 def test_exactly_one_champion_the_better_model_and_both_decisions(shared):
-    from oodgate.config import GateConfig
-    from oodgate.gate import compare_means
+    from oodgate.base.config import GateConfig
+    from oodgate.deciding.gate import compare_means
 
     parents = _parents(shared)
     children = {name: _candidate(shared, p) for name, p in parents.items()}
@@ -324,7 +324,7 @@ def test_a_limit_widened_by_hand_is_refused(shared):
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from oodgate_mlflow import registry
+    from tasks import registry
 
     with shared.prefect() as client:
         client.update_global_concurrency_limit(LIMIT, GlobalConcurrencyLimitUpdate(limit=2))

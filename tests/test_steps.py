@@ -7,9 +7,9 @@ import math
 import pytest
 from conftest import evaluate_one
 
-from oodgate import steps
-from oodgate.config import parse_config
-from oodgate.metrics import aggregate
+from oodgate.base.config import parse_config
+from oodgate.measuring.metrics import aggregate
+from oodgate.running import steps
 
 
 def _m(acc, ece, fpr):
@@ -72,7 +72,8 @@ def test_calibration_and_evaluation_run_on_the_device_training_resolved(
     (at full scale, ResNet-34 inference over every split on the CPU would cost hours)."""
     import torch
 
-    from oodgate import engine, evaluation
+    from oodgate.learning.training import engine
+    from oodgate.measuring import evaluation
 
     steps.train(tiny_config, "softmax", 0, prepared_dir, tmp_path / "t")
     resolved = torch.device("cuda", 0)  # what `auto` resolves to on a GPU machine (no GPU is used here)

@@ -19,6 +19,7 @@ import importlib.util
 import os
 import tempfile
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -73,7 +74,7 @@ def _block_mean(img: np.ndarray, block: int) -> np.ndarray:
     h, w = (img.shape[0] // block) * block, (img.shape[1] // block) * block
     tiles = img[:h, :w].astype(np.uint32).reshape(h // block, block, w // block, block)
     n = block * block
-    return ((tiles.sum(axis=(1, 3)) + n // 2) // n).astype(np.uint8)
+    return cast(np.ndarray, ((tiles.sum(axis=(1, 3)) + n // 2) // n).astype(np.uint8))
 
 
 def photo_patch_array() -> np.ndarray:
@@ -83,7 +84,7 @@ def photo_patch_array() -> np.ndarray:
     bunch = load_sample_images()
     by_name = {Path(f).name: img for f, img in zip(bunch.filenames, bunch.images, strict=True)}
     rng = np.random.default_rng(PATCH_SEED)
-    patches = []
+    patches: list[np.ndarray] = []
     for name in _PHOTOS:
         small = _block_mean(gray_from_rgb_np(np.asarray(by_name[name], dtype=np.uint8)), PATCH_BLOCK)
         rows = rng.integers(0, small.shape[0] - PATCH_SIZE + 1, PATCHES_PER_PHOTO)
@@ -233,7 +234,7 @@ def load_embedded(root: str | Path, name: str) -> np.ndarray:
         raise DataNotFoundError(
             f"embedded data not found at {path}; run `python -m oodgate materialize` (or `make data`)"
         )
-    return np.load(path, allow_pickle=False)
+    return cast(np.ndarray, np.load(path, allow_pickle=False))
 
 
 def write_digit_folder(folder: str | Path) -> int:

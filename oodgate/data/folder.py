@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.utils.data
 
-from oodgate.config import DataConfig
+from oodgate.base.config import DataConfig
 from oodgate.data.bundle import DataNotFoundError
+from oodgate.data.images import open_image
 
 log = logging.getLogger("oodgate")
 
@@ -53,11 +55,13 @@ def image_suffixes() -> frozenset[str]:
 def image_files(folder: Path) -> list[Path]:
     """The image files under ``folder`` (recursively), sorted, hidden files and folders excluded."""
     suffixes = image_suffixes()
-    out = []
+    out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         out.extend(
-            Path(dirpath) / f for f in filenames if not f.startswith(".") and Path(f).suffix.lower() in suffixes
+            Path(dirpath) / f
+            for f in filenames
+            if not f.startswith(".") and Path(f).suffix.lower() in suffixes
         )
     return sorted(out)
 
@@ -90,19 +94,19 @@ def _selected(found: list[str], classes: Sequence[int] | Sequence[str] | None, w
     if classes is None:
         return found
     if isinstance(classes[0], int):
-        bad = [c for c in classes if not 0 <= c < len(found)]
+        bad = [c for c in cast("Sequence[int]", classes) if not 0 <= c < len(found)]
         if bad:
             raise ValueError(
                 f"data.classes: index {bad[0]} is out of range: {where} has {len(found)} class folders "
                 f"({', '.join(found)}); use indices 0..{len(found) - 1} or the folder names"
             )
-        return [found[c] for c in classes]
+        return [found[c] for c in cast("Sequence[int]", classes)]
     missing = [c for c in classes if c not in found]
     if missing:
         raise ValueError(
             f"data.classes: no class folder {missing[0]!r} in {where}; found: {', '.join(found)}"
         )
-    return list(classes)
+    return list(cast("Sequence[str]", classes))
 
 
 def scan(cfg: DataConfig, root: str | Path) -> FolderScan:
@@ -168,8 +172,6 @@ def decode_image(path: str | Path, size: int, channels: int = 3) -> np.ndarray:
     composited onto white) or luma, shorter side resized to ``size`` and the centre cropped."""
     from PIL import Image, ImageOps
 
-    from oodgate.data.images import open_image  # over Pillow's pixel limit: a bad image
-
     with open_image(path) as img:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -181,7 +183,7 @@ def decode_image(path: str | Path, size: int, channels: int = 3) -> np.ndarray:
     return a.transpose(2, 0, 1) if a.ndim == 3 else a[None]
 
 
-class _Decode(torch.utils.data.Dataset):
+class _Decode(torch.utils.data.Dataset["np.ndarray | str"]):
     """Item ``i``: the decoded image ``i``, or the reason it cannot be decoded."""
 
     def __init__(self, paths: Sequence[Path], size: int, channels: int) -> None:
@@ -197,7 +199,7 @@ class _Decode(torch.utils.data.Dataset):
             return f"{type(e).__name__}: {e}"
 
 
-def _identity(x):
+def _identity(x: Any) -> Any:
     return x
 
 
@@ -252,7 +254,13 @@ def decode_files(
     return out, np.asarray(kept, dtype=np.int64), bad
 
 
-def _collect(results, paths, out: np.ndarray, kept: list[int], bad: list[tuple[Path, str]]) -> None:
+def _collect(
+    results: Iterable[np.ndarray | str],
+    paths: Sequence[Path],
+    out: np.ndarray,
+    kept: list[int],
+    bad: list[tuple[Path, str]],
+) -> None:
     for i, r in enumerate(results):
         if isinstance(r, str):
             bad.append((paths[i], r))

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from oodgate.config import DataConfig
+from oodgate.base.config import DataConfig
+from oodgate.base.registry import Registry
 from oodgate.data.bundle import ImageSet
 from oodgate.data.embedded import MNIST_IMAGES, MNIST_LABELS, load_embedded
 from oodgate.data.torchvision_sets import TORCHVISION_SETS, load_torchvision
-from oodgate.registry import Registry
 
 
 @dataclass(frozen=True)

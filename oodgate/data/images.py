@@ -52,7 +52,7 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[0] == 0:
         return torch.empty((0, x.shape[1], size, size), dtype=torch.uint8)
     out = []
-    for chunk in x.split(_CHUNK):
+    for chunk in x.split(_CHUNK):  # type: ignore[no-untyped-call]  # torch: Tensor.split unannotated
         f = F.interpolate(
             chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )
@@ -90,7 +90,7 @@ class ImageTooLargeError(ValueError):
     """An image file with more pixels than Pillow's decompression-bomb limit
     (``PIL.Image.MAX_IMAGE_PIXELS``): decoding it could take any amount of memory and time."""
 
-    def __init__(self, pixels: int | None, limit: int) -> None:
+    def __init__(self, pixels: int | None, limit: int | None) -> None:
         self.pixels, self.limit = pixels, limit
         size = f"{pixels} pixels, over" if pixels else "more pixels than"
         super().__init__(

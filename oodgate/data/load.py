@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 
-from oodgate.config import DataConfig
+from oodgate.base.config import DataConfig
+from oodgate.data import folder
 from oodgate.data.bundle import DataBundle, ImageSet
 from oodgate.data.id_sets import ID_DATASETS
 from oodgate.data.ood import check_ood_sources, load_ood, ood_groups
@@ -59,15 +61,19 @@ def load_data(cfg: DataConfig, root: str | Path | None = None, scratch: Path | N
     source = loader(cfg, root)
     num_all = len(source.class_names)
     if cfg.classes is not None:
-        check_classes(cfg.classes, num_all, cfg.dataset)
-    class_names = [source.class_names[c] for c in cfg.classes] if cfg.classes else list(source.class_names)
-    pool = select_classes(source.train, cfg.classes, num_all, cfg.dataset)
+        check_classes(cast("list[int]", cfg.classes), num_all, cfg.dataset)
+    class_names = (
+        [source.class_names[c] for c in cast("list[int]", cfg.classes)]
+        if cfg.classes
+        else list(source.class_names)
+    )
+    pool = select_classes(source.train, cast("list[int] | None", cfg.classes), num_all, cfg.dataset)
 
     rng = np.random.default_rng(cfg.split_seed)
     if source.test is None:
         pool, test = _carve(pool, cfg.test_fraction, rng, "test_fraction")
     else:
-        test = select_classes(source.test, cfg.classes, num_all, cfg.dataset)
+        test = select_classes(source.test, cast("list[int] | None", cfg.classes), num_all, cfg.dataset)
     train, val = _carve(pool, cfg.val_fraction, rng, "val_fraction")
 
     _, channels, height, width = train.x.shape
@@ -134,7 +140,6 @@ def load_folder(cfg: DataConfig, root: Path, scratch: Path | None = None) -> Dat
     """A folder dataset (``oodgate.data.folder``): the splits are drawn on the file lists as for the
     other datasets (test carved first when there is no ``test/`` folder, then validation from the
     training pool), then each split is decoded once, into ``scratch`` when given."""
-    from oodgate.data import folder
 
     found = folder.scan(cfg, root)
     rng = np.random.default_rng(cfg.split_seed)
@@ -154,7 +159,7 @@ def load_folder(cfg: DataConfig, root: Path, scratch: Path | None = None) -> Dat
         lists["val"] = ([pool_paths[i] for i in carved], pool_labels[carved])
         lists["train"] = ([pool_paths[i] for i in kept], pool_labels[kept])
 
-    size, bad, total = int(cfg.image_size), [], 0
+    size, bad, total = int(cast(int, cfg.image_size)), [], 0
     sets = {}
     for split in ("train", "val", "test"):
         paths, labels = lists[split]
@@ -164,7 +169,7 @@ def load_folder(cfg: DataConfig, root: Path, scratch: Path | None = None) -> Dat
         sets[split] = ImageSet(folder.as_tensor(x), torch.from_numpy(labels[kept]))
     folder.report_bad(bad, total, found.base, cfg.on_bad_image)
 
-    ood = {}
+    ood: dict[str, ImageSet] = {}
     for src in cfg.ood:
         p = Path(src.path) if src.path is not None else None
         if p is not None and p.is_dir():
@@ -178,7 +183,7 @@ def load_folder(cfg: DataConfig, root: Path, scratch: Path | None = None) -> Dat
             ood[src.name] = ImageSet(folder.as_tensor(x), torch.full((x.shape[0],), -1, dtype=torch.int64))
         else:
             ood[src.name] = load_ood(src, cfg, root, 3, size)
-    ood_val = {}
+    ood_val: dict[str, ImageSet] = {}
     for src in cfg.ood_val:
         p = Path(src.path) if src.path is not None else None
         if p is not None and p.is_dir():
@@ -189,7 +194,9 @@ def load_folder(cfg: DataConfig, root: Path, scratch: Path | None = None) -> Dat
                 files, size, workers=cfg.workers, scratch=scratch, name=f"ood-val-{len(ood_val)}"
             )
             folder.report_bad(skipped, len(files), p, cfg.on_bad_image)
-            ood_val[src.name] = ImageSet(folder.as_tensor(x), torch.full((x.shape[0],), -1, dtype=torch.int64))
+            ood_val[src.name] = ImageSet(
+                folder.as_tensor(x), torch.full((x.shape[0],), -1, dtype=torch.int64)
+            )
         else:
             ood_val[src.name] = load_ood(src, cfg, root, 3, size)
     check_disjoint(ood, ood_val)

@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodgate.config import DataConfig, OODSource
+from oodgate.base.config import DataConfig, OODSource
+from oodgate.base.registry import Registry
 from oodgate.data.bundle import DataNotFoundError, ImageSet
 from oodgate.data.embedded import GLYPHS, PHOTO_PATCHES, PORTRAIT_PATCHES, load_embedded
 from oodgate.data.id_sets import embedded_mnist_set
 from oodgate.data.images import ImageTooLargeError, conform, nchw_from_array, open_image
+from oodgate.data.npz import npz_array_header, ood_npz_too_large
 from oodgate.data.torchvision_sets import TORCHVISION_SETS, load_torchvision
-from oodgate.registry import Registry
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -155,13 +156,11 @@ def _load_image_folder(folder: Path, channels: int, size: int) -> torch.Tensor:
 def _load_npz(path: Path) -> torch.Tensor:
     import zipfile
 
-    from oodgate import preflight
-
     try:  # the decompressed size from the header, before anything is decompressed
-        header = preflight.npz_array_header(path)
+        header = npz_array_header(path)
     except (OSError, ValueError, zipfile.BadZipFile):
         header = None  # np.load below says what is wrong
-    too_large = header and preflight.ood_npz_too_large(path, *header)
+    too_large = header and ood_npz_too_large(path, *header)
     if too_large:
         raise ValueError(f"OOD file {too_large}")
     with np.load(path, allow_pickle=False) as npz:
