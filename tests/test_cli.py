@@ -136,3 +136,33 @@ def test_import_refuses_prepared_data_of_another_config(
         f"--params {params}` (or `dvc repro prepare`)\n"
     ) == err
     assert not (tmp_path / "w" / "train").exists()  # nothing imported
+
+
+def test_why_says_where_a_step_is_reused_and_what_makes_it_compute_again(
+    tmp_path, embedded_root, monkeypatch, capsys
+):
+    """`python -m oodgate why train --loss L --seed S`: the step's own record decides, and the
+    answer names the changed params key, or the file that no longer matches its record."""
+    from oodgate.running import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(embedded_root, tmp_path / "w")))
+    assert cli.main(["inputs", "--quiet"]) == 0
+    assert cli.main(["prepare", "--quiet"]) == 0
+    assert cli.main(["train", "--loss", "softmax", "--seed", "0", "--quiet"]) == 0
+    capsys.readouterr()
+
+    def why(*extra: str) -> str:
+        assert cli.main(["why", "train", "--loss", "softmax", "--seed", "0", *extra]) == 0
+        return capsys.readouterr().out
+
+    out = why()
+    assert "train.json has this fingerprint and the files it lists are intact: reused" in out, out
+    assert "inputs/train/softmax/seed0.json is current" in out, out
+    assert "no data.dvc records the data's version" in out, out
+    out = why("--set", "train.lr=0.5")
+    assert "computed from other inputs (train.lr: " in out and "-> 0.5" in out, out
+    assert "inputs/train/softmax/seed0.json differs from the params (train.lr: " in out, out
+    (tmp_path / "w" / "train" / "softmax" / "seed0" / "best.pt").write_bytes(b"changed")
+    out = why()
+    assert "best.pt missing or changed since train.json was written: computed again" in out, out

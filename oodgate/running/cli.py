@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as td
+import yaml
 
 from oodgate.base import numerics
 from oodgate.base.config import Config, ConfigError, load_config, parse_overrides
@@ -31,7 +32,7 @@ from oodgate.running.layout import Layout
 from oodgate.running.preflight import preflight
 from oodgate.running.steps.gate_step import GateReport
 from oodgate.running.steps.inputs import prepare_inputs, write_inputs
-from oodgate.running.steps.reuse import differences
+from oodgate.running.steps.reuse import STEPS, differences, explain
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -293,6 +294,19 @@ def cmd_import(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_why(cfg: Config, lay: Layout, args: argparse.Namespace) -> int:
+    """Why a step of one (loss, seed) is or is not computed again, wherever its result may be."""
+    dvc_file = Path(f"{cfg.data.root}.dvc")
+    try:
+        data_version = str(yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"])
+    except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError):
+        data_version = None
+    loss_id = _losses(cfg, args)[0] if args.step != "prepare" else ""
+    seed = _seeds(cfg, args)[0]
+    print("\n".join(explain(cfg, args.step, loss_id, seed, lay.workdir, data_version)))
+    return 0
+
+
 COMMANDS = {
     "inputs": cmd_inputs,
     "prepare": cmd_prepare,
@@ -303,6 +317,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "gate": cmd_gate,
     "run": cmd_run,
+    "why": cmd_why,
 }
 
 
@@ -325,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
             "numerics": "the variables that pin the numerics of params.yaml (export them to start a worker by hand)",
             "import": "import the losses' checkpoints (losses.<id>.checkpoint) instead of training them",
             "select": "choose each loss's OOD score on the validation OOD sets (data.ood_val)",
+            "why": "why a step of one loss and seed is reused or computed again (docs/reuse.md)",
         }
         s = sub.add_parser(name, help=helps.get(name, f"the {name} step"))
         s.add_argument("--params", default="params.yaml")
@@ -334,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--quiet", action="store_true", help="no progress bars")
         if name == "select":
             s.add_argument("--loss", default=None, help="one loss id from params.yaml (default: all)")
-        if name in ("train", "import", "calibrate", "evaluate", "run"):
+        if name == "why":
+            s.add_argument("step", choices=STEPS, help="the step")
+        if name in ("train", "import", "calibrate", "evaluate", "run", "why"):
             s.add_argument("--loss", default=None, help="one loss id from params.yaml (default: all)")
             s.add_argument("--seed", type=int, default=None, help="one seed from params.yaml (default: all)")
     return p

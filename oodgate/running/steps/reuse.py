@@ -8,7 +8,8 @@ and every file it lists is intact (:func:`reusable`); a later step reads an upst
 when its record is fresh (:func:`upstream`), naming what changed otherwise. The orchestrators read
 this record rather than deciding again: Prefect's cache key is a digest of it
 (``tasks/caching.py``), MLflow reuses a child run by the fingerprint it carries, and DVC re-runs a
-stage when its inputs record or an upstream output changed.
+stage when its inputs record or an upstream output changed. ``python -m oodgate why`` prints the
+answer for one (step, loss, seed).
 """
 
 from __future__ import annotations
@@ -21,8 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from oodgate.base.files import damaged, read_json, verified
+from oodgate.base.config import Config
+from oodgate.base.files import damaged, digest, read_json, verified
 from oodgate.base.records import StaleResultError
+from oodgate.running.layout import Layout
+from oodgate.running.steps.inputs import (
+    calibrate_inputs,
+    evaluate_inputs,
+    expected,
+    prepare_fingerprint,
+    prepare_inputs,
+    select_inputs,
+    train_inputs,
+)
 
 if TYPE_CHECKING:
     from oodgate.running.steps.inputs import Expected
@@ -153,3 +165,103 @@ def upstream(
     record = read_record(out_dir / record_name, what, fix)
     check_fresh(record, want.fingerprint[step], want.inputs[step], what, out_dir, fix)
     return Upstream(record, {name: verified(record, out_dir, name, what, fix) for name in files})
+
+
+# ---------------------------------------------------------------- python -m oodgate why
+STEPS = ("prepare", *UPSTREAM)
+RECORDS = {"prepare": "data.json", **{k: v[0] for k, v in UPSTREAM.items()}}
+
+
+def judge(out_dir: Path, record_name: str, fingerprint: str | None, inputs: Mapping[str, Any]) -> str:
+    """What the step does with ``out_dir``, in one line: reuses it (:func:`reusable`, the step's own
+    test), or computes it again, and why. ``fingerprint`` None: the record's own inputs decide (the
+    prepared data of the fixed layout, which records no fingerprint)."""
+    path = Path(out_dir) / record_name
+    if fingerprint is not None and reusable(Path(out_dir), record_name, fingerprint) is not None:
+        return f"{out_dir}: {record_name} has this fingerprint and the files it lists are intact: reused"
+    if not path.is_file():
+        return f"{out_dir}: nothing there: computed on the next run"
+    try:
+        record = read_json(path)
+    except (OSError, ValueError) as e:
+        return f"{out_dir}: {record_name} unreadable ({e}): computed again"
+    fresh = record.get("fingerprint") == fingerprint if fingerprint else record.get("inputs") == inputs
+    if not fresh:
+        changed = differences(record.get("inputs", {}), inputs)
+        why = (
+            "; ".join(changed)
+            if changed
+            else "its own inputs are the same: the data or an upstream result changed"
+        )
+        return f"{out_dir}: computed from other inputs ({why}): computed again"
+    outputs = record.get("outputs") or {}
+    bad = damaged(Path(out_dir), outputs) if outputs else ["(no output digests recorded)"]
+    if bad:
+        return (
+            f"{out_dir}: {', '.join(bad)} missing or changed since {record_name} was written: computed again"
+        )
+    return f"{out_dir}: {record_name} matches the params and the files it lists are intact: reused"
+
+
+def explain(
+    cfg: Config, step: str, loss_id: str, seed: int, workdir: Path, data_version: str | None
+) -> list[str]:
+    """Why ``step`` of (``loss_id``, ``seed``) is or is not computed again, in each place its result
+    may be: the fixed layout of ``python -m oodgate`` and ``dvc repro``, and the flow's
+    content-addressed directory (with the prepared data of ``data_version``, the md5 that
+    ``data.dvc`` records). The MLflow line gives the fingerprint a reusable child run carries."""
+    lay = Layout(Path(workdir))
+    lines = [f"{step} of {loss_id} seed {seed}" if step != "prepare" else "prepare (the data)"]
+    prepared = {"python -m oodgate / dvc repro": lay.prepared}
+    if data_version:
+        prepared["the flow"] = lay.cached("prepared", prepare_fingerprint(cfg, data_version))
+    for who, prepared_dir in prepared.items():
+        if step == "prepare":
+            lines.append(f"  {who}: {judge(prepared_dir, 'data.json', None, prepare_inputs(cfg))}")
+            continue
+        if not (prepared_dir / "id.pt").is_file():
+            lines.append(f"  {who}: no prepared data in {prepared_dir}: every step computes on the next run")
+            continue
+        want = expected(cfg, loss_id, seed, prepared_dir)
+        fp = want.fingerprint[step]
+        out = {
+            "python -m oodgate / dvc repro": _fixed(lay, step, loss_id, seed),
+            "the flow": lay.cached(step, fp),
+        }[who]
+        lines.append(f"  {who}: fingerprint {fp[:12]}; {judge(out, RECORDS[step], fp, want.inputs[step])}")
+        if who == "the flow":
+            losses = [
+                expected(cfg, loss_id, s, prepared_dir).fingerprint["evaluate"] for s in cfg.seeds_of(loss_id)
+            ]
+            lines.append(
+                f"  MLflow: the flow reuses a finished {loss_id} child run tagged oodgate.fingerprint = "
+                f"'{digest(losses)}' (all its seeds), once its artifacts match the digests recorded with it"
+            )
+    if not data_version:
+        lines.append("  the flow: no data.dvc records the data's version: `dvc add` it first")
+    lines.append(f"  dvc repro: {_dvc_stage(cfg, lay, step, loss_id, seed)}")
+    return lines
+
+
+def _dvc_stage(cfg: Config, lay: Layout, step: str, loss_id: str, seed: int) -> str:
+    """Whether the stage's inputs record (what ``dvc.yaml`` makes it depend on) is the current one."""
+    named = {"prepare": "prepare.json", "select": f"select/{loss_id}.json"}
+    path = lay.inputs / named.get(step, f"{step}/{loss_id}/seed{seed}.json")
+    now = prepare_inputs(cfg) if step == "prepare" else _step_inputs(cfg, step, loss_id, seed)
+    if not path.is_file():
+        return f"no {path}: the inputs stage writes it, and the stage runs"
+    changed = differences(read_json(path), now)
+    if changed:
+        return f"{path} differs from the params ({'; '.join(changed)}): the inputs stage rewrites it and the stage re-runs"
+    return (
+        f"{path} is current: the stage re-runs only when an upstream output changed (`dvc status` lists them)"
+    )
+
+
+def _step_inputs(cfg: Config, step: str, loss_id: str, seed: int) -> dict[str, Any]:
+    records = {"train": train_inputs, "calibrate": calibrate_inputs, "evaluate": evaluate_inputs}
+    return select_inputs(cfg, loss_id) if step == "select" else records[step](cfg, loss_id, seed)
+
+
+def _fixed(lay: Layout, step: str, loss_id: str, seed: int) -> Path:
+    return lay.select(loss_id) if step == "select" else getattr(lay, step)(loss_id, seed)
