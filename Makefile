@@ -88,6 +88,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # Local Prefect server on 127.0.0.1:4200 plus the deployment on the params.yaml cron schedule.
 serve: data
