@@ -28,11 +28,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from oodgate.base import numerics
 
 numerics.apply()  # before NumPy loads: the same rates on any machine
 
+# the simulated models live with their other users, the gate's tests
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import simulation
 
 from oodgate.base.config import GateConfig

@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 
 from oodgate.base import numerics
+
+if __name__ == "__main__":  # this process trains: the numerics of --params/--set, before torch loads
+    numerics.apply_from_argv(sys.argv[1:])
+
 from oodgate.base.config import load_config, parse_overrides
 from oodgate.running import steps
 from oodgate.running.layout import Layout
@@ -40,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(every) != sum(map(len, seed_sets)):
         p.error(f"the seed sets must be disjoint, got {args.sets}")
     overrides = {**parse_overrides(args.set), "seeds": every, "workdir": args.workdir}
-    numerics.apply_from_params(args.params, overrides)  # before torch loads
+    numerics.apply_from_params(args.params, overrides)  # the same numerics, or a clear refusal
     cfg = load_config(args.params, overrides)
     lay = Layout(Path(args.workdir))
 

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_params
+from conftest import shell_env, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _process(name: str, *args: str) -> str:
+    """The benchmark as `make bench-...` runs it: its own process, from a user's shell (nothing
+    pinned), so that it must pin the numerics itself before torch loads and find what it imports."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args]
+    done = subprocess.run(
+        cmd, cwd=REPO, env=shell_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
 
 
 def _script(name: str):
@@ -26,13 +39,13 @@ def test_stability_benchmark_gates_each_seed_set_and_prints_the_table(embedded_r
     raw["gate"] = {"confidence": 0.95, "samples": 100}
     params.write_text(yaml.safe_dump(raw))
     bench = _script("bench_stability")
-    code = bench.main(["--params", str(params), "--workdir", str(tmp_path / "w"), "--sets", "0,1", "2,3"])
-    out = capsys.readouterr().out
+    out = _process(
+        "bench_stability", "--params", str(params), "--workdir", str(tmp_path / "w"), "--sets", "0,1", "2,3"
+    )
     assert "| candidate | seeds 0,1 | seeds 2,3 | agree |" in out
     row = next(line for line in out.splitlines() if line.startswith("| dismax_fpr |"))
     verdicts = [c.strip() for c in row.strip("|").split("|")[1:3]]
-    assert set(verdicts) <= {"PROMOTE", "reject"}
-    assert code == 0  # model-level evidence: each set judges its own models, agreeing or not
+    assert set(verdicts) <= {"PROMOTE", "reject"}  # model-level evidence: exit 0, agreeing or not
     seeds_level = tmp_path / "params-seeds.yaml"
     raw["gate"]["evidence"] = "seeds"
     seeds_level.write_text(yaml.safe_dump(raw))
@@ -52,10 +65,8 @@ def test_stability_benchmark_gates_each_seed_set_and_prints_the_table(embedded_r
     assert "The chosen seed was a test-best by accuracy in " in out
 
 
-def test_gate_power_benchmark_prints_every_effect_size_and_evidence(capsys):
-    bench = _script("bench_gate_power")
-    bench.main(["--draws", "2", "--samples", "100", "--sizes", "600", "--seeds", "3"])
-    out = capsys.readouterr().out
+def test_gate_power_benchmark_prints_every_effect_size_and_evidence():
+    out = _process("bench_gate_power", "--draws", "2", "--samples", "100", "--sizes", "600", "--seeds", "3")
     assert "| effect | test images | models | seeds, 3 | seeds for 80% (predicted) |" in out
     for effect in ("identical", "dismax-like", "fpr95 lower", "worse accuracy"):
         assert f"| {effect} | 600 | " in out
