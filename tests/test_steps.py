@@ -140,3 +140,72 @@ def test_two_runs_training_the_same_model_at_once_train_it_once(tiny_config, pre
         t.join()
     assert sorted(r.train_seconds > 0 for r in results) == [False, True]  # one trained, one reused
     assert results[0].record() == results[1].record()
+
+
+def test_two_runs_reaching_every_later_step_at_once_compute_each_once(
+    tiny_config, prepared_dir, tmp_path, monkeypatch
+):
+    """Calibrate, select and evaluate take the same lock as training: two runs of one project that
+    reach them at once compute each once, and the second reuses the first's result (before, both
+    computed, and one's evaluation failed moving the other's temporary file)."""
+    import threading
+
+    from oodgate.measuring import evaluation
+
+    one = tiny_config.model_copy(update={"seeds": [0]})
+    steps.train(one, "softmax", 0, prepared_dir, tmp_path / "t")
+    calls = {"calibrate": 0, "evaluate": 0, "choose_score": 0}
+    for name in calls:  # the real functions, counted
+        real = getattr(evaluation, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(evaluation, name, counted)
+    results, errors, barrier = [], [], threading.Barrier(2)
+
+    def run() -> None:
+        try:
+            barrier.wait()
+            c = steps.calibrate(one, "softmax", 0, tmp_path / "t", prepared_dir, tmp_path / "c")
+            s = steps.select(one, "softmax", {0: c.dir}, prepared_dir, tmp_path / "s")
+            e = steps.evaluate(one, "softmax", 0, c.dir, prepared_dir, tmp_path / "e", s.dir)
+            results.append((c.record(), s.record(), e.metrics))
+        except BaseException as exc:  # reported below, with the other thread's result
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert calls == {"calibrate": 1, "evaluate": 1, "choose_score": 1}
+    assert results[0] == results[1]
+
+
+def test_two_writers_of_one_file_never_move_each_other_s_temporary_file(tmp_path):
+    """Each writer has its own temporary name: both finish, and the file is one writer's whole."""
+    import threading
+
+    from oodgate.base.files import atomic
+
+    target, barrier, errors = tmp_path / "samples.pt", threading.Barrier(2), []
+
+    def write(byte: bytes) -> None:
+        try:
+            with atomic(target) as f:
+                f.write(byte * 1000)
+                barrier.wait()  # both temporary files open before either is moved
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(b,)) for b in (b"a", b"b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert target.read_bytes() in (b"a" * 1000, b"b" * 1000)
+    assert [p.name for p in tmp_path.iterdir()] == ["samples.pt"]  # no temporary file left

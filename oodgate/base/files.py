@@ -12,6 +12,8 @@ import errno
 import hashlib
 import json
 import os
+import secrets
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
@@ -91,12 +93,14 @@ def file_system(path: Path) -> str:
 
 @contextmanager
 def atomic(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """A file opened on ``<path>.tmp``, moved onto ``path`` once the block wrote it whole. On any
-    failure the temporary file is removed and ``path`` keeps what it held; a full file system is
-    raised as :class:`NoSpaceError`. Writers get a Python file object, so that torch.save reports
-    the write's own error (given a path, it raises a RuntimeError without the errno)."""
+    """A file opened on ``<path>.<writer>.tmp``, moved onto ``path`` once the block wrote it whole.
+    On any failure the temporary file is removed and ``path`` keeps what it held; a full file system
+    is raised as :class:`NoSpaceError`. The temporary name is the writer's own (process, thread, a
+    random part), so that two processes writing the same result never move each other's file.
+    Writers get a Python file object, so that torch.save reports the write's own error (given a
+    path, it raises a RuntimeError without the errno)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, mode) as f:

@@ -11,6 +11,7 @@ from oodgate.base.files import output_digests, torch_save, write_json
 from oodgate.data.load import load_data
 from oodgate.data.prepared import pack
 from oodgate.running.steps.inputs import prepare_inputs
+from oodgate.running.steps.reuse import exclusive
 
 if TYPE_CHECKING:
     from oodgate.data.bundle import DataBundle
@@ -26,12 +27,14 @@ def prepare(cfg: Config, out_dir: str | Path, root: str | Path | None = None) ->
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Folder images are decoded into memory maps here, never held whole in memory; removed once saved.
+    # Another run preparing the same directory waits: its start would remove this one's scratch.
     scratch = out_dir / ".scratch"
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        return _save(load_data(cfg.data, root, scratch=scratch), out_dir, prepare_inputs(cfg))
-    finally:
+    with exclusive(out_dir):
         shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            return _save(load_data(cfg.data, root, scratch=scratch), out_dir, prepare_inputs(cfg))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _save(bundle: DataBundle, out_dir: Path, inputs: dict[str, Any]) -> dict[str, Any]:
