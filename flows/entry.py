@@ -170,13 +170,8 @@ def interrupted(e: BaseException) -> str | None:
     On a signal, STOP is set here (which starts the unwind deadline) and in every Dask worker, whose
     trainings the signal never reaches (they would go on to their last epoch, and the cluster's close
     would wait for them). Prefect's TerminationSignal has no message: the name comes from its number."""
-    if STOP.is_set():
-        name = STOP.reason or "SIGINT"
-    elif isinstance(e, TerminationSignal):
-        name = signal.Signals(e.signal).name
-    elif isinstance(e, KeyboardInterrupt):
-        name = "SIGINT"
-    else:
+    name = STOP.reason or "SIGINT" if STOP.is_set() else _signal_in(e)
+    if name is None:
         return None
     STOP.set(name)
     ctx = FlowRunContext.get()
@@ -188,12 +183,32 @@ def interrupted(e: BaseException) -> str | None:
     return name
 
 
+def _signal_in(e: BaseException) -> str | None:
+    """The signal behind ``e``, however it was wrapped: Prefect's TerminationSignal (SIGTERM, raised
+    by Prefect's handler wherever the main thread was), a KeyboardInterrupt, or either in the chain
+    of causes. When SIGTERM lands while Pydantic serialises the flow's context for a Dask task,
+    Pydantic re-raises it as a PydanticSerializationError that keeps only the name in its message."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, TerminationSignal):
+            return signal.Signals(cur.signal).name
+        if isinstance(cur, KeyboardInterrupt):
+            return "SIGINT"
+        if type(cur).__name__ == "PydanticSerializationError" and "TerminationSignal" in str(cur):
+            return "SIGTERM"  # the only signal Prefect turns into TerminationSignal
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def exit_status(e: BaseException, workdir: Path) -> int:
     """What a flow program says and returns when its flow raised ``e``: 130 and one line when it was
     interrupted (whatever the unwinding raised after, a temporary server already gone), 1 and one
     line for a failure (a full disk: where, which file, and that a re-run reuses the rest)."""
-    if isinstance(e, TerminationSignal):  # raised outside the flow's body, which sets STOP
-        STOP.set(signal.Signals(e.signal).name)
+    name = _signal_in(e)  # raised outside the flow's body, which sets STOP
+    if name is not None:
+        STOP.set(name)
     if STOP.is_set():
         print(f"error: {STOP.reason}: stopped; the MLflow runs are marked KILLED", file=sys.stderr)
         return 130

@@ -68,3 +68,36 @@ def test_a_flow_program_pins_the_numerics_before_its_imports_load_torch(tmp_path
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["pipeline", "portable/2", "True"], out.stdout
+
+
+def test_sigterm_wrapped_by_pydantic_while_a_dask_task_is_submitted_is_still_an_interrupt(
+    tmp_path, monkeypatch, capsys
+):
+    """Prefect raises TerminationSignal wherever the main thread is when SIGTERM lands; submitting a
+    task to Dask serialises the flow's context with Pydantic, which re-raises it as a
+    PydanticSerializationError. That is still the signal: exit 130, runs KILLED, workers stopped."""
+    import signal
+
+    import pydantic
+    from prefect.exceptions import TerminationSignal
+
+    from oodgate.learning.training.engine import Stop
+
+    class Context(pydantic.BaseModel):
+        value: int = 0
+
+        @pydantic.field_serializer("value")
+        def _ser(self, v: int) -> int:
+            raise TerminationSignal(signal.SIGTERM)
+
+    try:
+        Context().model_dump()
+    except Exception as e:  # what the flow's body caught
+        wrapped = e
+    assert type(wrapped).__name__ == "PydanticSerializationError"
+    monkeypatch.setattr(entry, "STOP", Stop())
+    assert entry.interrupted(wrapped) == "SIGTERM"
+    assert entry.exit_status(wrapped, tmp_path) == 130
+    assert "error: SIGTERM: stopped" in capsys.readouterr().err
+    monkeypatch.setattr(entry, "STOP", Stop())
+    assert entry.interrupted(RuntimeError("a failure")) is None
