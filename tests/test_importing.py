@@ -219,6 +219,26 @@ def test_a_pickled_object_is_refused_without_pytorchs_advice_to_unpickle_it(tmp_
     assert not (tmp_path / "ran").exists()
 
 
+class _Command:
+    """What an attacker's checkpoint pickles: a call that runs a command."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+def test_a_checkpoint_that_would_run_a_command_is_named_as_such_not_as_truncated(tmp_path):
+    """PyTorch words a global from a module it blocks (os, posix, subprocess) differently from one
+    outside its allow-list; the message named that file "truncated or not a torch.save file"."""
+    torch.save({"state_dict": _Command()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError) as e:
+        import_model(tmp_path / "evil.pt", "entropic", _spec("resnet34", "isomax"))
+    message = str(e.value)
+    assert "it holds a pickled posix.system object" in message, message
+    assert "truncated" not in message and "likely succeed" not in message
+
+
 def test_an_empty_or_truncated_checkpoint_says_which_with_its_size(tmp_path):
     """They used to share the advice to save with torch.save(model.state_dict(), path); the empty
     file's message was `(EOFError: )`. A legacy (non-zip) file cut inside its pickle makes PyTorch's

@@ -121,11 +121,18 @@ def _pickled_global(path: Path, error: Exception) -> str | None:
     import re
     import zipfile
 
-    m = re.search(r"Unsupported global: GLOBAL (\S+) was not an allowed global", str(error))
+    # torch's two wordings: a global outside its allow-list, and one from a module it blocks (os,
+    # posix, subprocess, ...: what a payload that runs a command pickles)
+    m = re.search(
+        r"Unsupported global: GLOBAL (\S+) was not an allowed global"
+        r"|unsupported GLOBAL (\S+) whose module \S+ is blocked",
+        str(error),
+    )
     if not isinstance(error, pickle.UnpicklingError) or m is None:
         return None
+    name = m[1] or m[2]
     if zipfile.is_zipfile(path):
-        return m[1]  # torch.save's zip archive: whole (a cut one fails before anything is unpickled)
+        return name  # torch.save's zip archive: whole (a cut one fails before anything is unpickled)
     try:  # the legacy format: pickles one after another; scanned, never run
         with path.open("rb") as f:
             size = path.stat().st_size
@@ -136,7 +143,7 @@ def _pickled_global(path: Path, error: Exception) -> str | None:
                     break
     except Exception:  # cut inside a pickle: truncated, not an object
         return None
-    return m[1]
+    return name
 
 
 def load_error(path: Path, error: Exception, verb: str = "read") -> str:
