@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                 f = model.features(x)
                 proto = model.head.prototypes[bundle.test.y]
                 own.append(float(torch.nn.functional.cosine_similarity(f, proto, dim=1).mean()))
-        print(f"| {loss_id} | {np.mean(norms):.2f} | {np.nanmin(starts):.3f} | {np.mean(own):.3f} |")
+        # IsoMax's prototypes start at 0, which has no direction: no cosine with the start
+        start = f"{np.nanmin(starts):.3f}" if not np.isnan(starts).all() else "- (starts at 0)"
+        print(f"| {loss_id} | {np.mean(norms):.2f} | {start} | {np.mean(own):.3f} |")
     return 0
 
 
