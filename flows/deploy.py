@@ -11,12 +11,14 @@ cached task results and the MLflow baseline instead of retraining.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -135,6 +137,7 @@ def _stop_when_server_exits(server: subprocess.Popen, log: Path, gone: threading
         if gone.is_set():  # stopped by main's own cleanup
             return
         gone.set()
+        logging.getLogger("prefect").setLevel(logging.CRITICAL)  # its runner's errors against the dead API
         print(
             f"error: the Prefect server this command started exited (status {server.returncode}; see {log}): "
             "stopping; run `make serve` again",
@@ -182,10 +185,14 @@ def main(argv: list[str] | None = None) -> int:
             serve(args.params, args.root, os.environ["PREFECT_API_URL"])
     except KeyboardInterrupt:
         pass
-    except SystemExit:
+    except BaseException:
         if not gone.is_set():
             raise
-        return 1  # the server it started exited: the watch thread said so
+        # The server it started exited, and the watch thread said so in one line. What the runner's
+        # unwinding raised against the dead API (an exception group with the SIGTERM and its
+        # cancellation observer's websocket errors) and the coroutines it never awaited are not news.
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
         exited = gone.is_set()
