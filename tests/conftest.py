@@ -206,27 +206,3 @@ def evaluate_one(cfg, loss_id: str, seed: int, calibrate_dir, prepared_dir, out_
     select_dir = Path(out_dir).parent / f"{Path(out_dir).name}-select"
     steps.select(one, loss_id, {seed: calibrate_dir}, prepared_dir, select_dir)
     return steps.evaluate(one, loss_id, seed, calibrate_dir, prepared_dir, out_dir, select_dir, **kwargs)
-
-
-# The longest files first (seconds of one `make test`, from --durations): under `--dist loadfile` a
-# file runs whole in one process, and two of the longest, collected last by name (test_reproduce,
-# test_work_pool), were the suite's tail while the other processes sat idle.
-LONGEST_FIRST = (
-    "test_dvc.py",  # 143 s
-    "test_interrupts.py",  # 130 s
-    "test_pipeline.py",  # 117 s
-    "test_deployment.py",  # 112 s
-    "test_work_pool.py",  # 92 s
-    "test_reproduce.py",  # 85 s
-    "test_importing.py",  # 65 s
-    "test_folder.py",  # 58 s
-    "test_dask.py",  # 50 s
-    "test_shared_stack.py",  # 50 s
-    "test_gate_models.py",  # 47 s
-    "test_disk_full.py",  # 45 s
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
