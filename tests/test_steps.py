@@ -209,3 +209,47 @@ def test_two_writers_of_one_file_never_move_each_other_s_temporary_file(tmp_path
     assert not errors, errors
     assert target.read_bytes() in (b"a" * 1000, b"b" * 1000)
     assert [p.name for p in tmp_path.iterdir()] == ["samples.pt"]  # no temporary file left
+
+
+def test_two_runs_packaging_the_same_model_at_once_export_it_once(
+    tiny_config, prepared_dir, tmp_path, monkeypatch
+):
+    """The package task writes the loss's serving model into a directory named by the loss's
+    fingerprint: two runs of one project wrote it at once, one failed (the directory removed or
+    half-written under it) and went on to register another loss. It holds the steps' lock: the
+    second run waits, then reuses the export."""
+    import threading
+
+    from conftest import evaluate_one
+
+    from oodgate_mlflow import tracking
+    from tasks.track import package_model
+
+    one = tiny_config.model_copy(update={"seeds": [0]})
+    t = steps.train(one, "softmax", 0, prepared_dir, tmp_path / "t")
+    c = steps.calibrate(one, "softmax", 0, tmp_path / "t", prepared_dir, tmp_path / "c")
+    e = evaluate_one(one, "softmax", 0, tmp_path / "c", prepared_dir, tmp_path / "e")
+    calls, real = [], tracking.export_model
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "export_model", counted)
+    results, errors, barrier = [], [], threading.Barrier(2)
+
+    def run() -> None:
+        try:
+            barrier.wait()
+            results.append(package_model.fn("softmax", [t], [c], [e], str(tmp_path / "package-x")))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    assert len(calls) == 1 and results[0] == results[1]
+    assert (tmp_path / "package-x" / "torch_model" / "MLmodel").is_file()
