@@ -138,6 +138,8 @@ def _stop_when_server_exits(server: subprocess.Popen, log: Path, gone: threading
             return
         gone.set()
         logging.getLogger("prefect").setLevel(logging.CRITICAL)  # its runner's errors against the dead API
+        # the runner's stop, called from its signal handler, leaves a coroutine never awaited
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
         print(
             f"error: the Prefect server this command started exited (status {server.returncode}; see {log}): "
             "stopping; run `make serve` again",
@@ -190,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # The server it started exited, and the watch thread said so in one line. What the runner's
         # unwinding raised against the dead API (an exception group with the SIGTERM and its
-        # cancellation observer's websocket errors) and the coroutines it never awaited are not news.
-        warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
+        # cancellation observer's websocket errors) is not news.
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
