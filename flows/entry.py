@@ -24,9 +24,8 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.context import FlowRunContext
 from prefect.exceptions import TerminationSignal
-from prefect.server.api.server import SubprocessASGIServer
 
-from flows.server import PrefectUnavailableError, quiet_exit
+from flows.server import PrefectUnavailableError, stop_temporary_prefect_server
 from oodgate.base.config import Config, ConfigError, load_config, parse_overrides
 from oodgate.base.files import is_no_space, no_space_error
 from oodgate.base.numerics import NumericsError
@@ -34,6 +33,7 @@ from oodgate.base.project import PROJECT_ROOT, telemetry_off
 from oodgate.learning.training.engine import STOP, stop
 from oodgate.running.preflight import preflight
 from oodgate_mlflow.tracking import TrackingUnavailableError
+from oodgate_servers.prefect_temporary import ServerStartError
 
 # what a user must fix: one line and exit status 2, before any run starts
 REFUSALS: tuple[type[BaseException], ...] = (
@@ -41,6 +41,7 @@ REFUSALS: tuple[type[BaseException], ...] = (
     TrackingUnavailableError,
     NumericsError,
     PrefectUnavailableError,
+    ServerStartError,
 )
 UNWIND_SECONDS = 15
 
@@ -109,7 +110,6 @@ def preflight_once(cfg: Config, project: Path, training: bool = True) -> None:
 
 def refuse(e: BaseException, then: str = "") -> int:
     """One line on stderr, exit status 2."""
-    quiet_exit()
     print(f"error: {e}{then}", file=sys.stderr, flush=True)
     return 2
 
@@ -145,8 +145,7 @@ def _exit_if_stuck() -> None:
     def watchdog() -> None:
         STOP.wait()
         time.sleep(UNWIND_SECONDS)
-        for server in list(getattr(SubprocessASGIServer, "_instances", {}).values()):
-            server.stop()
+        stop_temporary_prefect_server()
         print(
             f"error: {STOP.reason}: stopped; the MLflow runs are marked KILLED (the Prefect server was "
             "gone, so the flow run's last state could not be reported)",

@@ -28,7 +28,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows import entry
-from flows.server import check_prefect_api
+from flows.server import check_prefect_api, start_temporary_prefect_server, temporary_api
 from oodgate.base import numerics
 from oodgate.base.config import Config, load_config
 from oodgate.base.project import PROJECT_ROOT
@@ -120,12 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             monitoring.batch_path(args.batch, cfg.monitor.batch, root)  # none named and none configured
         tracking.connect(root=root)
         check_prefect_api()
+        start_temporary_prefect_server()  # started already when run as a program: then this returns at once
         for b in batches:
             # before the flow starts: a model whose files fail verification, or a batch it cannot
             # score, is refused in one line, not in Prefect's tracebacks of a failed flow run
             check_inputs(cfg, monitoring.batch_path(b, cfg.monitor.batch, root), args.version)
             t0 = time.perf_counter()
-            summary = monitor(b, str(params.path), str(root), params.overrides or None, args.version)
+            with temporary_api():
+                summary = monitor(b, str(params.path), str(root), params.overrides or None, args.version)
             print(
                 f"{summary['batch']}: alert {summary['test']['alert']}, OOD rate {summary['ood_rate']:.1%}, "
                 f"{summary['model_name']} v{summary['champion_version']} ({time.perf_counter() - t0:.1f} s)",

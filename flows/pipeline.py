@@ -8,66 +8,28 @@ never arrive there. The flow's parameters are plain JSON types.
 """
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import entry, server
+from flows import entry, losses, server
+from flows.losses import Context, LossRun
 from oodgate.base import numerics
-from oodgate.base.config import Config, load_config
-from oodgate.base.files import is_no_space
+from oodgate.base.config import load_config
 from oodgate.base.project import PROJECT_ROOT
-from oodgate.data.prepared import evaluation_images
-from oodgate.running.layout import Layout
 from oodgate.running.preflight import check_dvc_project
 from oodgate.running.steps import inputs
-from oodgate.running.steps.reuse import exclusive
 from oodgate_mlflow import tracking
 from oodgate_mlflow.runs import LossResult, Outcome, PipelineRun, report_markdown
-from tasks.caching import Job
 from tasks.data import check_data, prepare_data
 from tasks.evaluate import calibrate_model, evaluate_model, select_score
 from tasks.gate import gate_losses, samples_of
 from tasks.registry import register_model
-from tasks.track import log_loss_run, package_model
+from tasks.track import package_model
 from tasks.train import train_model
-
-
-@dataclass
-class Context:
-    """What every step of one flow run needs: the config, its parent MLflow run, where things go."""
-
-    cfg: Config
-    run: PipelineRun
-    workdir: Path
-    prepared_dir: str = ""
-
-    def job(self, step: str, fingerprint: str, loss_id: str = "", seed: int = 0) -> Job:
-        """A step's job: its output directory is named by its fingerprint, so runs with other inputs
-        never overwrite each other and a rerun with the same inputs resumes or reuses."""
-        return Job(fingerprint, str(Layout(self.workdir).cached(step, fingerprint)), loss_id, seed)
-
-
-@dataclass
-class LossRun:
-    """One loss's pending futures, all seeds in seed order, and the fingerprint of its child run."""
-
-    loss_id: str
-    fingerprint: str
-    trained: list[PrefectFuture] = field(default_factory=list)
-    calibrated: list[PrefectFuture] = field(default_factory=list)
-    evaluated: list[PrefectFuture] = field(default_factory=list)
-    selected: list[PrefectFuture] = field(default_factory=list)  # one: the loss's score
-    packaged: list[PrefectFuture] = field(default_factory=list)  # one: the chosen seed's model
-
-    def futures(self) -> list[PrefectFuture]:
-        """In the order the tasks depend on each other."""
-        return [*self.trained, *self.calibrated, *self.selected, *self.evaluated, *self.packaged]
 
 
 @flow(name="oodgate-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
@@ -137,7 +99,7 @@ def _train_and_log(ctx: Context) -> tuple[dict[str, LossResult], dict[str, str]]
             pending.append(_submit(ctx, loss_id, fp, expected))
     failed: dict[str, str] = {}
     for lr in pending:
-        result = _log(ctx, lr)
+        result = losses.log_when_done(ctx, lr)
         if isinstance(result, str):
             failed[lr.loss_id] = result
             log.error(f"{lr.loss_id} failed: {result}")
@@ -165,37 +127,6 @@ def _submit(ctx: Context, loss_id: str, fp: str, expected: list[inputs.Expected]
     out = str(ctx.workdir / "cache" / f"package-{fp}")  # the model of the seed chosen on validation data
     lr.packaged.append(package_model.submit(loss_id, lr.trained, lr.calibrated, lr.evaluated, out))
     return lr
-
-
-def _log(ctx: Context, lr: LossRun) -> LossResult | str:
-    """The loss's child run: one logged by another pipeline run of this project while this one
-    computed (found under the loss's lock, verified), or a new one spanning exactly its own tasks.
-    A failure is recorded and its reason returned, not raised."""
-    with exclusive(ctx.workdir / "cache" / f"log-{lr.fingerprint}"):
-        wait(lr.futures())
-        if all(f.state.is_completed() for f in lr.futures()):  # a run logged since this one started?
-            found = ctx.run.reusable(
-                lr.loss_id, lr.fingerprint, ctx.cfg.seeds_of(lr.loss_id), ctx.run.started_ms
-            )
-            if found.result is not None:
-                return found.result
-        start_ms, end_ms = server.task_window_ms([f.task_run_id for f in lr.futures()])
-        run_id = ctx.run.start_loss(ctx.cfg, lr.loss_id, lr.fingerprint, start_ms)
-        try:
-            for f in lr.futures():  # in dependency order: the first failure is the one reported
-                f.result()
-        except Exception as e:  # NaN loss, crash after retries: this loss fails, the others go on
-            ctx.run.fail_loss(run_id, f"{type(e).__name__}: {e}", end_ms)
-            if is_no_space(e):  # every other loss would fail the same way: stop, and say why in one line
-                raise
-            return f"{type(e).__name__}: {e}"
-        trained, calibrated, evaluated = (
-            [f.result() for f in fs] for fs in (lr.trained, lr.calibrated, lr.evaluated)
-        )
-        packaged, images = lr.packaged[0].result(), evaluation_images(ctx.prepared_dir)
-        return log_loss_run(
-            ctx.run, run_id, lr.loss_id, trained, calibrated, evaluated, packaged, images, end_ms
-        )
 
 
 def _gate_and_register(ctx: Context, logged: dict[str, LossResult], failed: dict[str, str]) -> Outcome:
@@ -237,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     server.start_temporary_prefect_server()  # started already when run as a program: then this returns at once
     entry.stop_on_signals()
     try:
-        server.wait_for_temporary_prefect_server()
-        outcome = pipeline(params_path=str(p.path), root=p.root, overrides=p.overrides or None)
+        with server.temporary_api():
+            outcome = pipeline(params_path=str(p.path), root=p.root, overrides=p.overrides or None)
     except BaseException as e:
         return entry.exit_status(e, p.project / p.cfg.workdir)
     # The table and the decision on stdout, after the flow: inside it they are Prefect log lines on

@@ -1,6 +1,7 @@
 """The Prefect API a flow process talks to: ``PREFECT_API_URL``, checked before anything starts, or a
-temporary server of this process, started early (it boots while the flow module imports the rest);
-and the names under which the deployments are found on a server.
+temporary server of this process, started early (it boots while the flow module imports the rest)
+and named to the process's Prefect clients as ``PREFECT_API_URL`` while its flows run; and the names
+under which the deployments are found on a server.
 
 Imports neither NumPy nor torch: :mod:`flows` starts the server from here before the numerics-
 dependent modules load.
@@ -8,67 +9,73 @@ dependent modules load.
 
 from __future__ import annotations
 
-import logging
-import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
-from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_SERVER_EPHEMERAL_ENABLED,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    temporary_settings,
+)
 
 from oodgate.base.project import telemetry_off
 from oodgate_servers import health
-from oodgate_servers.prefect_temporary import TemporaryServer, running_api_url
+from oodgate_servers.prefect_temporary import TemporaryServer
 
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"  # what the trigger and Prefect's clients use unless told
 DEPLOYMENT_NAME = "scheduled"
 FULL_NAME = f"oodgate-pipeline/{DEPLOYMENT_NAME}"
 MONITOR_NAME = f"oodgate-monitor/{DEPLOYMENT_NAME}"  # served too when params.yaml sets monitor.batch
 
-_server_start: threading.Thread | None = None  # the thread bringing up the temporary server, if started
+_server: TemporaryServer | None = None  # this process's temporary server, once started
 
 
 def start_temporary_prefect_server() -> None:
-    """Start Prefect's temporary server (the one a flow run starts itself when no ``PREFECT_API_URL``
-    is set; here :mod:`oodgate_servers.prefect_temporary`'s, which ends with this process even after
-    a SIGKILL) in a background thread; :func:`wait_for_temporary_prefect_server` joins it before the
-    first flow call, which then finds it running (Prefect keeps one such server per process). Does
-    nothing when a server is configured, or when it was started already."""
-    global _server_start
-    if _server_start is not None:
+    """Start a temporary Prefect server for this process (:mod:`oodgate_servers.prefect_temporary`:
+    Prefect's app, which ends with this process even after a SIGKILL) and return at once: it boots
+    while the flow module imports the rest; :func:`temporary_api` waits for it. Does nothing when a
+    server is configured (``PREFECT_API_URL``), when Prefect's temporary servers are switched off,
+    or when it was started already."""
+    global _server
+    if _server is not None:
         return
     telemetry_off()
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
-    server = TemporaryServer()  # Prefect's clients find it as the process's temporary server
-
-    def start() -> None:
-        try:
-            server.start()
-        except Exception:  # the flow call starts it again and reports why it fails
-            pass
-
-    _server_start = threading.Thread(target=start, name="prefect-server-start", daemon=True)
-    _server_start.start()
+    _server = TemporaryServer()
+    _server.start()
 
 
-def quiet_exit() -> None:
-    """For a program that refuses to run: the temporary server it started early is stopped at exit
-    without Prefect's line saying so, so that the program's one line of error stays the only one."""
-    logging.getLogger("prefect").setLevel(logging.WARNING)
+@contextmanager
+def temporary_api() -> Iterator[None]:
+    """The flow runs called inside talk to this process's temporary server, once it answers (Prefect's
+    startup timeout, ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``), or, with none started, to
+    the server ``PREFECT_API_URL`` names."""
+    if _server is None:
+        yield
+        return
+    _server.wait(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    with temporary_settings(updates={PREFECT_API_URL: _server.api_url}):
+        yield
 
 
-def wait_for_temporary_prefect_server() -> None:
-    """Return once the server of :func:`start_temporary_prefect_server` answers (at once if none)."""
-    if _server_start is not None:
-        _server_start.join()
+def stop_temporary_prefect_server() -> None:
+    """Stop this process's temporary server now, if it runs (it is stopped at exit anyway)."""
+    if _server is not None:
+        _server.stop()
 
 
 def prefect_api_url() -> str | None:
     """The Prefect API this process talks to: ``PREFECT_API_URL``, else the URL of its running
     temporary server (None before one runs). Processes it starts that run Prefect tasks (local Dask
     workers) get it, or each would start a temporary server of its own."""
-    return PREFECT_API_URL.value() or running_api_url()
+    if PREFECT_API_URL.value():
+        return PREFECT_API_URL.value()
+    return _server.api_url if _server is not None and _server.running else None
 
 
 class PrefectUnavailableError(RuntimeError):

@@ -56,3 +56,37 @@ def test_wait_healthy_waits_for_200_on_health():
     assert not healthy(url)
     with pytest.raises(TimeoutError, match=rf"^Prefect server at {url} was not healthy after 0 s$"):
         wait_healthy(url, timeout=0.1, name="Prefect server")
+
+
+def test_the_temporary_prefect_server_starts_elsewhere_when_its_port_is_taken_and_stops():
+    """Prefect's app in its own process: a port taken between the choice and uvicorn's bind (uvicorn
+    exits with status 3) is replaced by another; the server answers, then stop() ends the process."""
+    import socket
+
+    from oodgate_servers import prefect_temporary
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    server = prefect_temporary.TemporaryServer()
+    server.port = taken.getsockname()[1]
+    try:
+        server.start()
+        server.wait(timeout=90)
+        process = server.process
+        assert server.port != taken.getsockname()[1] and healthy(server.api_url)
+    finally:
+        server.stop()
+        taken.close()
+    assert process is not None and process.poll() is not None and not server.running
+
+
+def test_a_flow_program_does_not_load_prefects_server_code():
+    """The flow process only talks to its temporary server over HTTP: Prefect's server module (FastAPI,
+    the server's models: 1.0 s of imports) is loaded by the server's own process alone."""
+    import subprocess
+    import sys
+
+    code = "import sys, flows.pipeline, flows.monitor; print('prefect.server.api.server' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

@@ -143,6 +143,9 @@ def test_flow_end_to_end_logs_gates_and_registers_and_a_second_run_reuses_it(fir
         "ood/mean/fpr95": "superior > +0",
     }
     assert tags["oodgate.model_seed"] == "0" and "chosen on validation data" in tags["oodgate.seed_choice"]
+    # the logged model's page shows its own seed's figures, not the means over the seeds
+    logged = MlflowClient().get_logged_model(tags["oodgate.model_uri"].removeprefix("models:/"))
+    assert logged.metrics and {m.key.split("/")[0] for m in logged.metrics} == {"seed0"}
     assert tags["oodgate.gate_compared"].startswith("dismax_fpr seed 0 against softmax seed 0")
 
     # the run's best candidate (the only one) is registered whatever the decision: the challenger
