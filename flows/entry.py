@@ -182,6 +182,18 @@ def interrupted(e: BaseException) -> str | None:
     return name
 
 
+def bare_signal(e: BaseException, name: str | None) -> BaseException | None:
+    """What a flow re-raises instead of ``e`` when ``e`` wraps the signal ``name`` (Pydantic's
+    PydanticSerializationError around TerminationSignal): the signal itself, so that Prefect records a
+    crash by a termination signal in one line, rather than logging the wrapper's traceback as the
+    run's failure. None when ``e`` is a failure or the signal already."""
+    if name is None or isinstance(e, (TerminationSignal, KeyboardInterrupt)):
+        return None
+    if name == "SIGTERM":
+        return TerminationSignal(signal.SIGTERM)
+    return KeyboardInterrupt(f"{name} received")
+
+
 def _signal_in(e: BaseException) -> str | None:
     """The signal behind ``e``, however it was wrapped: Prefect's TerminationSignal (SIGTERM, raised
     by Prefect's handler wherever the main thread was), a KeyboardInterrupt, or either in the chain

@@ -72,6 +72,9 @@ def pipeline(
             f"interrupted: {signal_name} received" if signal_name else f"{type(e).__name__}: {e}",
             bool(signal_name),
         )
+        bare = entry.bare_signal(e, signal_name)
+        if bare is not None:
+            raise bare from None
         raise
     outcome.seconds = round(time.perf_counter() - started, 1)
     run.finish(outcome.seconds)

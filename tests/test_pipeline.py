@@ -395,6 +395,49 @@ def test_nan_loss_marks_the_run_failed_and_registers_nothing(prefect_harness, pr
     assert MlflowClient().search_model_versions("name='oodgate-classifier'") == []
 
 
+def test_sigterm_wrapped_by_pydantic_while_submitting_is_a_crash_by_the_signal_not_a_failure(
+    prefect_harness, project, mlflow_db, monkeypatch, caplog
+):
+    """SIGTERM landing while a task is submitted to Dask comes back from Pydantic (which serialises
+    the flow's context) as a PydanticSerializationError. The flow marks its runs KILLED and re-raises
+    the signal itself: Prefect logs one "Crash detected" line, not the wrapper's traceback as a
+    failure, and the program exits 130."""
+    import signal
+
+    import pydantic
+    from prefect.exceptions import TerminationSignal
+
+    import flows.pipeline
+    from flows import entry
+    from oodgate.learning.training.engine import Stop
+
+    class Context(pydantic.BaseModel):
+        value: int = 0
+
+        @pydantic.field_serializer("value")
+        def _ser(self, v: int) -> int:
+            raise TerminationSignal(signal.SIGTERM)
+
+    def submit(*args, **kwargs):
+        Context().model_dump()  # what prefect-dask's submit does with the flow's context
+
+    monkeypatch.setattr(entry, "STOP", Stop())
+    monkeypatch.setattr(flows.pipeline, "_submit", submit)
+    handed_back: list[int] = []  # Prefect hands the signal back to the program's handler after the run
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: handed_back.append(signum))
+    try:
+        with pytest.raises(TerminationSignal):
+            _pipeline(project)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert handed_back == [signal.SIGTERM]  # where flows.entry's handler turns it into exit 130
+    logged = caplog.text
+    assert "Crash detected! Execution was aborted by a termination signal" in logged, logged
+    assert "PydanticSerializationError" not in logged and "Encountered exception" not in logged, logged
+    (parent,) = _runs()
+    assert parent.info.status == "KILLED" and "SIGTERM" in parent.data.tags["oodgate.failure"]
+
+
 def test_crash_mid_training_resumes_from_the_checkpoint(project, prepared_dir, tmp_path):
     from conftest import interrupted_after
 
