@@ -57,10 +57,10 @@ def log_when_done(ctx: Context, lr: LossRun) -> LossResult | str:
     A failure is recorded and its reason returned, not raised."""
     with exclusive(ctx.workdir / "cache" / f"log-{lr.fingerprint}"):
         wait(lr.futures())
-        if all(f.state.is_completed() for f in lr.futures()):  # a run logged since this one started?
-            found = ctx.run.reusable(
-                lr.loss_id, lr.fingerprint, ctx.cfg.seeds_of(lr.loss_id), ctx.run.started_ms
-            )
+        if all(f.state.is_completed() for f in lr.futures()):  # logged meanwhile by another run?
+            # any verified run: another run's child starts when its first task did, often before
+            # this run started (filtering on that start logged the first loss twice)
+            found = ctx.run.reusable(lr.loss_id, lr.fingerprint, ctx.cfg.seeds_of(lr.loss_id))
             if found.result is not None:
                 return found.result
         start_ms, end_ms = server.task_window_ms([f.task_run_id for f in lr.futures()])

@@ -29,7 +29,6 @@ import json
 import os
 import socket
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,7 +109,6 @@ class PipelineRun:
     run_id: str
     lineage: dict[str, str]
     cache_dir: str  # where verified copies of a reused run's artifacts go
-    started_ms: int
     closed_orphans: tuple[str, ...] = ()  # runs left RUNNING by a process that died, now KILLED
 
     @classmethod
@@ -131,23 +129,22 @@ class PipelineRun:
             "oodgate.prefect_flow_run_id": flow_run_id or "none",
             **tracking.numerics_tags(provenance(cfg.numerics.mode, cfg.numerics.threads)),
         }
-        started = int(time.time() * 1000)
         name = f"pipeline-{flow_run_name or 'local'}"
         run_id = tracking.start_run(experiment_id, name, {**lineage, "oodgate.role": "pipeline"})
         closed = tracking.close_orphans(experiment_id, closed_by=f"pipeline run {run_id}")
         tracking.log_params(run_id, cfg.model_dump(mode="json"))
         cache = str((project / cfg.workdir / "cache").resolve())
-        return cls(experiment_id, run_id, lineage, cache, started, tuple(closed))
+        return cls(experiment_id, run_id, lineage, cache, tuple(closed))
 
     # ------------------------------------------------------------ the losses' child runs
-    def reusable(self, loss_id: str, fingerprint: str, seeds: list[int], after_ms: int = 0) -> Reuse:
-        """The newest finished child run of ``loss_id`` with this fingerprint (started after
-        ``after_ms``), once its artifacts match the digests recorded when it was logged; a run whose
-        artifacts are gone, changed or unrecorded is not reused, and the note says which file."""
+    def reusable(self, loss_id: str, fingerprint: str, seeds: list[int]) -> Reuse:
+        """The newest finished child run of ``loss_id`` with this fingerprint, once its artifacts
+        match the digests recorded when it was logged; a run whose artifacts are gone, changed or
+        unrecorded is not reused, and the note says which file."""
         run = tracking.find_finished_run(
             self.experiment_id, {"oodgate.loss": loss_id, "oodgate.fingerprint": fingerprint}
         )
-        if run is None or run.info.start_time < after_ms:
+        if run is None:
             return Reuse(None)
         try:
             verified = tracking.verified_artifacts(

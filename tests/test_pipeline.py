@@ -176,6 +176,31 @@ def test_flow_end_to_end_logs_gates_and_registers_and_a_second_run_reuses_it(fir
     third = _pipeline(project, **{"calibration.objective": "ece"})
     assert third.reused == []
 
+    # Two runs at once: the one that logs second finds, under the loss's lock, the child run the
+    # other logged while it computed, and reuses it, though that child's start (its first task's)
+    # is earlier than its own start (a filter on it logged the first loss of two runs twice)
+    from prefect import flow, task
+
+    from flows.losses import Context, LossRun, log_when_done
+    from oodgate_mlflow.runs import PipelineRun
+
+    cfg = load_config(project / "params.yaml").in_project(project)
+    (child,) = [r for r in _runs("softmax") if r.data.tags["mlflow.parentRunId"] == first.parent_run_id]
+
+    @task
+    def computed() -> None:
+        return None
+
+    @flow
+    def started_later():
+        run = PipelineRun.start(cfg, project, "data", "later", None)
+        assert run.lineage and child.info.start_time < int(time.time() * 1000)
+        lr = LossRun("softmax", child.data.tags["oodgate.fingerprint"], trained=[computed.submit()])
+        return log_when_done(Context(cfg, run, (project / cfg.workdir).resolve()), lr)
+
+    found = started_later()
+    assert found.reused and found.run_id == child.info.run_id
+
 
 def test_flow_weighs_the_evidence_and_logs_it(prefect_harness, project, mlflow_db):
     """Two seeds and gate.confidence, model-level evidence (the default): every reason states the
