@@ -28,11 +28,12 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.monitor import monitor
 from flows.pipeline import pipeline
-from flows.server import DEFAULT_API_URL, DEPLOYMENT_NAME, FULL_NAME, MONITOR_NAME, wait_healthy
+from flows.server import DEFAULT_API_URL, DEPLOYMENT_NAME, FULL_NAME, MONITOR_NAME
 from oodgate.base import numerics
 from oodgate.base.config import load_config
 from oodgate.base.project import PROJECT_ROOT, telemetry_off
 from oodgate.running.preflight import check_names
+from oodgate_servers import health
 
 
 def server_environment(host: str, port: int) -> dict[str, str]:
@@ -126,6 +127,24 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+class ServerExitedError(RuntimeError):
+    """The Prefect server this command started exited before it answered."""
+
+
+def wait_started(server: subprocess.Popen, api_url: str, timeout: float = 120.0) -> None:
+    """Until the server this command started answers its health check; at once if it exits first
+    (killed or crashed while starting: waiting out the timeout said nothing for 120 s)."""
+
+    def answers() -> bool:
+        if server.poll() is not None:
+            raise ServerExitedError(
+                f"the Prefect server this command started exited while starting (status {server.returncode})"
+            )
+        return health.healthy(api_url)
+
+    health.wait_until(answers, timeout, 0.5, f"Prefect server at {api_url} was not healthy")
+
+
 def _stop_when_server_exits(server: subprocess.Popen, log: Path, gone: threading.Event) -> None:
     """A thread that watches the server this command started: once it exits (killed, crashed), serving
     cannot go on (the runner printed a traceback a second against the dead API); one line, and this
@@ -171,9 +190,11 @@ def main(argv: list[str] | None = None) -> int:
             server = start_server(args.host, args.port, log)
             os.environ["PREFECT_API_URL"] = api
             try:
-                wait_healthy(api, timeout=120)
-            except TimeoutError as e:
-                print(f"error: {e}; see logs/prefect-server.log", file=sys.stderr)
+                wait_started(server, api, timeout=120)
+            except (TimeoutError, ServerExitedError) as e:
+                print(
+                    f"error: {e}; see logs/prefect-server.log, then run `make serve` again", file=sys.stderr
+                )
                 return 1
             print(
                 f"Prefect UI: http://{args.host}:{args.port}  (server log: logs/prefect-server.log)",

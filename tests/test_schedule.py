@@ -65,11 +65,11 @@ class _FakeServer:
         self.calls.append("kill")
 
 
-def _interrupt_in_wait(api_url: str, timeout: float = 60.0) -> None:
+def _interrupt_in_wait(*args, **kwargs) -> None:
     raise KeyboardInterrupt
 
 
-def _unhealthy(api_url: str, timeout: float = 60.0) -> None:
+def _unhealthy(*args, **kwargs) -> None:
     raise TimeoutError("not healthy")
 
 
@@ -87,7 +87,7 @@ def own_server(monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", "")  # unset for main(); restored afterwards
     server = _FakeServer()
     monkeypatch.setattr(flows.deploy, "start_server", lambda host, port, log_path: server)
-    monkeypatch.setattr(flows.deploy, "wait_healthy", lambda api_url, timeout=60.0: None)
+    monkeypatch.setattr(flows.deploy, "wait_started", lambda *args, **kwargs: None)
     return flows.deploy, server, monkeypatch
 
 
@@ -103,6 +103,28 @@ def test_serve_talks_to_the_server_it_started(own_server):
     assert server.calls[:2] == ["terminate", "wait"]
 
 
+def test_a_server_that_dies_while_starting_is_said_at_once_not_after_the_timeout(monkeypatch, capsys):
+    """Killed or crashed before it answered: one line as soon as it has exited (it used to wait
+    out its 120 s in silence, then say only that the server was not healthy)."""
+    import flows.deploy
+
+    class Died(_FakeServer):
+        returncode = -9
+
+        def poll(self) -> int | None:
+            return self.returncode
+
+    monkeypatch.setenv("PREFECT_API_URL", "")
+    monkeypatch.setattr(flows.deploy, "start_server", lambda host, port, log_path: Died())
+    asked: list[str] = []
+    monkeypatch.setattr(flows.deploy.health, "healthy", lambda url: asked.append(url) or False)
+    assert flows.deploy.main(["--port", str(_free_port())]) == 1
+    assert asked == []  # the exit is seen before any health check, not after the 120 s of them
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: the Prefect server this command started exited while starting (status -9)")
+    assert "run `make serve` again" in line
+
+
 class _UnhandledSigterm(Exception):
     pass
 
@@ -114,8 +136,8 @@ def _raise_unhandled(signum, frame):
 @pytest.mark.parametrize(
     ("patch", "expected"),
     [
-        (("wait_healthy", _interrupt_in_wait), 0),
-        (("wait_healthy", _unhealthy), 1),
+        (("wait_started", _interrupt_in_wait), 0),
+        (("wait_started", _unhealthy), 1),
         (("serve", _sigterm_in_serve), 128 + signal.SIGTERM),
     ],
     ids=["ctrl-c-while-starting", "never-healthy", "sigterm-while-serving"],
@@ -151,7 +173,7 @@ def test_on_another_port_the_ui_talks_to_that_port_and_the_hints_name_it(project
 
     from stack import isolated_env, stop_process
 
-    from flows.deploy import wait_healthy
+    from flows.server import wait_healthy
 
     port = _free_port()
     home = tmp_path / "prefect-home"
