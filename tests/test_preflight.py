@@ -321,8 +321,13 @@ def _oodgate_checkpoint(path: Path, **changes) -> Path:
             r"data\.dataset 'embedded_mnist'\)",
         ),
         ({"image_size": 32}, r"holds a model with image_size 32, but the data's image size is 28"),
+        (  # as many classes, other ones: known before the data is prepared for the digit datasets
+            {"class_names": ("0", "1", "4")},
+            r"holds a model with class_names \['0', '1', '4'\], but the data's classes is \['0', '1', '2'\] "
+            r"\(data\.classes\); select the classes it was trained on, in its order \(data\.classes\)",
+        ),
     ],
-    ids=["classes", "method", "channels", "size"],
+    ids=["classes", "method", "channels", "size", "class names"],
 )
 def test_an_oodgate_checkpoint_of_another_model_is_refused_before_anything_trains(
     params, changes, message, capsys

@@ -391,13 +391,18 @@ __all__ = ["FORMATS", "CheckpointError", "Imported", "checkpoint_for_seed", "imp
 
 # ---------------------------------------------------------------- checked at config load
 def check_checkpoints(
-    cfg: Config, project: Path, num_classes: dict[str, int], image_shapes: dict[str, tuple[int, int]]
+    cfg: Config,
+    project: Path,
+    num_classes: dict[str, int],
+    image_shapes: dict[str, tuple[int, int]],
+    class_names: dict[str, list[str]] | None = None,
 ) -> None:
     """Every checkpoint a loss imports exists, is plain tensors and fits the declared architecture,
     method and classes (the keys and shapes, on the meta device: no memory, no time): refused at
     config load, like a missing ``model.weights``, instead of once per seed after the data is
     prepared. ``num_classes`` and ``image_shapes``: the class count and the (channels, side) of each
-    registered dataset."""
+    registered dataset; ``class_names``: the names of those whose names are known without loading
+    them (an oodgate checkpoint's class names are checked against them)."""
 
     if all(loss.checkpoint is None for loss in cfg.losses.values()):
         return
@@ -413,6 +418,9 @@ def check_checkpoints(
         shape = image_shapes.get(data.dataset)
         classes = len(data.classes) if data.classes else num_classes.get(data.dataset)
         where_classes = "data.classes" if data.classes else f"data.dataset {data.dataset!r}"
+        known = (class_names or {}).get(data.dataset, [])
+        if known and all(c < len(known) for c in cast("list[int]", data.classes or [])):
+            names = [known[c] for c in cast("list[int]", data.classes)] if data.classes else list(known)
         where_shape = f"the images of data.dataset {data.dataset!r}"
     channels, side = shape or (3, 32)
     for loss_id, loss in cfg.losses.items():

@@ -23,6 +23,7 @@ from oodgate.data.folder import scan
 from oodgate.data.id_sets import ID_DATASETS
 from oodgate.data.npz import npz_array_header, ood_npz_too_large
 from oodgate.data.ood import OOD_DATASETS
+from oodgate.data.torchvision_sets import TORCHVISION_SETS
 from oodgate.learning import methods, models, scores
 from oodgate.learning.importing import CheckpointError, check_checkpoints
 from oodgate.learning.models import create_backbone
@@ -48,6 +49,12 @@ IMAGE_SHAPES = {
     "cifar10": (3, 32),
     "cifar100": (3, 32),
     "svhn": (3, 32),
+}
+# The class names of the datasets whose names are the digits, known without loading them (the others'
+# are read from their files: an imported checkpoint's class names are checked once the data is prepared).
+CLASS_NAMES = {
+    "embedded_mnist": [str(d) for d in range(10)],
+    **{name: [str(d) for d in range(10)] for name, spec in TORCHVISION_SETS.items() if spec.digits},
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # An OOD .npz is loaded whole, then conformed to the ID shape (a copy or two more); a small compressed
@@ -304,7 +311,7 @@ def check_dvc_project(project: Path, data_root: str = "data") -> None:
 def _check_checkpoints(cfg: Config, project: Path) -> None:
 
     try:
-        check_checkpoints(cfg, project, NUM_CLASSES, IMAGE_SHAPES)
+        check_checkpoints(cfg, project, NUM_CLASSES, IMAGE_SHAPES, CLASS_NAMES)
     except CheckpointError as e:
         raise PreflightError(str(e)) from None
 
