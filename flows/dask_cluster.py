@@ -4,6 +4,8 @@ a run that uses Dask: prefect-dask and distributed take 1.0 s to import."""
 
 from __future__ import annotations
 
+import logging
+
 import dask.config
 import distributed
 import torch
@@ -55,6 +57,13 @@ def task_runner_for(cfg: Config) -> TaskRunner:
         environ["PREFECT_API_URL"] = api_url
     else:
         environ.pop("PREFECT_API_URL", None)
+    # A signal closes the cluster while the workers and the scheduler may be sending to each other;
+    # distributed logs each such closed connection at INFO with its traceback ("Batched Comm Closed",
+    # 1 in 7 SIGTERMs during training): the workers (through their config) and the scheduler (in
+    # this process) log it only from WARNING up
+    quiet = {**dict(dask.config.get("logging", default={}) or {}), "distributed.batched": "warning"}
+    environ["DASK_LOGGING"] = repr(quiet)
+    logging.getLogger("distributed.batched").setLevel(logging.WARNING)
     if o.workers > 1:
         # Several workers with this many threads each share the cores: OpenMP threads that spin while
         # they wait took the cores from each other (4 trainings on 2 workers of 2 threads on 2 cores:

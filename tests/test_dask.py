@@ -113,6 +113,23 @@ def test_the_runner_is_chosen_in_params_and_an_address_needs_dask():
     from distributed import Nanny
 
     assert issubclass(local.cluster_kwargs["worker_class"], Nanny)  # a closing worker gets 16 s
+    # a connection closed by the cluster's close is not logged with its traceback: not by the
+    # scheduler in this process, nor by a worker process started with the workers' environment
+    import logging
+    import os
+    import subprocess
+    import sys
+
+    assert logging.getLogger("distributed.batched").getEffectiveLevel() == logging.WARNING
+    level = "import logging, distributed; print(logging.getLogger('distributed.batched').getEffectiveLevel())"
+    worker = subprocess.run(
+        [sys.executable, "-c", level],
+        env={**os.environ, **environ},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert worker.stdout.strip() == str(logging.WARNING)
     remote = {"task_runner": "dask", "address": "tcp://10.0.0.5:8786"}
     assert task_runner_for(parse_config({**base, "orchestration": remote})).address == "tcp://10.0.0.5:8786"
     with pytest.raises(ConfigError, match=r"orchestration.address='tcp://x:1' is a Dask scheduler"):
