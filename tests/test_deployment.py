@@ -153,7 +153,7 @@ def _trigger_watched(
 
 @pytest.fixture(scope="module")
 def served(project_template, tmp_path_factory):
-    from flows.deploy import wait_healthy
+    from flows.server import wait_healthy
 
     base = tmp_path_factory.mktemp("deployment")
     params = deployment_params(project_template)

@@ -126,7 +126,7 @@ def _start_tracking_server(root: Path) -> TrackingServer:
 
 @pytest.fixture(scope="module")
 def shared(project_template, tmp_path_factory):
-    from flows.deploy import wait_healthy
+    from flows.server import wait_healthy
     from oodgate_servers import mlflow_server
 
     if mlflow_server.postgres_bin() is None:

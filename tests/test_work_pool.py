@@ -89,7 +89,7 @@ def _ignore_sigint() -> None:
 def test_a_worker_runs_the_pool_deployment_to_completed(project, mlflow_template, tmp_path):
     from prefect.client.schemas.objects import StateType
 
-    from flows.deploy import wait_healthy
+    from flows.server import wait_healthy
 
     t_start = time.perf_counter()
     raw = yaml.safe_load((project / "params.yaml").read_text())
