@@ -9,6 +9,7 @@ tracking store is SQLite at the project root; ``MLFLOW_TRACKING_URI`` points at 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -120,9 +121,35 @@ def connect(
 
 
 def client():
+    """A client of the tracking URI set. For a SQLite store, under the store's lock: MLflow creates
+    and migrates the database when this process first opens it, and two processes creating a new
+    ``mlflow.db`` at once (two ``make run`` on a fresh clone) raced in Alembic; the loser's
+    ``table _alembic_tmp_experiments already exists`` read as a damaged database."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient()
+    with _store_lock(mlflow.get_tracking_uri()):
+        return MlflowClient()
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``.<name>.lock`` beside a SQLite store; nothing for a server."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = _sqlite_path(uri)
+    try:
+        lock = open(path.parent / f".{path.name}.lock", "a")  # closed by the with below
+    except OSError:  # a read-only directory: this process creates nothing there, so nothing races
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def ensure_experiment(name: str, root: Path = PROJECT_ROOT) -> str:

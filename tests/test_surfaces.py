@@ -435,3 +435,30 @@ def test_json_nested_deeper_than_the_limit_gets_400_and_one_line_before_the_mode
     # the size limit is unchanged, and a CSV body is not read as JSON
     assert _post(_BodyLimit(_echo, 100), images)[0] == 413
     assert _post(app, b"[" * 100, content_type=b"text/csv; charset=utf-8")[0] == 200
+
+
+def test_processes_creating_one_new_tracking_database_at_once_all_succeed(tmp_path):
+    """Two `make run` on a fresh clone open a new mlflow.db at once: MLflow creates and migrates it
+    in each, and the loser of the race failed on `table _alembic_tmp_experiments already exists`,
+    called a damaged database. Under the store's lock each process finds it created or creates it."""
+    import subprocess
+    import sys
+    import time
+
+    db = tmp_path / "mlflow.db"
+    start = time.time() + 3  # all four open the store at the same moment, past their imports
+    code = (
+        "import sys, time; from pathlib import Path; from oodgate_mlflow import tracking; "
+        f"tracking.connect('sqlite:///{db}', root=Path('{tmp_path}')); "
+        f"time.sleep(max(0.0, {start} - time.time())); "
+        f"print(tracking.ensure_experiment('oodgate', Path('{tmp_path}')))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    results = [(p.wait(120), *p.communicate()) for p in procs]
+    assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    assert len({out.strip() for _, out, _ in results}) == 1  # one experiment, the same id for all
