@@ -220,12 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         exited = gone.is_set()
         gone.set()  # the watch thread says nothing of the stop below
         if server is not None and not exited:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            health.end_process(server, timeout=20)
     return 0
 
 

@@ -1,9 +1,10 @@
 """Waiting for something to happen, with a deadline: a server to answer its health check, a process
-to be ready, a record to appear. One loop for every such wait, in the servers' supervisors, the
-flows' entry points and the tests."""
+to be ready, a record to appear, a process to end. One loop for every such wait, in the servers'
+supervisors, the flows' entry points and the tests."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
@@ -47,3 +48,13 @@ def wait_healthy(url: str, timeout: float = 60.0, name: str = "server") -> None:
     """Until ``<url>/health`` answers 200; TimeoutError ``"<name> at <url> was not healthy after
     <timeout> s"`` otherwise."""
     wait_until(lambda: healthy(url), timeout, 0.5, f"{name} at {url} was not healthy")
+
+
+def end_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM (a server's graceful shutdown), then a kill after ``timeout`` seconds; reaped."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -103,12 +103,7 @@ class TemporaryServer:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        health.end_process(process, timeout=5)
 
 
 def _free_port() -> int:

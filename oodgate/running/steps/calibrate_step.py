@@ -16,25 +16,19 @@ from oodgate.learning.training import engine
 from oodgate.learning.training.engine import activate_numerics, inference_device
 from oodgate.measuring import evaluation
 from oodgate.running.steps.inputs import expected
-from oodgate.running.steps.reuse import exclusive, reusable, upstream
+from oodgate.running.steps.reuse import one_at_a_time, reusable, upstream
 
 RECORD = "calibration.json"
 MODEL = "calibrated.pt"
 
 
+@one_at_a_time
 def calibrate(
     cfg: Config, loss_id: str, seed: int, train_dir: str | Path, prepared_dir: str | Path, out_dir: str | Path
 ) -> Calibrated:
     """Refuses a model in ``train_dir`` trained under other inputs than the current config's
     (:class:`~oodgate.base.records.StaleResultError`); returns the result already in ``out_dir`` if
     it has this step's fingerprint."""
-    with exclusive(Path(out_dir)):  # a concurrent run with the same inputs waits, then reuses this result
-        return _calibrate(cfg, loss_id, seed, train_dir, prepared_dir, out_dir)
-
-
-def _calibrate(
-    cfg: Config, loss_id: str, seed: int, train_dir: str | Path, prepared_dir: str | Path, out_dir: str | Path
-) -> Calibrated:
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     want = expected(cfg, loss_id, seed, prepared_dir)
     best = upstream("train", loss_id, seed, train_dir, want, (engine.BEST,)).files[engine.BEST]

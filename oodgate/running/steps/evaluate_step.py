@@ -19,12 +19,13 @@ from oodgate.learning.training.engine import activate_numerics, inference_device
 from oodgate.measuring import evaluation
 from oodgate.measuring import plots as plots_lib
 from oodgate.running.steps.inputs import expected
-from oodgate.running.steps.reuse import exclusive, reusable, upstream
+from oodgate.running.steps.reuse import one_at_a_time, reusable, upstream
 
 RECORD = "evaluation.json"
 OUTPUTS = ("metrics.json", "samples.pt")  # what evaluation.json vouches for
 
 
+@one_at_a_time
 def evaluate(
     cfg: Config,
     loss_id: str,
@@ -39,20 +40,6 @@ def evaluate(
     ``select_dir`` on validation data. Refuses a calibrated model or a choice made from other inputs
     than the current config's; returns the result already in ``out_dir`` if it has this step's
     fingerprint."""
-    with exclusive(Path(out_dir)):  # a concurrent run with the same inputs waits, then reuses this result
-        return _evaluate(cfg, loss_id, seed, calibrate_dir, prepared_dir, out_dir, select_dir, plots)
-
-
-def _evaluate(
-    cfg: Config,
-    loss_id: str,
-    seed: int,
-    calibrate_dir: str | Path,
-    prepared_dir: str | Path,
-    out_dir: str | Path,
-    select_dir: str | Path,
-    plots: bool = True,
-) -> Evaluated:
     calibrate_dir, out_dir = Path(calibrate_dir), Path(out_dir)
     want = expected(cfg, loss_id, seed, prepared_dir)
     calibrated = upstream("calibrate", loss_id, seed, calibrate_dir, want, ("calibrated.pt",))

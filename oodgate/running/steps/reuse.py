@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import inspect
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from oodgate.base.config import Config
 from oodgate.base.files import damaged, digest, read_json, verified
@@ -130,6 +132,23 @@ def exclusive(out_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def one_at_a_time(step: Callable[P, R]) -> Callable[P, R]:
+    """``step`` under its ``out_dir``'s lock (:func:`exclusive`): a concurrent run with the same
+    inputs waits, then finds the record written and reuses the result."""
+    signature = inspect.signature(step)
+
+    @functools.wraps(step)
+    def locked(*args: P.args, **kwargs: P.kwargs) -> R:
+        with exclusive(Path(signature.bind(*args, **kwargs).arguments["out_dir"])):
+            return step(*args, **kwargs)
+
+    return locked
 
 
 # step -> (its record file, what its result is called, the verb that makes it)

@@ -20,7 +20,7 @@ from oodgate.learning.classifier import load_classifier
 from oodgate.learning.training.engine import activate_numerics, inference_device
 from oodgate.measuring import evaluation
 from oodgate.running.steps.inputs import expected
-from oodgate.running.steps.reuse import exclusive, reusable, upstream
+from oodgate.running.steps.reuse import one_at_a_time, reusable, upstream
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +31,7 @@ RECORD = "selection.json"
 CHOICE = "choice.json"  # what selection.json vouches for, and what the evaluate step reads
 
 
+@one_at_a_time
 def select(
     cfg: Config,
     loss_id: str,
@@ -41,17 +42,6 @@ def select(
     """``calibrate_dirs``: the calibrated model of every seed of the loss. Refuses one made from
     other inputs than the current config's; returns the choice already in ``out_dir`` if it has
     this step's fingerprint."""
-    with exclusive(Path(out_dir)):  # a concurrent run with the same inputs waits, then reuses this result
-        return _select(cfg, loss_id, calibrate_dirs, prepared_dir, out_dir)
-
-
-def _select(
-    cfg: Config,
-    loss_id: str,
-    calibrate_dirs: Mapping[int, str | Path],
-    prepared_dir: str | Path,
-    out_dir: str | Path,
-) -> Selected:
     out_dir = Path(out_dir)
     loss = cfg.losses[loss_id]
     seeds = cfg.seeds_of(loss_id)
