@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,8 +176,9 @@ def interrupted(e: BaseException) -> str | None:
     STOP.set(name)
     ctx = FlowRunContext.get()
     if ctx is not None and on_dask():
+        quiet_closed_connections()  # this process's: the local cluster's scheduler and nannies
         try:
-            ctx.task_runner.client.run(stop, name)  # type: ignore[attr-defined]
+            ctx.task_runner.client.run(stop_dask_worker, name)  # type: ignore[attr-defined]
         except Exception as e:  # the workers or the scheduler are gone already (a signal to the group)
             get_run_logger().warning(f"could not stop the Dask workers' trainings: {type(e).__name__}: {e}")
     return name
@@ -199,18 +201,59 @@ def _signal_in(e: BaseException) -> str | None:
     by Prefect's handler wherever the main thread was), a KeyboardInterrupt, or either in the chain
     of causes. When SIGTERM lands while Pydantic serialises the flow's context for a Dask task,
     Pydantic re-raises it as a PydanticSerializationError that keeps only the name in its message."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
+    for cur in _chain(e):
         if isinstance(cur, TerminationSignal):
             return signal.Signals(cur.signal).name
         if isinstance(cur, KeyboardInterrupt):
             return "SIGINT"
         if type(cur).__name__ == "PydanticSerializationError" and "TerminationSignal" in str(cur):
             return "SIGTERM"  # the only signal Prefect turns into TerminationSignal
-        cur = cur.__cause__ or cur.__context__
     return None
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """``e``, then what it was raised from or while handling, and so on (each once)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+# A connection that closed under its user: distributed's CommClosedError, raised from tornado's
+# StreamClosedError. By name: this module does not import Dask, which only a Dask run loads.
+CLOSED_CONNECTION = frozenset({"CommClosedError", "StreamClosedError"})
+
+
+class _ClosedAfterStop(logging.Filter):
+    """Drops a record whose exception is a closed connection once :data:`STOP` is set. The cluster's
+    close after a signal cuts connections in use: a worker whose heartbeat was on its way logged
+    "Failed to communicate with scheduler during heartbeat" as an ERROR with two tracebacks (1 SIGTERM
+    in 22 during training). Before a stop, a closed connection is news, logged as distributed logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not STOP.is_set() or not record.exc_info or record.exc_info[1] is None:
+            return True
+        return not any(type(c).__name__ in CLOSED_CONNECTION for c in _chain(record.exc_info[1]))
+
+
+_CLOSED_AFTER_STOP = _ClosedAfterStop()
+
+
+def quiet_closed_connections() -> None:
+    """:class:`_ClosedAfterStop` on every logger of distributed's in this process (a filter on a
+    logger sees the records logged there, which is where distributed's modules log them)."""
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.split(".")[0] == "distributed" and isinstance(logger, logging.Logger):
+            logger.addFilter(_CLOSED_AFTER_STOP)  # once: addFilter skips a filter it has
+
+
+def stop_dask_worker(reason: str) -> None:
+    """Run in every Dask worker on a signal, which never reaches them (``Client.run``): their trainings
+    stop within a batch (:data:`STOP`), and the cluster's close cutting their connections is quiet."""
+    quiet_closed_connections()
+    stop(reason)
 
 
 def exit_status(e: BaseException, workdir: Path) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import shell_env
 from stack import isolated_env
 
 from oodgate.base.config import ConfigError, parse_config
@@ -134,3 +135,44 @@ def test_the_runner_is_chosen_in_params_and_an_address_needs_dask():
     assert task_runner_for(parse_config({**base, "orchestration": remote})).address == "tcp://10.0.0.5:8786"
     with pytest.raises(ConfigError, match=r"orchestration.address='tcp://x:1' is a Dask scheduler"):
         parse_config({**base, "orchestration": {"address": "tcp://x:1"}})
+
+
+_HEARTBEAT = """
+import logging, sys
+import distributed.worker
+from distributed.comm.core import CommClosedError
+from tornado.iostream import StreamClosedError
+from flows import entry
+
+def heartbeat_fails():  # what a worker's heartbeat logs when its connection closed under it
+    try:
+        try:
+            raise StreamClosedError()
+        except StreamClosedError as e:
+            raise CommClosedError("in <TCP (closed) ConnectionPool.heartbeat_worker>: Stream is closed") from e
+    except OSError:
+        logging.getLogger("distributed.worker").exception("Failed to communicate with scheduler during heartbeat.")
+
+if sys.argv[1] == "stopped":
+    entry.stop_dask_worker("SIGTERM")  # what the flow runs in every worker on a signal
+heartbeat_fails()
+logging.getLogger("distributed.worker").error("a worker's own error", exc_info=ValueError("kept"))
+"""
+
+
+@pytest.mark.parametrize("state", ["running", "stopped"])
+def test_after_a_stop_a_worker_s_closed_connection_is_not_logged_with_its_traceback(state):
+    """The cluster's close after a signal cuts a worker's heartbeat on its way (1 SIGTERM in 22 during
+    training printed distributed's ERROR with two tracebacks): once the flow has stopped the worker,
+    a closed connection is dropped from its logs; before, and any other error, logged as before."""
+    done = subprocess.run(
+        [sys.executable, "-c", _HEARTBEAT, state],
+        capture_output=True,
+        text=True,
+        env={**shell_env(), "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ValueError: kept" in done.stderr  # the worker's other errors keep their tracebacks
+    heartbeat = "Failed to communicate with scheduler during heartbeat" in done.stderr
+    assert heartbeat == ("CommClosedError" in done.stderr) == (state == "running"), done.stderr
