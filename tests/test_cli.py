@@ -133,7 +133,7 @@ def test_import_refuses_prepared_data_of_another_config(
     assert (
         f"error: prepared data: '{summary}' does not match {params}: it was prepared from other inputs "
         f"(data.classes: [0, 1, 2] -> [0, 1, 2, 3]); prepare it again with `python -m oodgate prepare "
-        f"--params {params}` (or `dvc repro prepare`)\n"
+        f"--params {params}`\n"
     ) == err
     assert not (tmp_path / "w" / "train").exists()  # nothing imported
 

@@ -179,8 +179,17 @@ def test_a_checkpoint_that_does_not_fit_names_the_keys_and_shapes(tmp_path):
     assert "1 missing (backbone.layer1.0.conv1.weight)" in message
     assert "1 unexpected (backbone.extra.weight)" in message
     assert "head.prototypes (4, 512) vs (3, 512)" in message
-    with pytest.raises(CheckpointError, match="maps the papers' CIFAR resnet34 and densenet_bc_100"):
-        import_model(path, "entropic", _spec("small_cnn", "isomax_plus"))
+    # a backbone the format has no mapping of: the setting named, the backbones it maps, the way on
+    for fmt, what, mapped, method in (
+        ("entropic", "the papers' CIFAR backbones", "densenet_bc_100, resnet34", "isomax_plus"),
+        ("logitnorm", "the LogitNorm code's WideResNets", "wrn_28_10, wrn_40_2", "logitnorm"),
+    ):
+        with pytest.raises(CheckpointError) as e:
+            import_model(path, fmt, _spec("small_cnn", method), source="losses.mine.checkpoint")
+        assert str(e.value) == (
+            f"losses.mine.checkpoint: checkpoint.format {fmt!r} maps {what} ({mapped}), not model.backbone "
+            "'small_cnn'; set model.backbone to one of them"
+        )
 
 
 class _Payload:

@@ -191,10 +191,7 @@ def _map_entropic(
     prefix = entropic_head(state, spec.method, source)
     rules = _BACKBONES.get(("entropic", spec.backbone))
     if rules is None:
-        raise CheckpointError(
-            f"checkpoint.format 'entropic' maps the papers' CIFAR resnet34 and densenet_bc_100 backbones, "
-            f"not model.backbone {spec.backbone!r}"
-        )
+        raise _unmapped("entropic", "the papers' CIFAR backbones", spec.backbone, source)
     out, ignored = {}, []
     for k, v in state.items():
         if k.startswith(prefix):
@@ -215,16 +212,22 @@ def _map_logitnorm(
 ) -> tuple[dict[str, Any], list[str]]:
     rules = _BACKBONES.get(("logitnorm", spec.backbone))
     if rules is None:
-        raise CheckpointError(
-            f"checkpoint.format 'logitnorm' maps the LogitNorm code's WideResNet (wrn_40_2, wrn_28_10, ...), not "
-            f"model.backbone {spec.backbone!r}"
-        )
+        raise _unmapped("logitnorm", "the LogitNorm code's WideResNets", spec.backbone, source)
     out = {}
     for k, v in state.items():
         out[
             f"head.linear.{k.removeprefix('fc.')}" if k.startswith("fc.") else f"backbone.{_rename(k, rules)}"
         ] = v
     return out, []
+
+
+def _unmapped(fmt: str, what: str, backbone: str, source: str) -> CheckpointError:
+    """A format's file for a backbone it has no mapping of: the backbones it maps, and the way on."""
+    mapped = sorted(b for f, b in _BACKBONES if f == fmt)
+    return CheckpointError(
+        f"{source}: checkpoint.format {fmt!r} maps {what} ({', '.join(mapped)}), not model.backbone "
+        f"{backbone!r}; set model.backbone to one of them"
+    )
 
 
 def _map_torchvision(state: dict[str, Any], model: Classifier) -> tuple[dict[str, Any], list[str]]:
@@ -292,8 +295,8 @@ def import_model(
         raise CheckpointError(f"{source} is an oodgate checkpoint: set checkpoint.format: oodgate")
     if fmt in ("torchvision", "logitnorm") and spec.method not in _LINEAR_METHODS:
         raise CheckpointError(
-            f"checkpoint.format {fmt!r} holds a linear head, which is the head of the softmax and logitnorm "
-            f"methods, not {spec.method!r}"
+            f"{source}: checkpoint.format {fmt!r} holds a linear head, which is the head of the softmax and "
+            f"logitnorm methods, not {spec.method!r}"
         )
     if mean is not None:
         spec = replace(spec, mean=tuple(mean), std=tuple(cast("Sequence[float]", std)))  # given together
@@ -302,7 +305,7 @@ def import_model(
     if fmt == "entropic":
         mapped, ignored = _map_entropic(state, spec, source)
     elif fmt == "logitnorm":
-        mapped, ignored = _map_logitnorm(state, spec)
+        mapped, ignored = _map_logitnorm(state, spec, source)
     else:
         mapped, ignored = _map_torchvision(state, meta_model)
     _check_fit(mapped, meta_model, source, fmt)

@@ -250,8 +250,9 @@ def _prepared_for(cfg: Config, lay: Layout, args: argparse.Namespace) -> None:
     if not summary.is_file():
         cmd_prepare(cfg, lay, args)
         return
-    params = "" if args.params == "params.yaml" else f" --params {args.params}"
-    fix = f"prepare it again with `python -m oodgate prepare{params}` (or `dvc repro prepare`)"
+    fix = "prepare it again with `python -m oodgate prepare` (or `dvc repro prepare`)"
+    if args.params != "params.yaml":  # dvc repro reads params.yaml only
+        fix = f"prepare it again with `python -m oodgate prepare --params {args.params}`"
     try:
         recorded = read_json(summary)
     except (OSError, ValueError) as e:
