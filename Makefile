@@ -80,7 +80,7 @@ monitor: data
 # Three pytest processes on 2 cores, each taking whole files: the end-to-end tests wait on servers
 # and subprocesses much of the time (docs/benchmarks.md has the measured times).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 3 --dist loadfile
+	$(PY) -m pytest -q -n 3 --dist loadfile --durations=20
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
