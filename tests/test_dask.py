@@ -137,7 +137,6 @@ def test_the_runner_is_chosen_in_params_and_an_address_needs_dask():
         parse_config({**base, "orchestration": {"address": "tcp://x:1"}})
 
 
-
 _HEARTBEAT = """
 import logging, sys
 import distributed.worker
