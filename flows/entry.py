@@ -230,7 +230,7 @@ class _ClosedAfterStop(logging.Filter):
     """Drops a record whose exception is a closed connection once :data:`STOP` is set. The cluster's
     close after a signal cuts connections in use: a worker whose heartbeat was on its way logged
     "Failed to communicate with scheduler during heartbeat" as an ERROR with two tracebacks (1 SIGTERM
-    in 22 during training). Before a stop, a closed connection is news, logged as distributed logs it."""
+    in 25 during training). Before a stop, a closed connection is news, logged as distributed logs it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not STOP.is_set() or not record.exc_info or record.exc_info[1] is None:
